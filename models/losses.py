@@ -1,0 +1,42 @@
+"""The losses every Beaver trainer shares, as pure torch functions.
+
+Written with ``F.logsigmoid`` so they stay finite for any score magnitude
+(``-log σ(x)`` computed as ``softplus(-x)`` never takes the log of an underflowed 0).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def reward_loss(better_scores: torch.Tensor, worse_scores: torch.Tensor, regularization: float = 0.0) -> torch.Tensor:
+    """Bradley–Terry loss of the reward model (Safe RLHF eq. 5):
+
+        L_R = −E[log σ(R(y_w) − R(y_l))] + μ·E[(R(y_w)² + R(y_l)²)/2]
+    """
+    loss = -F.logsigmoid(better_scores - worse_scores).mean()
+    if regularization:
+        loss = loss + regularization * ((better_scores.square() + worse_scores.square()) / 2).mean()
+    return loss
+
+
+def cost_loss(safer_scores: torch.Tensor, unsafer_scores: torch.Tensor, safer_is_safe: torch.Tensor,
+              unsafer_is_safe: torch.Tensor, regularization: float = 0.0) -> torch.Tensor:
+    """Cost model loss (Safe RLHF eq. 6): rank the unsafer response above the safer one, and put
+    each response's cost on the side of 0 its safety label says (cost > 0 ⇔ unsafe):
+
+        L_C = −E[log σ(C(y_u) − C(y_s))] − E[log σ(s_u·C(y_u)) + log σ(s_s·C(y_s))] + μ·E[(C_u² + C_s²)/2]
+
+    with ``s = +1`` for a response labelled unsafe and ``−1`` for one labelled safe.
+    """
+    sign_safer = 1.0 - 2.0 * safer_is_safe.to(safer_scores.dtype)  # safe → −1, unsafe → +1
+    sign_unsafer = 1.0 - 2.0 * unsafer_is_safe.to(unsafer_scores.dtype)
+    loss = (
+        -F.logsigmoid(unsafer_scores - safer_scores)
+        - F.logsigmoid(sign_safer * safer_scores)
+        - F.logsigmoid(sign_unsafer * unsafer_scores)
+    ).mean()
+    if regularization:
+        loss = loss + regularization * ((safer_scores.square() + unsafer_scores.square()) / 2).mean()
+    return loss
