@@ -49,6 +49,8 @@ class JobContext:
     """What an entry point gets from whoever runs it (a Celery task, a test, a notebook)."""
 
     output_dir: Path
+    # the job's dataset ids, in the order given at POST /v1/jobs.
+    datasets: list[str] = field(default_factory=list)
     # dataset id -> its records (dicts in the dataset's kind's schema); loaded lazily by the caller.
     load_dataset: Callable[[str], list[dict]] = lambda dataset_id: []
     # model id or local path -> local directory in Hugging Face format.
@@ -86,6 +88,13 @@ def _load(spec: str):
 # Job type -> where it lives. Strings, so importing this module stays cheap.
 JOB_TYPES: dict[str, JobType] = {
     "dataset_stats": JobType("models.stats:StatsConfig", "models.stats:run", "cpu"),
+    "reward": JobType("models.score_training:ScoreTrainingConfig", "models.score_training:run_reward", "gpu"),
+    "cost": JobType("models.score_training:ScoreTrainingConfig", "models.score_training:run_cost", "gpu"),
+    "sft": JobType("models.sft:SFTConfig", "models.sft:run", "gpu"),
+    "dpo": JobType("models.dpo:DPOConfig", "models.dpo:run", "gpu"),
+    "ppo_lag": JobType("models.ppo_lag:PPOLagConfig", "models.ppo_lag:run_ppo_lag", "gpu"),
+    "ppo": JobType("models.ppo_lag:PPOLagConfig", "models.ppo_lag:run_ppo", "gpu"),
+    "ppo_shaping": JobType("models.ppo_lag:PPOLagConfig", "models.ppo_lag:run_ppo_shaping", "gpu"),
 }
 
 
