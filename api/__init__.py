@@ -1,0 +1,1 @@
+"""Beaver's HTTP service: FastAPI app, routers, settings, persistence, CLI."""

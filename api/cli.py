@@ -1,0 +1,185 @@
+"""``beaver``: run the platform (up, api, worker), migrate the database, manage API keys."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from typing import Optional
+
+import typer
+
+cli = typer.Typer(help="Beaver: a self-hosted Safe RLHF platform.", no_args_is_help=True, add_completion=False)
+db_cli = typer.Typer(help="Database migrations.", no_args_is_help=True)
+keys_cli = typer.Typer(help="API keys.", no_args_is_help=True)
+cli.add_typer(db_cli, name="db")
+cli.add_typer(keys_cli, name="keys")
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(1)
+
+
+def _prepare_database() -> None:
+    """Check the database answers, then ``upgrade head``; one readable line if it does not."""
+    from api.db import DatabaseUnavailable, upgrade
+    from api.settings import get_settings
+
+    get_settings().home.mkdir(parents=True, exist_ok=True)
+    try:
+        upgrade()
+    except DatabaseUnavailable as e:
+        _fail(str(e))
+
+
+def _check_broker() -> None:
+    from kombu import Connection
+
+    from api.settings import get_settings, mask_url
+
+    url = get_settings().resolved_broker_url
+    try:
+        with Connection(url, connect_timeout=5) as conn:
+            conn.ensure_connection(max_retries=1, timeout=5)
+    except Exception as e:  # noqa: BLE001
+        _fail(f"cannot reach broker {mask_url(url)}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+
+
+def _ensure_admin_key() -> None:
+    from sqlmodel import Session, select
+
+    from api.db import get_engine
+    from api.deps import create_key
+    from api.tables import ApiKey
+
+    with Session(get_engine()) as session:
+        if session.exec(select(ApiKey)).first() is not None:
+            return
+        _, key = create_key(session, "admin", "admin")
+    typer.secho("Created the first admin API key (shown only this once; keep it):", fg=typer.colors.GREEN)
+    typer.echo(f"    {key}")
+
+
+def _serve(host: str, port: int) -> None:
+    import uvicorn
+
+    from api.app import create_app
+
+    uvicorn.run(create_app(), host=host, port=port, log_level="info")
+
+
+def worker_command(queues: str = "gpu,cpu", name: str = "beaver@%h", pool: str | None = None,
+                   concurrency: int = 1) -> list[str]:
+    from api.settings import get_settings
+
+    return [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q", queues, "-n", name,
+            "--pool", pool or get_settings().worker_pool, "--concurrency", str(concurrency), "--loglevel", "INFO"]
+
+
+@cli.command()
+def up(host: Optional[str] = typer.Option(None, help="Bind address (default BEAVER_HOST)."),
+       port: Optional[int] = typer.Option(None, help="Port (default BEAVER_PORT).")) -> None:
+    """Run everything on this machine: migrations, the API and one embedded worker."""
+    from api.settings import get_settings
+
+    settings = get_settings()
+    _prepare_database()
+    _check_broker()
+    _ensure_admin_key()
+    worker = subprocess.Popen(worker_command(), start_new_session=True)
+    typer.echo(f"worker started (pid {worker.pid}); API on http://{host or settings.host}:{port or settings.port}")
+    try:
+        _serve(host or settings.host, port or settings.port)
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        try:
+            worker.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+
+
+@cli.command()
+def api(host: Optional[str] = typer.Option(None), port: Optional[int] = typer.Option(None)) -> None:
+    """Run the API only (workers run elsewhere)."""
+    from api.settings import get_settings
+
+    _prepare_database()
+    _serve(host or get_settings().host, port or get_settings().port)
+
+
+@cli.command()
+def worker(queues: str = typer.Option("gpu,cpu", help="Comma-separated Celery queues to consume."),
+           name: str = typer.Option("beaver@%h", help="Worker node name (the reaper knows jobs by it)."),
+           pool: Optional[str] = typer.Option(None, help="Celery pool (default BEAVER_WORKER_POOL)."),
+           concurrency: int = typer.Option(1, help="Jobs at once (with a prefork pool).")) -> None:
+    """Run a Celery worker for training and analysis jobs."""
+    _prepare_database()
+    _check_broker()
+    os.execv(sys.executable, worker_command(queues, name, pool, concurrency))
+
+
+@db_cli.command("upgrade")
+def db_upgrade() -> None:
+    """Apply all migrations (alembic upgrade head)."""
+    from api.settings import get_settings, mask_url
+
+    _prepare_database()
+    typer.echo(f"database {mask_url(get_settings().resolved_database_url)} is at the latest revision")
+
+
+@keys_cli.command("create")
+def keys_create(name: str = typer.Option(..., help="Who or what the key is for."),
+                role: str = typer.Option(..., help="admin | trainer | annotator | viewer")) -> None:
+    """Create an API key and print it (the only time it is shown)."""
+    from sqlmodel import Session
+
+    from api.db import get_engine
+    from api.deps import create_key
+    from api.errors import ApiError
+
+    _prepare_database()
+    with Session(get_engine()) as session:
+        try:
+            row, key = create_key(session, name, role)
+        except ApiError as e:
+            _fail(e.message)
+    typer.echo(f"{row.id}\t{row.role}\t{key}")
+
+
+@keys_cli.command("revoke")
+def keys_revoke(key_id: str = typer.Argument(..., help="The key's id (key-…) or its prefix shown by `keys list`.")) -> None:
+    """Revoke an API key."""
+    from sqlmodel import Session, select
+
+    from api.db import get_engine
+    from api.tables import ApiKey, now
+
+    _prepare_database()
+    with Session(get_engine()) as session:
+        row = session.exec(select(ApiKey).where((ApiKey.id == key_id) | (ApiKey.prefix == key_id))).first()
+        if row is None:
+            _fail(f"no API key {key_id!r}")
+        row.revoked_at = row.revoked_at or now()
+        session.add(row)
+        session.commit()
+    typer.echo(f"revoked {key_id}")
+
+
+@keys_cli.command("list")
+def keys_list() -> None:
+    """List API keys (never the keys themselves)."""
+    from sqlmodel import Session, select
+
+    from api.db import get_engine
+    from api.tables import ApiKey
+
+    _prepare_database()
+    with Session(get_engine()) as session:
+        for row in session.exec(select(ApiKey).order_by(ApiKey.id)):
+            typer.echo(f"{row.id}\t{row.name}\t{row.role}\t{row.prefix}…\t{'revoked' if row.revoked_at else 'active'}")
+
+
+def main() -> None:
+    cli()

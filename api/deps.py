@@ -1,0 +1,68 @@
+"""FastAPI dependencies as ``Annotated`` aliases: a database session, the caller's API key, roles."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from typing import Annotated
+
+from fastapi import Depends, Header
+from sqlmodel import Session, select
+
+from api.db import get_session
+from api.errors import ApiError
+from api.tables import ROLES, ApiKey, new_id
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+KEY_PREFIX = "bvr_"
+
+
+def hash_key(key: str) -> str:
+    # Keys are 256-bit random tokens, so a plain SHA-256 is enough (no need for a slow KDF).
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def create_key(session: Session, name: str, role: str) -> tuple[ApiKey, str]:
+    """A new API key row and the key in clear — shown once, never stored."""
+    if role not in ROLES:
+        raise ApiError(422, f"role must be one of {', '.join(ROLES)}, got {role!r}", param="role")
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    row = ApiKey(id=new_id("key"), name=name, role=role, key_hash=hash_key(key), prefix=key[:10])
+    session.add(row)
+    session.commit()
+    session.refresh(row)
+    return row, key
+
+
+def current_key(session: SessionDep, authorization: Annotated[str | None, Header()] = None) -> ApiKey:
+    if not authorization:
+        raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>'")
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(401, "malformed Authorization header: expected 'Bearer <key>'")
+    row = session.exec(select(ApiKey).where(ApiKey.key_hash == hash_key(token.strip()))).first()
+    if row is None or row.revoked_at is not None:
+        raise ApiError(401, "invalid or revoked API key")
+    return row
+
+
+CurrentKey = Annotated[ApiKey, Depends(current_key)]
+
+
+def require(*roles: str):
+    """Dependency: the caller's key must have one of ``roles`` (admin always passes)."""
+
+    def check(key: CurrentKey) -> ApiKey:
+        if key.role != "admin" and key.role not in roles:
+            raise ApiError(403, f"role {key.role!r} may not do this; needs one of: admin, {', '.join(roles)}")
+        return key
+
+    return Depends(check)
+
+
+# Who may do what. Reading needs any valid key.
+Reader = Annotated[ApiKey, require("trainer", "annotator", "viewer")]
+Trainer = Annotated[ApiKey, require("trainer")]
+Annotator = Annotated[ApiKey, require("trainer", "annotator")]
+Admin = Annotated[ApiKey, require()]

@@ -1,0 +1,29 @@
+"""Cursor pagination: ``?after=<id>&limit=`` → ``{"object": "list", "data", "has_more"}``."""
+
+from __future__ import annotations
+
+from sqlmodel import Session
+
+from api.errors import ApiError
+
+MAX_LIMIT = 1000
+
+
+def check_limit(limit: int) -> int:
+    if limit < 1 or limit > MAX_LIMIT:
+        raise ApiError(400, f"limit must be between 1 and {MAX_LIMIT}, got {limit}", param="limit")
+    return limit
+
+
+def page(session: Session, stmt, id_column, after, limit: int, descending: bool = True) -> tuple[list, bool]:
+    """Rows of ``stmt`` after the cursor, newest first by default; fetches one extra to know has_more."""
+    check_limit(limit)
+    if after is not None:
+        stmt = stmt.where(id_column < after if descending else id_column > after)
+    stmt = stmt.order_by(id_column.desc() if descending else id_column).limit(limit + 1)
+    rows = list(session.exec(stmt))
+    return rows[:limit], len(rows) > limit
+
+
+def listing(data: list, has_more: bool) -> dict:
+    return {"object": "list", "data": data, "has_more": has_more}

@@ -1,0 +1,67 @@
+"""Safe RLHF rounds (beaver-v1, v2, …): a policy with the reward and cost models that shaped it."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from pydantic import BaseModel, Field
+from sqlmodel import select
+
+from api.deps import Reader, SessionDep, Trainer
+from api.errors import ApiError, not_found
+from api.pagination import listing, page
+from api.registry import find_model, find_round
+from api.tables import Round, new_id, public
+
+router = APIRouter(prefix="/v1/rounds", tags=["rounds"])
+
+
+class RoundCreate(BaseModel):
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                      description="Unique, usable as a chat model name, e.g. 'beaver-v1'.")
+    policy: str = Field(description="Model id or name of the policy.")
+    reward_model: str | None = Field(None, description="Model id or name of the reward model.")
+    cost_model: str | None = Field(None, description="Model id or name of the cost model.")
+    metrics: dict = Field(default_factory=dict, description="Evaluation results to keep with the round.")
+
+    model_config = {"extra": "forbid"}
+
+
+def _model_id(session, ref: str | None, kind: str, param: str) -> str | None:
+    if ref is None:
+        return None
+    model = find_model(session, ref)
+    if model is None:
+        raise ApiError(404, f"{param} {ref!r} not found", param=param)
+    if model.kind != kind:
+        raise ApiError(422, f"{param} {ref!r} is a {model.kind} model, expected {kind}", param=param)
+    return model.id
+
+
+@router.post("", status_code=201)
+def create_round(body: RoundCreate, session: SessionDep, _: Trainer) -> dict:
+    """Register a round."""
+    if find_round(session, body.name) is not None:
+        raise ApiError(409, f"round {body.name!r} already exists", param="name")
+    round_ = Round(id=new_id("round"), name=body.name, policy_model_id=_model_id(session, body.policy, "policy", "policy"),
+                   reward_model_id=_model_id(session, body.reward_model, "reward", "reward_model"),
+                   cost_model_id=_model_id(session, body.cost_model, "cost", "cost_model"), metrics=body.metrics)
+    session.add(round_)
+    session.commit()
+    session.refresh(round_)
+    return public(round_, "round")
+
+
+@router.get("")
+def list_rounds(session: SessionDep, _: Reader, after: str | None = None, limit: int = 20) -> dict:
+    """List rounds, newest first."""
+    rows, has_more = page(session, select(Round), Round.id, after, limit)
+    return listing([public(r, "round") for r in rows], has_more)
+
+
+@router.get("/{round_ref}")
+def get_round(round_ref: str, session: SessionDep, _: Reader) -> dict:
+    """One round by name or id."""
+    round_ = find_round(session, round_ref)
+    if round_ is None:
+        raise not_found("round", round_ref)
+    return public(round_, "round")

@@ -1,0 +1,89 @@
+"""All of Beaver's settings, read from ``BEAVER_*`` environment variables (or a ``.env`` file).
+
+The defaults give the embedded deployment: everything under ``BEAVER_HOME`` (SQLite database,
+an embedded Celery broker on a SQLite file, artifacts). A team sets ``BEAVER_DATABASE_URL`` to
+PostgreSQL and ``BEAVER_BROKER_URL`` to Redis. Read through ``get_settings()`` so tests can clear
+the cache and override by environment.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BEAVER_", env_file=".env", extra="ignore")
+
+    home: Path = Field(Path(".beaver"), description="Where the embedded database, broker and artifacts live.")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///$HOME/beaver.db. "
+                                     "Teams: postgresql+psycopg://user:pass@host/db.")
+    broker_url: str | None = Field(None, description="Celery broker; default an embedded broker "
+                                   "(sqla+sqlite:///$HOME/broker.db). Teams: redis://host:6379/0.")
+    result_backend: str | None = Field(None, description="Celery result backend; default none (job state lives in "
+                                       "the database). Teams may set redis://….")
+    artifacts_dir: Path | None = Field(None, description="Trained models and reports; default $HOME/artifacts.")
+    max_upload_mb: float = Field(200.0, description="Largest dataset upload accepted (413 above).")
+    host: str = Field("127.0.0.1", description="API bind address.")
+    port: int = Field(8000, description="API port.")
+    worker_pool: str = Field("solo", description="Celery pool for `beaver worker` (solo: one job at a time).")
+    heartbeat_seconds: float = Field(5.0, description="How often a running job refreshes its heartbeat.")
+    orphan_after_seconds: float = Field(60.0, description="A running job silent this long is an orphan: "
+                                        "re-queued once, then failed.")
+    max_job_attempts: int = Field(2, description="Runs a job gets before an orphaned one is failed.")
+    engine_memory_gb: float = Field(4.0, description="Memory budget of models cached by the serving engine (LRU).")
+    vllm_urls: str = Field("{}", description='JSON map model id or round name → vLLM base URL, e.g. '
+                           '{"beaver-v1": "http://gpu1:8001"}; unlisted models use the in-process engine.')
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.home / 'beaver.db').resolve()}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or f"sqla+sqlite:///{(self.home / 'broker.db').resolve()}"
+
+    @property
+    def resolved_artifacts_dir(self) -> Path:
+        return (self.artifacts_dir or self.home / "artifacts").resolve()
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def vllm_url_map(self) -> dict[str, str]:
+        return json.loads(self.vllm_urls or "{}")
+
+
+def celery_config(settings: Settings) -> dict:
+    """Celery settings shared by the API (which only sends) and the workers (which run)."""
+    return {
+        "broker_url": settings.resolved_broker_url,
+        "result_backend": settings.result_backend,
+        "task_ignore_result": True,
+        # A job's message is acknowledged only after it finishes, and re-delivered if the worker
+        # process dies: together with the reaper (workers/reaper.py) no job stays "running".
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": 3,
+        "task_default_queue": "cpu",
+        "worker_hijack_root_logger": False,
+    }
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
+
+
+def mask_url(url: str) -> str:
+    """The URL with its password replaced by ***, for messages and logs."""
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)

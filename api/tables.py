@@ -1,0 +1,123 @@
+"""SQLModel tables. Every change here ships with an Alembic migration in ``migrations/versions``.
+
+Ids are ``<prefix>-<12 hex of ms time><8 random hex>``: unique, and sorting by id sorts by
+creation time, which is what cursor pagination (``?after=``) walks.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from sqlalchemy import JSON, Column, Index, Text
+from sqlmodel import Field, SQLModel
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{int(time.time() * 1000):012x}{os.urandom(4).hex()}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+ROLES = ("admin", "trainer", "annotator", "viewer")
+JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+TERMINAL_STATES = ("succeeded", "failed", "cancelled")
+
+
+class ApiKey(SQLModel, table=True):
+    __tablename__ = "api_keys"
+    id: str = Field(primary_key=True)
+    name: str
+    role: str
+    key_hash: str = Field(index=True, unique=True)  # sha256 of the key; the key itself is never stored
+    prefix: str  # first characters, so a person can tell keys apart
+    created_at: int = Field(default_factory=now)
+    revoked_at: int | None = None
+
+
+class Dataset(SQLModel, table=True):
+    __tablename__ = "datasets"
+    id: str = Field(primary_key=True)
+    name: str = Field(index=True)
+    kind: str
+    num_records: int = 0
+    stats: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    created_by: str | None = None
+    created_at: int = Field(default_factory=now)
+
+
+class DatasetRecord(SQLModel, table=True):
+    __tablename__ = "dataset_records"
+    dataset_id: str = Field(foreign_key="datasets.id", primary_key=True, ondelete="CASCADE")
+    idx: int = Field(primary_key=True)
+    data: dict = Field(sa_column=Column(JSON, nullable=False))
+
+
+class Job(SQLModel, table=True):
+    __tablename__ = "jobs"
+    id: str = Field(primary_key=True)
+    type: str = Field(index=True)
+    status: str = Field(default="queued", index=True)
+    params: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    datasets: list = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    queue: str
+    metrics: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    error: str | None = Field(default=None, sa_column=Column(Text))
+    result_models: list = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    cancel_requested: bool = False
+    attempts: int = 0
+    worker: str | None = None  # hostname of the worker running it
+    heartbeat_at: float | None = None
+    idempotency_key: str | None = None
+    created_by: str | None = None
+    created_at: int = Field(default_factory=now)
+    started_at: int | None = None
+    finished_at: int | None = None
+
+    __table_args__ = (Index("ix_jobs_idempotency", "created_by", "idempotency_key", unique=True),)
+
+
+class JobEvent(SQLModel, table=True):
+    __tablename__ = "job_events"
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: str = Field(foreign_key="jobs.id", index=True, ondelete="CASCADE")
+    created_at: float = Field(default_factory=time.time)
+    level: str = "info"
+    message: str = ""
+    data: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
+class Model(SQLModel, table=True):
+    """A registered model: a directory in Hugging Face format (policy, reward or cost)."""
+
+    __tablename__ = "models"
+    id: str = Field(primary_key=True)
+    name: str = Field(index=True)
+    kind: str  # policy | reward | cost
+    path: str
+    job_id: str | None = None
+    metrics: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    created_at: int = Field(default_factory=now)
+
+
+class Round(SQLModel, table=True):
+    """A Safe RLHF round (Beaver-vk): a policy with the reward and cost models that shaped it."""
+
+    __tablename__ = "rounds"
+    id: str = Field(primary_key=True)
+    name: str = Field(unique=True, index=True)
+    policy_model_id: str = Field(foreign_key="models.id")
+    reward_model_id: str | None = Field(default=None, foreign_key="models.id")
+    cost_model_id: str | None = Field(default=None, foreign_key="models.id")
+    metrics: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    created_at: int = Field(default_factory=now)
+
+
+def public(row: SQLModel, object_name: str, **extra: Any) -> dict:
+    """A row as its API object: ``{"object": name, **columns}`` with internals left out."""
+    data = row.model_dump()
+    data.pop("key_hash", None)
+    return {"object": object_name, **data, **extra}

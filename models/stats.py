@@ -1,0 +1,93 @@
+"""Dataset statistics: what the API shows for a dataset and what the ``dataset_stats`` job computes."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from models.jobs import JobContext, JobResult
+
+
+@dataclass
+class StatsConfig:
+    """Params of the ``dataset_stats`` job."""
+
+    percentiles: tuple[int, ...] = (50, 90, 99)
+    """Length percentiles to report (in words) for prompts and responses."""
+
+
+def _percentiles(values: list[int], qs) -> dict:
+    if not values:
+        return {}
+    values = sorted(values)
+    return {f"p{q}": values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))] for q in qs}
+
+
+def _harm_categories(value) -> list[str]:
+    # PKU-SafeRLHF stores categories as {name: bool}; accept a list or a single string too.
+    if isinstance(value, dict):
+        return [k for k, v in value.items() if v]
+    if isinstance(value, list):
+        return [str(v) for v in value]
+    if isinstance(value, str):
+        return [value]
+    return []
+
+
+def summary(kind: str, records: list[dict]) -> dict:
+    """Cheap statistics computed at upload time."""
+    stats: dict = {"records": len(records)}
+    if kind == "preference" and records:
+        safe = sum(r["is_response_0_safe"] + r["is_response_1_safe"] for r in records)
+        stats["safe_ratio"] = safe / (2 * len(records))
+        stats["better_is_safer"] = sum(r["better_response_id"] == r["safer_response_id"] for r in records) / len(records)
+        stats["both_unsafe"] = sum(not r["is_response_0_safe"] and not r["is_response_1_safe"] for r in records)
+        categories = Counter(c for r in records for i in (0, 1) for c in _harm_categories(r.get(f"response_{i}_harm_category")))
+        if categories:
+            stats["harm_categories"] = dict(categories.most_common())
+    if kind == "prompt" and records:
+        stats["red_team_ratio"] = sum(bool(r.get("red_team")) for r in records) / len(records)
+    return stats
+
+
+def dataset_stats(kind: str, records: list[dict], percentiles=(50, 90, 99)) -> dict:
+    """``summary`` plus length percentiles (words) of prompts and responses."""
+    stats = summary(kind, records)
+    prompts, responses = [], []
+    for r in records:
+        if "messages" in r:
+            prompts.append(sum(len(m["content"].split()) for m in r["messages"][:-1]))
+            responses.append(len(r["messages"][-1]["content"].split()))
+            continue
+        prompts.append(len(r["prompt"].split()))
+        for key in ("response", "response_0", "response_1"):
+            if key in r:
+                responses.append(len(r[key].split()))
+    stats["prompt_length"] = _percentiles(prompts, percentiles)
+    if responses:
+        stats["response_length"] = _percentiles(responses, percentiles)
+    return stats
+
+
+def run(config: StatsConfig, ctx: JobContext) -> JobResult:
+    """Job entry point: statistics of each dataset in ``ctx.datasets``."""
+    from models.records import KINDS
+
+    metrics = {}
+    for step, dataset_id in enumerate(ctx.datasets, start=1):
+        ctx.check_cancel()
+        records = ctx.load_dataset(dataset_id)
+        kind = _guess_kind(records)
+        assert kind in KINDS
+        metrics[dataset_id] = dataset_stats(kind, records, config.percentiles)
+        ctx.report({"step": step, "total_steps": len(ctx.datasets), "message": f"{dataset_id}: {len(records)} records",
+                    "stats/records": len(records)})
+    return JobResult(metrics=metrics)
+
+
+def _guess_kind(records: list[dict]) -> str:
+    if records and "response_0" in records[0]:
+        return "preference"
+    if records and ("response" in records[0] or "messages" in records[0]):
+        return "sft"
+    return "prompt"
