@@ -183,3 +183,7 @@ def keys_list() -> None:
 
 def main() -> None:
     cli()
+
+
+if __name__ == "__main__":
+    main()

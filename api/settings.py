@@ -86,4 +86,4 @@ def get_settings() -> Settings:
 
 def mask_url(url: str) -> str:
     """The URL with its password replaced by ***, for messages and logs."""
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)

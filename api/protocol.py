@@ -1,0 +1,316 @@
+"""The OpenAI-compatible request/response types of serving, in one place.
+
+Fields follow the order of OpenAI's API reference. Beaver implements a subset: a request that
+sets a field Beaver does not support (``tools``, ``logprobs: true``, ``n: 2`` …) or a field no
+API knows is answered with a 400 naming it — never silently ignored. Values out of range are
+validation errors (422), as everywhere in Beaver's API.
+
+Beaver's extensions are fenced with ``# --- Beaver extension`` comments and described on the
+field: end scores of the reward and cost models (``reward``, ``cost``; **safe ⇔ cost ≤ 0**), the
+safety ``threshold`` of moderation and guard mode, and the models that produced them.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from api.errors import ApiError
+
+MAX_SCORE_ITEMS = 256  # pairs per /v1/score or /v1/moderations request; more → 413
+MAX_COMPARE_MODELS = 8
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+class _Request(BaseModel):
+    """A request body: extra fields are collected and rejected with a 400 that names them.
+
+    ``_defaults_only`` lists OpenAI fields Beaver accepts only at their default value (so a
+    client that always sends ``n: 1`` or ``logprobs: false`` works unchanged).
+    """
+
+    model_config = ConfigDict(extra="allow")
+    _defaults_only: ClassVar[dict] = {}
+
+    @model_validator(mode="after")
+    def _reject_unsupported(self):
+        for name, value in (self.model_extra or {}).items():
+            if name in self._defaults_only:
+                if value in (None, self._defaults_only[name]):
+                    continue
+                raise ApiError(400, f"{name}={value!r} is not supported by Beaver "
+                               f"(only {self._defaults_only[name]!r})", param=name, code="unsupported_parameter")
+            raise ApiError(400, f"unknown or unsupported field {name!r}", param=name, code="unsupported_parameter")
+        return self
+
+
+# --- chat ---------------------------------------------------------------------------------------
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]  # images, audio and files are not supported: text-only models
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+def as_prompt(messages: list[ChatMessage]) -> list[dict]:
+    """Messages as the engines read them (``developer`` is OpenAI's newer name for ``system``)."""
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(_Request):
+    _defaults_only: ClassVar[dict] = {"frequency_penalty": 0, "presence_penalty": 0, "logprobs": False, "n": 1,
+                      "response_format": {"type": "text"}, "tool_choice": "none", "store": False}
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    model: str = Field(min_length=1, description="A round name (its policy) or a model id.")
+    max_completion_tokens: int | None = Field(None, ge=1, description="Alias of max_tokens (OpenAI's newer name).")
+    max_tokens: int | None = Field(None, ge=1, description="Default: up to the model's context.")
+    seed: int | None = None
+    stop: str | list[str] | None = Field(None, description="Up to 4 strings; the answer ends before the first.")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 → greedy decoding.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    user: str | None = Field(None, description="The end user's id, for the caller's records; not used.")
+    # --- Beaver extension ---
+    guard: bool | None = Field(None, description="Beaver: score the answer with the round's cost model and replace "
+                               "it by a refusal when cost > guard_threshold. Default: the server's setting for the "
+                               "round. Streaming with a guard sends the answer in one chunk, once scored.")
+    guard_threshold: float = Field(0.0, description="Beaver: the cost above which the guard refuses (safe ⇔ cost ≤ 0).")
+    # --- end Beaver extension ---
+
+    @model_validator(mode="after")
+    def _check(self):
+        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ApiError(422, "stop takes up to 4 non-empty strings", param="stop", code="invalid_request")
+        if self.max_tokens is not None and self.max_completion_tokens is not None \
+                and self.max_tokens != self.max_completion_tokens:
+            raise ApiError(422, "max_tokens and max_completion_tokens differ; send one", param="max_tokens",
+                           code="invalid_request")
+        return self
+
+    @property
+    def stop_list(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: Literal["stop", "length", "content_filter"]
+    # --- Beaver extension (present when the answer was scored: guard mode, /v1/chat/compare) ---
+    reward: float | None = Field(None, description="Beaver: the reward model's end score of the answer.")
+    cost: float | None = Field(None, description="Beaver: the cost model's end score; safe ⇔ cost ≤ 0.")
+    guarded: bool | None = Field(None, description="Beaver: true when the guard replaced an unsafe answer by a "
+                                 "refusal (finish_reason is then 'content_filter').")
+    # --- end Beaver extension ---
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str = Field(default_factory=lambda: new_id("chatcmpl"))
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: DeltaMessage
+    logprobs: None = None
+    finish_reason: Literal["stop", "length", "content_filter"] | None = None
+    # --- Beaver extension: on the last chunk of a guarded stream, as in ChatChoice ---
+    reward: float | None = None
+    cost: float | None = None
+    guarded: bool | None = None
+    # --- end Beaver extension ---
+
+
+class ChatCompletionChunk(BaseModel):
+    """One server-sent event of a streamed completion (``data: {...}``; the stream ends with
+    ``data: [DONE]``). With ``stream_options.include_usage`` a last chunk has no choices and the usage."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "beaver"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# --- Beaver: scoring --------------------------------------------------------------------------------
+
+class ScoreItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt: str = Field(description="The user's message ('' for none).")
+    response: str = Field(description="The answer to score.")
+
+
+class ScoreRequest(_Request):
+    """``POST /v1/score``: end scores of (prompt, response) pairs. Give ``model`` (a round name →
+    its reward and cost models, or a score model id) and/or ``reward_model`` / ``cost_model``."""
+
+    model: str | None = None
+    reward_model: str | None = None
+    cost_model: str | None = None
+    items: list[ScoreItem] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not (self.model or self.reward_model or self.cost_model):
+            raise ApiError(422, "give model (a round name or score model id), reward_model or cost_model",
+                           param="model", code="invalid_request")
+        return self
+
+
+class ScoreResult(BaseModel):
+    object: Literal["score"] = "score"
+    index: int
+    reward: float | None = Field(None, description="The reward model's end score (null without a reward model).")
+    cost: float | None = Field(None, description="The cost model's end score (null without a cost model).")
+    safe: bool | None = Field(None, description="cost ≤ 0 (null without a cost model).")
+
+
+class ScoreResponse(BaseModel):
+    object: Literal["list"] = "list"
+    model: str | None = None
+    reward_model: str | None = None
+    cost_model: str | None = None
+    data: list[ScoreResult]
+
+
+# --- moderation ------------------------------------------------------------------------------------
+
+class ModerationRequest(_Request):
+    """OpenAI's moderation request. ``input``: a string or a list of strings (each scored as an
+    answer to an empty prompt) or — Beaver extension — a list of ``{"prompt", "response"}``."""
+
+    input: str | list[str] | list[ScoreItem]
+    model: str = Field(min_length=1, description="A round name (its cost and reward models) or a cost model id.")
+    # --- Beaver extension ---
+    threshold: float = Field(0.0, description="Beaver: flagged ⇔ cost > threshold (0: the cost model's own "
+                             "safe/unsafe boundary).")
+    # --- end Beaver extension ---
+
+    def pairs(self) -> list[tuple[str, str]]:
+        items = [self.input] if isinstance(self.input, str) else self.input
+        return [(i.prompt, i.response) if isinstance(i, ScoreItem) else ("", i) for i in items]
+
+
+class ModerationResult(BaseModel):
+    flagged: bool = Field(description="cost > threshold.")
+    categories: dict[str, bool] = Field(description="{'unsafe': flagged}: Beaver's cost model scores harm as one category.")
+    category_scores: dict[str, float] = Field(description="{'unsafe': σ(cost)}: the cost model's probability of unsafe.")
+    # --- Beaver extension ---
+    reward: float | None = Field(None, description="Beaver: the round's reward score (null without a reward model).")
+    cost: float = Field(description="Beaver: the cost model's end score.")
+    threshold: float = Field(description="Beaver: the threshold the flag used.")
+    # --- end Beaver extension ---
+
+
+class ModerationResponse(BaseModel):
+    id: str = Field(default_factory=lambda: new_id("modr"))
+    model: str
+    results: list[ModerationResult]
+    # --- Beaver extension ---
+    reward_model: str | None = Field(None, description="Beaver: the reward model's id.")
+    cost_model: str = Field(description="Beaver: the cost model's id.")
+    # --- end Beaver extension ---
+
+
+# --- Beaver: the arena's side-by-side chat ------------------------------------------------------------
+
+class ChatCompareRequest(_Request):
+    """``POST /v1/chat/compare``: the same messages to several rounds at once."""
+
+    models: Annotated[list[str], Field(min_length=1, max_length=MAX_COMPARE_MODELS)] = Field(
+        description="Round names or policy model ids.")
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    reward_model: str | None = Field(None, description="Score every answer with this reward model "
+                                     "(default: each round's own), so the scores are comparable.")
+    cost_model: str | None = Field(None, description="Likewise for the cost model.")
+
+    @property
+    def stop_list(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+
+class CompareAnswer(BaseModel):
+    model: str
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+    usage: Usage
+    reward: float | None = None
+    cost: float | None = None
+    safe: bool | None = None
+    reward_model: str | None = None
+    cost_model: str | None = None
+
+
+class ChatCompareResponse(BaseModel):
+    id: str = Field(default_factory=lambda: new_id("cmp"))
+    object: Literal["chat.compare"] = "chat.compare"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    answers: list[CompareAnswer]

