@@ -40,3 +40,16 @@ def cost_loss(safer_scores: torch.Tensor, unsafer_scores: torch.Tensor, safer_is
     if regularization:
         loss = loss + regularization * ((safer_scores.square() + unsafer_scores.square()) / 2).mean()
     return loss
+
+
+def dpo_loss(policy_better_logps: torch.Tensor, policy_worse_logps: torch.Tensor, ref_better_logps: torch.Tensor,
+             ref_worse_logps: torch.Tensor, beta: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Direct Preference Optimization (Rafailov et al., 2023, eq. 7) on sequence log-probabilities:
+
+        margin = β·[(log π(y_w|x) − log π_ref(y_w|x)) − (log π(y_l|x) − log π_ref(y_l|x))]
+        L_DPO = −E[log σ(margin)]
+
+    Returns (loss, margin per pair); the margin is the implicit reward gap DPO widens.
+    """
+    margins = beta * ((policy_better_logps - ref_better_logps) - (policy_worse_logps - ref_worse_logps))
+    return -F.logsigmoid(margins).mean(), margins.detach()

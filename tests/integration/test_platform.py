@@ -90,7 +90,7 @@ def test_failing_job_ends_failed_with_readable_error(platform):
 
 
 def _slow_reward_job(platform, base_model, epochs: int) -> dict:
-    ds = upload(platform, preference_records(160))
+    ds = upload(platform, preference_records(120))
     params = {"base_model": base_model, "epochs": epochs, "batch_size": 8, "log_every": 2, "lr": 1e-3, "eval_split": 0.1}
     r = platform.client.post("/v1/jobs", json={"type": "reward", "params": params, "datasets": [ds]})
     assert r.status_code == 201, r.text
@@ -107,7 +107,7 @@ def test_cancel_running_job_stops_it(platform, base_model):
 
 
 def test_killed_worker_leaves_no_job_running(platform, base_model):
-    job = _slow_reward_job(platform, base_model, epochs=6)
+    job = _slow_reward_job(platform, base_model, epochs=3)
     platform.wait_event(job["id"], lambda e: "step" in e["data"] and e["data"]["step"] >= 2)
     platform.kill_worker()
     assert platform.client.get(f"/v1/jobs/{job['id']}").json()["status"] == "running"
