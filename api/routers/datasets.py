@@ -5,20 +5,17 @@ from __future__ import annotations
 import json
 
 from fastapi import APIRouter, Request
-from sqlalchemy import insert
 from sqlmodel import select
 
 from api.deps import Annotator, Reader, SessionDep
 from api.errors import ApiError, not_found
 from api.pagination import listing, page
 from api.settings import get_settings
-from api.tables import Dataset, DatasetRecord, new_id, public
+from api.registry import create_dataset_rows
+from api.tables import Dataset, DatasetRecord, public
 from models.records import KINDS, RecordError, validate_records
-from models.stats import summary
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
-
-INSERT_CHUNK = 5000
 
 
 async def _read_limited(request: Request, limit: int) -> bytes:
@@ -108,18 +105,7 @@ async def create_dataset(request: Request, session: SessionDep, key: Annotator) 
         raise ApiError(422, f"{len(errors)} invalid record(s); first: {first}", param=first.field,
                        details=[{"line": e.line, "field": e.field, "message": e.message} for e in errors[:1000]])
 
-    dataset = Dataset(id=new_id("ds"), name=name.strip(), kind=kind, num_records=len(records),
-                      stats=summary(kind, records), created_by=key.id)
-    # One transaction: the dataset row and all its records land together or not at all.
-    session.add(dataset)
-    session.flush()
-    table = DatasetRecord.__table__
-    for start in range(0, len(records), INSERT_CHUNK):
-        rows = [{"dataset_id": dataset.id, "idx": start + i, "data": r}
-                for i, r in enumerate(records[start:start + INSERT_CHUNK])]
-        session.execute(insert(table), rows)
-    session.commit()
-    session.refresh(dataset)
+    dataset = create_dataset_rows(session, name.strip(), kind, records, created_by=key.id)
     return public(dataset, "dataset")
 
 
