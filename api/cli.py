@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from typing import Optional
 
 import typer
@@ -179,6 +180,66 @@ def keys_list() -> None:
     with Session(get_engine()) as session:
         for row in session.exec(select(ApiKey).order_by(ApiKey.id)):
             typer.echo(f"{row.id}\t{row.name}\t{row.role}\t{row.prefix}…\t{'revoked' if row.revoked_at else 'active'}")
+
+
+@cli.command()
+def demo(url: Optional[str] = typer.Option(None, help="A running Beaver to drive (default: start an embedded one)."),
+         key: Optional[str] = typer.Option(None, envvar="BEAVER_API_KEY", help="Admin or trainer key for --url."),
+         seed: int = typer.Option(0, help="Same seed, same table."),
+         fast: bool = typer.Option(False, "--fast", help="One short round, no baselines (a smoke test)."),
+         exit_: bool = typer.Option(False, "--exit", help="Stop after printing the table."),
+         port: Optional[int] = typer.Option(None, help="Port of the embedded API (default BEAVER_PORT).")) -> None:
+    """Three Safe RLHF rounds on the synthetic world, through the REST API; writes $BEAVER_HOME/demo."""
+    import shutil
+
+    from api.demo import Client, DemoConfig, EmbeddedPlatform, markdown_table, run_demo
+    from api.settings import get_settings
+
+    settings = get_settings()
+    out_dir = settings.home.resolve() / "demo"
+    config = DemoConfig.fast(seed=seed) if fast else DemoConfig(seed=seed)
+    platform = None
+    if url is None:
+        # A fresh embedded platform of the demo's own, so every run starts from the same state.
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.environ["BEAVER_HOME"] = str(out_dir / "platform")
+        for name in ("BEAVER_DATABASE_URL", "BEAVER_BROKER_URL", "BEAVER_RESULT_BACKEND", "BEAVER_ARTIFACTS_DIR"):
+            os.environ.pop(name, None)
+        clear_caches()
+        port = port or settings.port
+        platform = EmbeddedPlatform(out_dir / "platform", port)
+        key = platform.start()
+        url = f"http://127.0.0.1:{port}"
+    elif not key:
+        _fail("--url needs --key (or BEAVER_API_KEY)")
+    try:
+        results = run_demo(Client(url, key), config, out_dir)
+        typer.echo("")
+        typer.echo(markdown_table(results))
+        typer.echo(f"\nresults: {out_dir / 'results.json'} · plots: {out_dir}/*.png · {results['seconds']:.0f} s")
+        if not exit_ and platform is not None:
+            typer.echo(f"\nBeaver is running at {url} (admin key {key}).")
+            typer.echo(f"Chat with a round: POST {url}/v1/chat/completions with model \"beaver-v{config.rounds}\"; "
+                       f"arena: {url}/ — Ctrl-C stops it.")
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                pass
+    finally:
+        if platform is not None:
+            platform.stop()
+
+
+def clear_caches() -> None:
+    """Forget cached settings, engine and Celery client (after changing BEAVER_* variables)."""
+    from api.db import get_engine
+    from api.queue import celery_client
+    from api.settings import get_settings
+
+    get_settings.cache_clear()
+    get_engine.cache_clear()
+    celery_client.cache_clear()
 
 
 def main() -> None:

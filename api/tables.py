@@ -67,6 +67,7 @@ class Job(SQLModel, table=True):
     metrics: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     error: str | None = Field(default=None, sa_column=Column(Text))
     result_models: list = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    result_datasets: list = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     cancel_requested: bool = False
     attempts: int = 0
     worker: str | None = None  # hostname of the worker running it

@@ -32,7 +32,7 @@ class ParamsError(ValueError):
 class Artifact:
     """Something a job produced that the registry should know about."""
 
-    kind: str  # "policy" | "reward" | "cost" | "report" | "checkpoint"
+    kind: str  # "policy" | "reward" | "cost" (registered as models) | "dataset" (JSONL, registered as a dataset)
     path: str  # directory or file inside ctx.output_dir
     name: str | None = None
     metadata: dict = field(default_factory=dict)
@@ -88,6 +88,7 @@ def _load(spec: str):
 # Job type -> where it lives. Strings, so importing this module stays cheap.
 JOB_TYPES: dict[str, JobType] = {
     "dataset_stats": JobType("models.stats:StatsConfig", "models.stats:run", "cpu"),
+    "generate": JobType("models.sampling:GenerateConfig", "models.sampling:run", "gpu"),
     "reward": JobType("models.score_training:ScoreTrainingConfig", "models.score_training:run_reward", "gpu"),
     "cost": JobType("models.score_training:ScoreTrainingConfig", "models.score_training:run_cost", "gpu"),
     "sft": JobType("models.sft:SFTConfig", "models.sft:run", "gpu"),

@@ -6,6 +6,8 @@ Kinds:
   ``response_{0,1}_harm_category``, ``response_{0,1}_severity_level``).
 - ``prompt``: ``{"prompt": str}`` (+ optional ``red_team: bool``, ``category: str``).
 - ``sft``: ``{"prompt": str, "response": str}`` or ``{"messages": [{"role", "content"}, ...]}``.
+- ``samples``: a policy's answers, ``{"prompt": str, "response": str}`` where the response may be
+  empty (a policy can stop at once); written by ``generate`` jobs, read by the arena and the demo.
 
 The API validates uploads with ``validate_records`` (every bad line reported, nothing stored),
 and the trainers validate again, so a dataset built in a notebook gets the same errors.
@@ -16,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-KINDS = ("preference", "prompt", "sft")
+KINDS = ("preference", "prompt", "sft", "samples")
 
 PREFERENCE_REQUIRED = {
     "prompt": str,
@@ -72,6 +74,11 @@ def record_errors(kind: str, record: Any, line: int) -> list[RecordError]:
         return errors
     if kind == "sft":
         return _sft_errors(record, line)
+    if kind == "samples":
+        errors = _require_text(record, "prompt", line)
+        if not isinstance(record.get("response"), str):
+            errors.append(RecordError(line, "response", "must be a string"))
+        return errors
     return [RecordError(line, None, f"unknown dataset kind {kind!r}; one of {', '.join(KINDS)}")]
 
 

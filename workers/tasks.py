@@ -6,6 +6,7 @@ resolver, progress and cancel callbacks), calls the entry point, and records the
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import threading
@@ -18,10 +19,11 @@ from sqlmodel import Session
 
 from api.db import get_engine
 from api.queue import RUN_JOB_TASK
-from api.registry import add_event, load_records, register_model, resolve_model_path
+from api.registry import add_event, create_dataset_rows, load_records, register_model, resolve_model_path
 from api.settings import get_settings
 from api.tables import Job, now
 from models.jobs import JOB_TYPES, JobCancelled, JobContext, build_config
+from models.records import check_records
 from workers.celery_app import app
 
 log = logging.getLogger("beaver.worker")
@@ -117,7 +119,7 @@ def execute(job_id: str, hostname: str) -> str:
     ctx = JobContext(output_dir=output_dir, datasets=dataset_ids, load_dataset=load_dataset,
                      resolve_model=resolve_model, report=report, should_stop=heartbeat.cancelled.is_set,
                      resume_from=_latest_checkpoint(output_dir))
-    status, error, metrics, model_ids = "succeeded", None, {}, []
+    status, error, metrics, model_ids, dataset_ids = "succeeded", None, {}, [], []
     try:
         spec = JOB_TYPES[job_type]
         config = build_config(spec.config_class(), params)
@@ -130,6 +132,13 @@ def execute(job_id: str, hostname: str) -> str:
                                            str(Path(artifact.path).resolve()), job_id=job_id,
                                            metrics=artifact.metadata or metrics)
                     model_ids.append(model.id)
+                elif artifact.kind == "dataset":
+                    kind = artifact.metadata.get("kind", "samples")
+                    records = [json.loads(line) for line in open(artifact.path) if line.strip()]
+                    check_records(kind, records)
+                    dataset = create_dataset_rows(session, artifact.name or f"{job_type}-{job_id}", kind, records,
+                                                  created_by=f"job:{job_id}")
+                    dataset_ids.append(dataset.id)
     except JobCancelled:
         status = "cancelled"
     except Exception as e:  # noqa: BLE001 — any failure becomes a readable job error
@@ -144,10 +153,12 @@ def execute(job_id: str, hostname: str) -> str:
         job.status, job.error, job.finished_at = status, error, now()
         job.metrics = {**job.metrics, **_jsonable(metrics)}
         job.result_models = model_ids
+        job.result_datasets = dataset_ids
         session.add(job)
         session.commit()
         add_event(session, job_id, status if not error else f"failed: {error}", {"status": status,
-                                                                                  "result_models": model_ids})
+                                                                                  "result_models": model_ids,
+                                                                                  "result_datasets": dataset_ids})
     return status
 
 

@@ -6,15 +6,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import Session
 
-
-def clear_caches() -> None:
-    from api.db import get_engine
-    from api.queue import celery_client
-    from api.settings import get_settings
-
-    get_settings.cache_clear()
-    get_engine.cache_clear()
-    celery_client.cache_clear()
+from api.cli import clear_caches
 
 
 @pytest.fixture

@@ -61,7 +61,7 @@ def test_cancel_queued_job(client, keys):
 
 
 def test_unreachable_broker_fails_the_job_with_503(client, keys, monkeypatch):
-    from tests.api.conftest import clear_caches
+    from api.cli import clear_caches
 
     monkeypatch.setenv("BEAVER_BROKER_URL", "redis://:hunter2@127.0.0.1:1/0")
     clear_caches()

@@ -1,0 +1,131 @@
+"""OpenAI-compatible chat with any round or policy (``stream: true`` as server-sent events), guard
+mode, and the arena's side-by-side ``/v1/chat/compare``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
+
+from api.deps import Reader, SessionDep
+from api.errors import ApiError
+from api.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompareRequest, ChatCompareResponse,
+                          ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, CompareAnswer,
+                          DeltaMessage, Usage, as_prompt, new_id)
+from api.serving import REFUSAL, Judges, engine_errors, get_pool, resolve_judges, resolve_policy, score_pairs
+from models.engine import Completion, InvalidRequestError, SamplingParams, collect
+
+router = APIRouter(prefix="/v1/chat", tags=["chat"])
+
+
+def sampling(body, max_tokens: int | None) -> SamplingParams:
+    try:
+        return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                              stop=body.stop_list, seed=body.seed)
+    except InvalidRequestError as e:
+        raise ApiError(422, str(e), param=e.param) from None
+
+
+def usage(c: Completion) -> Usage:
+    return Usage(prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens,
+                 total_tokens=c.prompt_tokens + c.completion_tokens)
+
+
+async def guarded(completion: Completion, prompt: list[dict], judges: Judges, threshold: float) -> ChatChoice:
+    """Score the answer; replace it by a refusal when its cost exceeds ``threshold``."""
+    rewards, costs = await score_pairs(judges, [(prompt, completion.text)])
+    unsafe = costs[0] > threshold
+    return ChatChoice(message=AssistantMessage(content=REFUSAL if unsafe else completion.text),
+                      finish_reason="content_filter" if unsafe else completion.finish_reason,
+                      reward=rewards[0] if rewards else None, cost=costs[0], guarded=unsafe)
+
+
+@router.post("/completions", response_model=ChatCompletionResponse, response_model_exclude_none=True)
+async def create_chat_completion(body: ChatCompletionRequest, session: SessionDep, _: Reader):
+    """Chat with a round (its policy) or a policy model, in OpenAI's format."""
+    policy, round_ = resolve_policy(session, body.model)
+    judges = None
+    if body.guard:
+        judges = resolve_judges(session, None, round_=round_) if round_ else Judges(None, None)
+        if judges.cost is None:
+            raise ApiError(400, f"guard mode needs a round with a cost model; {body.model!r} has none", param="guard")
+    prompt = as_prompt(body.messages)
+    params = sampling(body, body.token_limit)
+    with engine_errors():
+        stream = await get_pool().engine(policy).generate(policy.id, prompt, params)
+    if body.stream:
+        return StreamingResponse(sse(body, stream, prompt, judges), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    with engine_errors():
+        completion = await collect(stream)
+    if judges is not None:
+        choice = await guarded(completion, prompt, judges, body.guard_threshold)
+    else:
+        choice = ChatChoice(message=AssistantMessage(content=completion.text), finish_reason=completion.finish_reason)
+    return ChatCompletionResponse(model=body.model, choices=[choice], usage=usage(completion))
+
+
+async def sse(body: ChatCompletionRequest, stream, prompt: list[dict], judges: Judges | None):
+    """OpenAI's chunk stream: a role chunk, content deltas, a finish chunk, [usage], [DONE]. A
+    guarded answer is scored first and sent in one delta. An engine failure mid-stream ends the
+    stream with an error event (the status line has already been sent)."""
+    head = {"id": new_id("chatcmpl"), "created": int(time.time()), "model": body.model}
+
+    def event(choices: list[ChatChunkChoice], **extra) -> str:
+        chunk = ChatCompletionChunk(**head, choices=choices, **extra)
+        return f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
+
+    yield event([ChatChunkChoice(delta=DeltaMessage(role="assistant", content=""))])
+    try:
+        if judges is not None:
+            completion = await collect(stream)
+            choice = await guarded(completion, prompt, judges, body.guard_threshold)
+            yield event([ChatChunkChoice(delta=DeltaMessage(content=choice.message.content))])
+            last = ChatChunkChoice(delta=DeltaMessage(), finish_reason=choice.finish_reason, reward=choice.reward,
+                                   cost=choice.cost, guarded=choice.guarded)
+        else:
+            completion = Completion("", [], "stop", 0, 0)
+            async for chunk in stream:
+                completion.prompt_tokens, completion.completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
+                if chunk.text:
+                    yield event([ChatChunkChoice(delta=DeltaMessage(content=chunk.text))])
+                completion.finish_reason = chunk.finish_reason or completion.finish_reason
+            last = ChatChunkChoice(delta=DeltaMessage(), finish_reason=completion.finish_reason)
+        yield event([last])
+        if body.stream_options and body.stream_options.include_usage:
+            yield event([], usage=usage(completion))
+    except Exception as e:  # noqa: BLE001 — the status line is sent: report in-band, as OpenAI does
+        message = e.message if isinstance(e, ApiError) else f"{type(e).__name__}: {e}"
+        yield f"data: {json.dumps({'error': {'code': 'stream_failed', 'message': message}})}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+@router.post("/compare", response_model=ChatCompareResponse, response_model_exclude_none=True)
+async def compare(body: ChatCompareRequest, session: SessionDep, _: Reader):
+    """The same messages to several rounds at once; each answer with its reward and cost."""
+    prompt = as_prompt(body.messages)
+    params = sampling(body, body.max_tokens)
+    pool = get_pool()
+    targets = []
+    for i, ref in enumerate(body.models):
+        policy, round_ = resolve_policy(session, ref, param=f"models.{i}")
+        judges = resolve_judges(session, None, body.reward_model, body.cost_model, round_=round_)
+        targets.append((ref, policy, judges))
+
+    async def answer(ref, policy, judges) -> CompareAnswer:
+        with engine_errors(ref):
+            completion = await collect(await pool.engine(policy).generate(policy.id, prompt, params))
+        rewards, costs = await score_pairs(judges, [(prompt, completion.text)])
+        cost = costs[0] if costs else None
+        return CompareAnswer(model=ref, message=AssistantMessage(content=completion.text),
+                             finish_reason=completion.finish_reason, usage=usage(completion),
+                             reward=rewards[0] if rewards else None, cost=cost,
+                             safe=None if cost is None else cost <= 0,
+                             reward_model=judges.reward.id if judges.reward else None,
+                             cost_model=judges.cost.id if judges.cost else None)
+
+    answers = await asyncio.gather(*(answer(*t) for t in targets))
+    return ChatCompareResponse(answers=list(answers))

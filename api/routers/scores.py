@@ -1,0 +1,58 @@
+"""Reward/cost scoring of any response (``/v1/score``) and safety flags in OpenAI's moderation
+shape (``/v1/moderations``), served through the engines with dynamic batching. Scores are end
+scores of the trainers' own scoring function: **safe ⇔ cost ≤ 0**."""
+
+from __future__ import annotations
+
+import math
+
+from fastapi import APIRouter
+
+from api.deps import Reader, SessionDep
+from api.errors import ApiError
+from api.protocol import (MAX_SCORE_ITEMS, ModerationRequest, ModerationResponse, ModerationResult, ScoreRequest,
+                          ScoreResponse, ScoreResult)
+from api.serving import resolve_judges, score_pairs
+
+router = APIRouter(prefix="/v1", tags=["scores"])
+
+
+def check_size(n: int, param: str) -> None:
+    if n > MAX_SCORE_ITEMS:
+        raise ApiError(413, f"{n} items in one request; at most {MAX_SCORE_ITEMS}", param=param)
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+@router.post("/score", response_model=ScoreResponse)
+async def score(body: ScoreRequest, session: SessionDep, _: Reader):
+    """Reward and cost end scores of (prompt, response) pairs."""
+    check_size(len(body.items), "items")
+    judges = resolve_judges(session, body.model, body.reward_model, body.cost_model)
+    if judges.reward is None and judges.cost is None:
+        raise ApiError(400, f"{body.model!r} has neither a reward nor a cost model", param="model")
+    rewards, costs = await score_pairs(judges, [(i.prompt, i.response) for i in body.items])
+    data = [ScoreResult(index=k, reward=rewards[k] if rewards else None, cost=costs[k] if costs else None,
+                        safe=costs[k] <= 0 if costs else None) for k in range(len(body.items))]
+    return ScoreResponse(model=body.model, reward_model=judges.reward.id if judges.reward else None,
+                         cost_model=judges.cost.id if judges.cost else None, data=data)
+
+
+@router.post("/moderations", response_model=ModerationResponse, response_model_exclude_none=True)
+async def moderations(body: ModerationRequest, session: SessionDep, _: Reader):
+    """Flag unsafe responses: flagged ⇔ the cost model's score > threshold."""
+    pairs = body.pairs()
+    check_size(len(pairs), "input")
+    if not pairs:
+        raise ApiError(422, "input is empty", param="input")
+    judges = resolve_judges(session, body.model)
+    if judges.cost is None:
+        raise ApiError(400, f"{body.model!r} has no cost model to moderate with", param="model")
+    rewards, costs = await score_pairs(judges, pairs)
+    results = [ModerationResult(flagged=c > body.threshold, categories={"unsafe": c > body.threshold},
+                                category_scores={"unsafe": sigmoid(c)}, reward=rewards[k] if rewards else None,
+                                cost=c, threshold=body.threshold) for k, c in enumerate(costs)]
+    return ModerationResponse(model=body.model, results=results, cost_model=judges.cost.id,
+                              reward_model=judges.reward.id if judges.reward else None)
