@@ -50,7 +50,7 @@ def generate_responses(model, tokenizer, prompts: list[str], max_new_tokens: int
     texts = [format_prompt(tokenizer, p) for p in prompts]
     answers: list[str] = []
     for start in range(0, len(texts), batch_size):
-        ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[start:start + batch_size]]
+        ids = [tokenizer(t)["input_ids"] for t in texts[start:start + batch_size]]
         out = generator.generate(ids, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed + start)
         for row, mask in zip(out.responses, out.response_mask):
             tokens = row[mask.bool()].tolist()

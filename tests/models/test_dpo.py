@@ -1,0 +1,47 @@
+"""DPO: exact loss values, then a few steps on a tiny Llama widen the preferred response's margin."""
+
+import math
+
+import pytest
+import torch
+
+from models.dpo import DPOConfig, evaluate_margin, run
+from models.jobs import JobContext
+from models.loading import load_causal_lm, load_tokenizer
+from models.losses import dpo_loss
+
+
+def test_dpo_loss_exact():
+    loss, margins = dpo_loss(torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -1.0]),
+                             torch.tensor([-2.0, -2.0]), torch.tensor([-2.0, -2.0]), beta=0.5)
+    # margins: 0.5·[(−1+2) − (−3+2)] = 1, 0.5·[0 − 1] = −0.5
+    torch.testing.assert_close(margins, torch.tensor([1.0, -0.5]))
+    expected = (math.log1p(math.exp(-1.0)) + math.log1p(math.exp(0.5))) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def preference(prompt, better, worse, better_id):
+    responses = [better, worse] if better_id == 0 else [worse, better]
+    return {"prompt": prompt, "response_0": responses[0], "response_1": responses[1],
+            "is_response_0_safe": True, "is_response_1_safe": True,
+            "better_response_id": better_id, "safer_response_id": 0}
+
+
+RECORDS = [
+    preference(f"how do i make a {w} ?", f"sure . step 1 : mix {w} . step 2 : bake it .",
+               "sorry , i can not help with that .", i % 2)
+    for i, w in enumerate(["cake", "red", "blue", "green", "dog", "fox", "one", "two"])
+]
+
+
+def test_dpo_raises_the_preferred_responses_margin(tiny_llama_dir, tmp_path):
+    tokenizer = load_tokenizer(tiny_llama_dir)
+    reference = load_causal_lm(tiny_llama_dir, tokenizer)
+    assert evaluate_margin(reference, reference, tokenizer, RECORDS) == 0.0
+    events = []
+    ctx = JobContext(output_dir=tmp_path, datasets=["prefs"], load_dataset=lambda d: RECORDS, report=events.append)
+    result = run(DPOConfig(policy=str(tiny_llama_dir), beta=0.1, lr=1e-3, epochs=3, batch_size=4, seed=0), ctx)
+    policy = load_causal_lm(result.artifacts[0].path, tokenizer)
+    assert evaluate_margin(policy, reference, tokenizer, RECORDS) > 1.0
+    assert events[-1]["train/loss"] < events[0]["train/loss"]
+    assert events[-1]["train/reward_accuracy"] == 1.0
