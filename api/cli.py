@@ -71,6 +71,16 @@ def _serve(host: str, port: int) -> None:
     uvicorn.run(create_app(), host=host, port=port, log_level="info")
 
 
+def _exit_on_sigterm() -> None:
+    # SIGTERM's default action kills the process without running ``finally`` blocks, which
+    # would orphan the worker subprocess; as SystemExit it unwinds like Ctrl-C. (uvicorn restores
+    # this handler and re-raises the signal after its own graceful shutdown.)
+    def handler(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def worker_command(queues: str = "gpu,cpu", name: str = "beaver@%h", pool: str | None = None,
                    concurrency: int = 1) -> list[str]:
     from api.settings import get_settings
@@ -89,6 +99,7 @@ def up(host: Optional[str] = typer.Option(None, help="Bind address (default BEAV
     _prepare_database()
     _check_broker()
     _ensure_admin_key()
+    _exit_on_sigterm()
     worker = subprocess.Popen(worker_command(), start_new_session=True)
     typer.echo(f"worker started (pid {worker.pid}); API on http://{host or settings.host}:{port or settings.port}")
     try:
@@ -199,6 +210,7 @@ def demo(url: Optional[str] = typer.Option(None, help="A running Beaver to drive
     out_dir = settings.home.resolve() / "demo"
     config = DemoConfig.fast(seed=seed) if fast else DemoConfig(seed=seed)
     platform = None
+    _exit_on_sigterm()
     if url is None:
         # A fresh embedded platform of the demo's own, so every run starts from the same state.
         shutil.rmtree(out_dir, ignore_errors=True)

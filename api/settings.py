@@ -32,6 +32,7 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="API bind address.")
     port: int = Field(8000, description="API port.")
     worker_pool: str = Field("solo", description="Celery pool for `beaver worker` (solo: one job at a time).")
+    torch_threads: int = Field(0, description="CPU threads per worker for torch (0: torch's default).")
     heartbeat_seconds: float = Field(5.0, description="How often a running job refreshes its heartbeat.")
     orphan_after_seconds: float = Field(60.0, description="A running job silent this long is an orphan: "
                                         "re-queued once, then failed.")

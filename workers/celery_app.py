@@ -17,6 +17,14 @@ app = Celery("beaver", include=["workers.tasks"])
 app.conf.update(celery_config(settings))
 
 
+@signals.worker_init.connect
+def _on_worker_init(**_):
+    if settings.torch_threads > 0:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+
+
 @signals.worker_ready.connect
 def _on_worker_ready(sender=None, **_):
     # A job left "running" by a worker that died is re-queued or failed before new work starts.
