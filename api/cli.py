@@ -193,6 +193,29 @@ def keys_list() -> None:
             typer.echo(f"{row.id}\t{row.name}\t{row.role}\t{row.prefix}…\t{'revoked' if row.revoked_at else 'active'}")
 
 
+@cli.command("serve-vllm")
+def serve_vllm(model: str = typer.Argument(..., help="Model id, model name or round name (→ its policy)."),
+               port: int = typer.Option(8001), host: str = typer.Option("127.0.0.1"),
+               python: Optional[str] = typer.Option(None, help="Python with vLLM (default BEAVER_VLLM_PYTHON).")) -> None:
+    """Start a vLLM OpenAI-compatible server for a registered model (pooling runner for reward/cost
+    models); point BEAVER_VLLM_URLS at it to route that model there."""
+    from sqlmodel import Session
+
+    from api.db import get_engine
+    from api.errors import ApiError
+    from api.serving import vllm_command_for
+    from api.settings import get_settings
+
+    _prepare_database()
+    with Session(get_engine()) as session:
+        try:
+            cmd = vllm_command_for(session, model, port, python=python or get_settings().vllm_python or None, host=host)
+        except ApiError as e:
+            _fail(e.message)
+    typer.echo(" ".join(cmd))
+    os.execvpe(cmd[0], cmd, {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")})
+
+
 @cli.command()
 def demo(url: Optional[str] = typer.Option(None, help="A running Beaver to drive (default: start an embedded one)."),
          key: Optional[str] = typer.Option(None, envvar="BEAVER_API_KEY", help="Admin or trainer key for --url."),

@@ -1,9 +1,16 @@
 """The OpenAI-compatible request/response types of serving, in one place.
 
-Fields follow the order of OpenAI's API reference. Beaver implements a subset: a request that
-sets a field Beaver does not support (``tools``, ``logprobs: true``, ``n: 2`` …) or a field no
-API knows is answered with a 400 naming it — never silently ignored. Values out of range are
-validation errors (422), as everywhere in Beaver's API.
+Fields follow the order of OpenAI's API reference. Beaver implements a subset, and its errors
+have the shape ``{"error": {"code", "message", "param"}}``:
+
+- 400 ``unsupported_parameter``: a field Beaver does not support (``tools``, ``logprobs: true``,
+  ``n: 2`` …) or that no API knows — named in ``param``, never silently ignored; also a model of
+  the wrong kind (chatting with a cost model);
+- 422 ``invalid_request``: a value out of range or missing (``messages: []``, ``max_tokens: 0``);
+- 404 ``model_not_found``: no round or registered model of that name;
+- 413 ``payload_too_large``: more than ``MAX_SCORE_ITEMS`` pairs in one scoring request;
+- 503 ``model_unavailable``: the model exists but failed to load (the reason is in the message);
+  the server keeps serving the other models.
 
 Beaver's extensions are fenced with ``# --- Beaver extension`` comments and described on the
 field: end scores of the reward and cost models (``reward``, ``cost``; **safe ⇔ cost ≤ 0**), the

@@ -10,6 +10,7 @@ Only registered models are served: a request cannot make the server load an arbi
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -46,7 +47,8 @@ class Judges:
 class ServingPool:
     def __init__(self, settings: Settings):
         self._served: dict[str, Served] = {}  # model id → what the engines need, filled as requests resolve
-        self.local = TransformersEngine(self._path, memory_budget_bytes=int(settings.engine_memory_gb * (1 << 30)))
+        self.local = TransformersEngine(self._path, memory_budget_bytes=int(settings.engine_memory_gb * (1 << 30)),
+                                        threads=max(1, (os.cpu_count() or 2) - 1))
         self.vllm_urls = settings.vllm_url_map
         self.remote = VLLMEngine(self._vllm_model) if self.vllm_urls else None
 
@@ -173,3 +175,16 @@ async def score_pairs(judges: Judges, pairs: list) -> tuple[list[float] | None, 
             return await pool.engine(served).score(served.id, pairs)
 
     return tuple(await asyncio.gather(run(judges.reward, "reward_model"), run(judges.cost, "cost_model")))
+
+
+def vllm_command_for(session: Session, ref: str, port: int, python: str | None = None,
+                     host: str = "127.0.0.1") -> list[str]:
+    """The command ``beaver serve-vllm MODEL_ID --port P`` runs: vLLM's OpenAI server for a
+    registered model (a round name serves its policy), the pooling runner for reward/cost models.
+    Then list the model's id → ``http://HOST:PORT`` in ``BEAVER_VLLM_URLS``."""
+    from models.vllm_engine import vllm_command
+
+    round_ = find_round(session, ref)
+    model = session.get(Model, round_.policy_model_id) if round_ is not None else _model(session, ref, "model")
+    runner = "generate" if model.kind == "policy" else "pooling"
+    return vllm_command(model.path, port, runner, python=python, host=host)

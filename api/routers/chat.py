@@ -16,6 +16,7 @@ from api.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCom
                           ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, CompareAnswer,
                           DeltaMessage, Usage, as_prompt, new_id)
 from api.serving import REFUSAL, Judges, engine_errors, get_pool, resolve_judges, resolve_policy, score_pairs
+from api.settings import get_settings
 from models.engine import Completion, InvalidRequestError, SamplingParams, collect
 
 router = APIRouter(prefix="/v1/chat", tags=["chat"])
@@ -27,6 +28,13 @@ def sampling(body, max_tokens: int | None) -> SamplingParams:
                               stop=body.stop_list, seed=body.seed)
     except InvalidRequestError as e:
         raise ApiError(422, str(e), param=e.param) from None
+
+
+def guarded_rounds() -> set[str]:
+    """Rounds served with the guard unless a request says ``guard: false``:
+    ``BEAVER_GUARD_ROUNDS=beaver-v1,beaver-v2`` (``Settings.guard_rounds``)."""
+    names = get_settings().guard_rounds or ""
+    return {n.strip() for n in names.split(",") if n.strip()}
 
 
 def usage(c: Completion) -> Usage:
@@ -48,19 +56,20 @@ async def create_chat_completion(body: ChatCompletionRequest, session: SessionDe
     """Chat with a round (its policy) or a policy model, in OpenAI's format."""
     policy, round_ = resolve_policy(session, body.model)
     judges = None
-    if body.guard:
+    if body.guard or (body.guard is None and round_ is not None and round_.name in guarded_rounds()):
         judges = resolve_judges(session, None, round_=round_) if round_ else Judges(None, None)
         if judges.cost is None:
             raise ApiError(400, f"guard mode needs a round with a cost model; {body.model!r} has none", param="guard")
     prompt = as_prompt(body.messages)
     params = sampling(body, body.token_limit)
-    with engine_errors():
-        stream = await get_pool().engine(policy).generate(policy.id, prompt, params)
+    engine = get_pool().engine(policy)
     if body.stream:
+        with engine_errors():  # errors before the first chunk still get their status code
+            stream = await engine.generate(policy.id, prompt, params)
         return StreamingResponse(sse(body, stream, prompt, judges), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     with engine_errors():
-        completion = await collect(stream)
+        completion = await engine.complete(policy.id, prompt, params)
     if judges is not None:
         choice = await guarded(completion, prompt, judges, body.guard_threshold)
     else:
@@ -117,7 +126,7 @@ async def compare(body: ChatCompareRequest, session: SessionDep, _: Reader):
 
     async def answer(ref, policy, judges) -> CompareAnswer:
         with engine_errors(ref):
-            completion = await collect(await pool.engine(policy).generate(policy.id, prompt, params))
+            completion = await pool.engine(policy).complete(policy.id, prompt, params)
         rewards, costs = await score_pairs(judges, [(prompt, completion.text)])
         cost = costs[0] if costs else None
         return CompareAnswer(model=ref, message=AssistantMessage(content=completion.text),

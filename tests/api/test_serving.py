@@ -4,6 +4,8 @@ guard mode, and the documented 4xx errors."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -164,9 +166,18 @@ def test_compare_and_guard(app_client, keys):
         choice = r.json()["choices"][0]
         assert choice["guarded"] is refused and abs(choice["cost"] - cost) < 1e-5
         if refused:
-            assert choice["finish_reason"] == "content_filter" and choice["message"]["content"] != plain["message"]["content"]
+            assert choice["finish_reason"] == "content_filter"
+            assert choice["message"]["content"] != plain["message"]["content"]
         else:
             assert choice["message"]["content"] == plain["message"]["content"]
+
+    # a guarded stream: the answer arrives in one delta once scored, the flag on the last chunk
+    with app_client.stream("POST", "/v1/chat/completions", headers=auth(keys["viewer"]), json={
+            "model": "beaver-v1", "messages": messages, "temperature": 0, "max_tokens": 8, "stream": True,
+            "guard": True, "guard_threshold": cost - 1.0}) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert events[-1]["choices"][0]["guarded"] is True and events[-1]["choices"][0]["finish_reason"] == "content_filter"
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) != plain["message"]["content"]
 
 
 @pytest.mark.parametrize("path, body, status, param", [

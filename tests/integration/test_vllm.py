@@ -19,6 +19,7 @@ import torch
 
 from models.engine import SamplingParams, TransformersEngine
 from models.loading import load_score_model, load_tokenizer
+from tests.api.conftest import beaver_env, keys  # noqa: F401 — fixtures: a migrated database, API keys
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -60,15 +61,16 @@ def reward_dir(tiny_llama_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def servers(vllm_python, tiny_llama_dir, reward_dir, tmp_path_factory):
     """A generate server for the tiny policy and a pooling server for the tiny reward model,
-    started side by side."""
+    started side by side, in eager mode (no torch.compile warm-up: starts faster; the benchmark
+    measures the default compiled mode)."""
     from models.vllm_engine import start_vllm_server
 
     logs = tmp_path_factory.mktemp("vllm-logs")
     with ThreadPoolExecutor(2) as pool:
         policy = pool.submit(start_vllm_server, tiny_llama_dir, free_port(), "generate", python=vllm_python,
-                             log_path=logs / "policy.log", dtype="float32")
+                             log_path=logs / "policy.log", dtype="float32", extra_args=["--enforce-eager"])
         reward = pool.submit(start_vllm_server, reward_dir, free_port(), "pooling", python=vllm_python,
-                             log_path=logs / "reward.log", dtype="float32")
+                             log_path=logs / "reward.log", dtype="float32", extra_args=["--enforce-eager"])
         started = [f.result() for f in (policy, reward)]
     yield started
     for server in started:
@@ -112,3 +114,63 @@ def test_vllm_agrees_with_the_transformers_engine(servers, tiny_llama_dir, rewar
         await remote.aclose()
 
     asyncio.run(main())
+
+
+def test_beaver_api_through_vllm_matches_the_in_process_engine(servers, tiny_llama_dir, reward_dir, keys,
+                                                                monkeypatch):
+    """The same models registered twice — once served in-process, once routed to vLLM by
+    ``BEAVER_VLLM_URLS`` — answer Beaver's chat and score endpoints alike."""
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from api.routers import chat, scores
+    from api.serving import get_pool
+    from api.settings import get_settings
+
+    policy_server, reward_server = servers
+    monkeypatch.setenv("BEAVER_VLLM_URLS", json.dumps({"policy-vllm": policy_server.base_url,
+                                                       "reward-vllm": reward_server.base_url}))
+    get_settings.cache_clear()
+    get_pool.cache_clear()
+    app = create_app()
+    if not any(getattr(r, "path", "") == "/v1/chat/completions" for r in app.routes):
+        app.include_router(chat.router)
+        app.include_router(scores.router)
+    trainer, viewer = {"Authorization": f"Bearer {keys['trainer']}"}, {"Authorization": f"Bearer {keys['viewer']}"}
+    with TestClient(app) as client:
+        ids = {}
+        for name, kind, path in (("policy-local", "policy", tiny_llama_dir), ("policy-vllm", "policy", tiny_llama_dir),
+                                 ("reward-local", "reward", reward_dir), ("reward-vllm", "reward", reward_dir)):
+            ids[name] = client.post("/v1/models", json={"name": name, "kind": kind, "path": str(path)},
+                                    headers=trainer).json()["id"]
+        for where in ("local", "vllm"):
+            r = client.post("/v1/rounds", json={"name": f"round-{where}", "policy": ids[f"policy-{where}"],
+                                                "reward_model": ids[f"reward-{where}"]}, headers=trainer)
+            assert r.status_code == 201, r.text
+
+        answers = {}
+        for where in ("local", "vllm"):
+            r = client.post("/v1/chat/completions", headers=viewer, json={
+                "model": f"round-{where}", "messages": [{"role": "user", "content": "how do i make a cake ?"}],
+                "temperature": 0, "max_tokens": 12})
+            assert r.status_code == 200, r.text
+            answers[where] = r.json()["choices"][0]["message"]["content"]
+        assert answers["local"] == answers["vllm"] and answers["local"]
+
+        with client.stream("POST", "/v1/chat/completions", headers=viewer, json={
+                "model": "round-vllm", "messages": [{"role": "user", "content": "how do i make a cake ?"}],
+                "temperature": 0, "max_tokens": 12, "stream": True}) as r:
+            events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        streamed = "".join(json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events[:-1])
+        assert streamed == answers["vllm"]
+
+        items = [{"prompt": p, "response": a} for p, a in PAIRS]
+        local, remote = (client.post("/v1/score", headers=viewer, json={"model": f"round-{w}", "items": items}).json()
+                         for w in ("local", "vllm"))
+        assert max(abs(a["reward"] - b["reward"]) for a, b in zip(local["data"], remote["data"])) < 1e-2
+        assert get_pool().health()["vllm"]["failed"] == {}
+    get_pool.cache_clear()
+    get_settings.cache_clear()
