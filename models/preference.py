@@ -1,0 +1,128 @@
+"""PKU-SafeRLHF preference records → training pairs for the reward and cost models.
+
+One record holds two responses to a prompt with two decoupled judgements (Safe RLHF §3.1):
+``better_response_id`` (helpfulness) and ``safer_response_id`` (harmlessness), plus a safety
+label per response. The reward model learns from (better, worse); the cost model from
+(safer, unsafer) *and* the two safety labels. Both become a ``PreferencePair`` whose ``better``
+is the preferred response of the preference at hand.
+
+Batches put both responses of every pair into ONE forward pass (concatenated along the batch,
+better first), and are grouped by length so little compute goes to padding.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from models.records import check_records
+from models.score_model import encode_conversations, pad_right
+
+
+@dataclass
+class PreferencePair:
+    prompt: str
+    better: str  # reward: the more helpful response; cost: the safer one
+    worse: str  # reward: the less helpful response; cost: the unsafer one
+    better_is_safe: bool
+    worse_is_safe: bool
+    categories: tuple[str, ...] = ()  # harm categories flagged on either response, if given
+
+
+@dataclass
+class TokenizedPair:
+    better_ids: list[int]  # prompt template + " " + better + EOS, truncated to max_length
+    worse_ids: list[int]
+    better_is_safe: bool
+    worse_is_safe: bool
+
+    @property
+    def length(self) -> int:
+        """Padded length this pair needs in a batch (both responses share one tensor)."""
+        return max(len(self.better_ids), len(self.worse_ids))
+
+
+def harm_categories(value) -> list[str]:
+    """Category names flagged in a ``response_*_harm_category`` field: PKU-SafeRLHF stores a
+    ``{category: bool}`` dict; a list of names or a single name is accepted too."""
+    if isinstance(value, dict):
+        return [str(k) for k, flagged in value.items() if flagged]
+    if isinstance(value, list):
+        return [str(v) for v in value]
+    if isinstance(value, str) and value:
+        return [value]
+    return []
+
+
+def preference_pairs(records: Sequence[dict], score_type: str) -> list[PreferencePair]:
+    """Validated pairs of ``score_type`` ("reward" | "cost").
+
+    Raises ``models.records.InvalidRecords`` naming every malformed or contradictory record
+    (the safer response labelled unsafe while the other is labelled safe).
+    """
+    if score_type not in ("reward", "cost"):
+        raise ValueError(f"score_type must be 'reward' or 'cost', got {score_type!r}")
+    check_records("preference", list(records))
+    key = "better_response_id" if score_type == "reward" else "safer_response_id"
+    pairs = []
+    for r in records:
+        b = r[key]
+        w = 1 - b
+        categories = sorted(set(harm_categories(r.get("response_0_harm_category")))
+                            | set(harm_categories(r.get("response_1_harm_category"))))
+        pairs.append(PreferencePair(
+            prompt=r["prompt"], better=r[f"response_{b}"], worse=r[f"response_{w}"],
+            better_is_safe=r[f"is_response_{b}_safe"], worse_is_safe=r[f"is_response_{w}_safe"],
+            categories=tuple(categories)))
+    return pairs
+
+
+def tokenize_pairs(tokenizer, pairs: Sequence[PreferencePair], max_length: int | None = None) -> list[TokenizedPair]:
+    """Token ids of both responses of every pair (two batched tokenizer calls), EOS kept on truncation."""
+    prompts = [p.prompt for p in pairs]
+    better = encode_conversations(tokenizer, prompts, [p.better for p in pairs], max_length)
+    worse = encode_conversations(tokenizer, prompts, [p.worse for p in pairs], max_length)
+    return [TokenizedPair(b, w, p.better_is_safe, p.worse_is_safe) for b, w, p in zip(better, worse, pairs)]
+
+
+def collate_pairs(batch: Sequence[TokenizedPair], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """One tensor for both halves of B pairs: rows ``0..B-1`` are the better responses, rows
+    ``B..2B-1`` the worse ones, so one forward gives both scores (``scores.chunk(2)``).
+
+    Returns ``input_ids`` and ``attention_mask`` (2B, T) right-padded to the batch's longest
+    sequence, and ``better_is_safe`` / ``worse_is_safe`` (B,) bool.
+    """
+    input_ids, attention_mask = pad_right([p.better_ids for p in batch] + [p.worse_ids for p in batch], pad_token_id)
+    return {
+        "input_ids": input_ids,  # (2B, T)
+        "attention_mask": attention_mask,  # (2B, T)
+        "better_is_safe": torch.tensor([p.better_is_safe for p in batch], dtype=torch.bool),  # (B,)
+        "worse_is_safe": torch.tensor([p.worse_is_safe for p in batch], dtype=torch.bool),  # (B,)
+    }
+
+
+def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int,
+                           group_batches: int = 50) -> list[list[int]]:
+    """Indices in batches of similar length, different for every ``seed``.
+
+    Shuffle, cut into groups of ``group_batches`` batches, sort each group by length and split it
+    into batches, then shuffle the batches: nearly as little padding as a full sort, while every
+    batch is still a random draw of pairs of its length (as HF's ``LengthGroupedSampler``).
+    The longest batch goes first, so an out-of-memory shows up at step 1, not after an hour.
+    """
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    group = batch_size * group_batches
+    batches = []
+    for start in range(0, len(order), group):
+        chunk = sorted(order[start : start + group], key=lambda i: lengths[i], reverse=True)
+        batches.extend(chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size))
+    rng.shuffle(batches)
+    if batches:
+        longest = max(range(len(batches)), key=lambda k: max(lengths[i] for i in batches[k]))
+        batches[0], batches[longest] = batches[longest], batches[0]
+    return batches
