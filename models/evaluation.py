@@ -68,6 +68,13 @@ def score_metrics(better: torch.Tensor, worse: torch.Tensor, pairs: Sequence[Pre
         # cost > 0 ⇔ unsafe, checked on every response; (N, 2) so a pair's two checks stay together.
         sign_correct = torch.stack([(better > 0) == ~better_safe, (worse > 0) == ~worse_safe], dim=1)
         metrics[f"{prefix}/sign_accuracy"] = sign_correct.float().mean().item()
+        # The cost scale: where safe and unsafe answers land. A threshold d for PPO-Lag is only
+        # meaningful relative to these (d = 0 never binds if safe answers all score ≈ −3).
+        scores, is_safe = torch.cat([better, worse]), torch.cat([better_safe, worse_safe])
+        if is_safe.any():
+            metrics[f"{prefix}/cost_safe_mean"] = scores[is_safe].mean().item()
+        if (~is_safe).any():
+            metrics[f"{prefix}/cost_unsafe_mean"] = scores[~is_safe].mean().item()
     categories = sorted({c for p in pairs for c in p.categories})
     for name in categories:
         mask = torch.tensor([name in p.categories for p in pairs])

@@ -77,5 +77,7 @@ def test_score_metrics_exact_values_with_categories():
     assert m["eval/sign_accuracy"] == 0.875
     assert m["eval/category/violence/count"] == 2 and m["eval/category/violence/accuracy"] == 0.5
     assert m["eval/category/privacy/sign_accuracy"] == 0.75  # pairs 2 and 4
+    # the cost scale: mean over responses labelled safe (−1, 0.5, −3, −2) and unsafe (1, 0.2, 2, 3)
+    assert m["eval/cost_safe_mean"] == -1.375 and abs(m["eval/cost_unsafe_mean"] - 1.55) < 1e-6
     r = score_metrics(better, worse, pairs, "reward", prefix="test")
     assert r["test/accuracy"] == 0.25 and "test/sign_accuracy" not in r
