@@ -190,7 +190,10 @@ def run_demo(client: Client, config: DemoConfig, out_dir: Path) -> dict:
                                           "max_new_tokens": config.max_new_tokens, "seed": config.seed + k,
                                           "name": f"demo-r{k}-samples"}, [prompt_set], f"round {k}: sample")
         samples = client.records(gen["result_datasets"][0])
-        pairs = [world.annotate(a, a["response"], b["response"], rng) for a, b in zip(samples[0::2], samples[1::2])]
+        # Two identical answers carry no preference (and a late-round policy is often near
+        # deterministic): annotators are only shown pairs that differ.
+        pairs = [world.annotate(a, a["response"], b["response"], rng) for a, b in zip(samples[0::2], samples[1::2])
+                 if a["response"] != b["response"]]
         preference_sets.append(client.upload(f"demo-r{k}-preferences", "preference", pairs))
 
         score_params = {"epochs": config.score_epochs, "lr": config.score_lr, "batch_size": 32, "max_length": 128,
@@ -215,7 +218,8 @@ def run_demo(client: Client, config: DemoConfig, out_dir: Path) -> dict:
                    "cost_model_accuracy": cost["metrics"].get("eval/accuracy"),
                    "cost_sign_accuracy": cost["metrics"].get("eval/sign_accuracy"),
                    "lambda_final": ppo["metrics"].get("lagrange/lambda"),
-                   "episode_cost_final": ppo["metrics"].get("train/episode_cost"), "threshold": threshold}
+                   "episode_cost_final": ppo["metrics"].get("train/episode_cost"), "threshold": threshold,
+                   "preference_pairs": len(pairs)}
         client.post("/v1/rounds", {"name": name, "policy": policy, "reward_model": reward["result_models"][0],
                                    "cost_model": cost["result_models"][0], "metrics": metrics})
         rounds.append({"name": name, **metrics})
