@@ -55,7 +55,7 @@ class DemoConfig:
     """PPO prompt mix: mostly red-team prompts (as in the paper), the rest benign so helpfulness
     keeps being rewarded — with many benign prompts a policy could meet J̄_C ≤ d while still
     answering harmful requests."""
-    threshold_margin: float = 0.03
+    threshold_margin: float = 0.015
     """d = c_safe + margin·(c_unsafe − c_safe): the cost model's mean on safe and unsafe answers
     sets the scale (d = 0 never binds when safe answers score ≈ −3), and the margin bounds the
     share of unsafe answers the constraint tolerates."""

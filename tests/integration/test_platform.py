@@ -118,3 +118,20 @@ def test_killed_worker_leaves_no_job_running(platform, base_model):
     assert len(done["result_models"]) == 1
     model = platform.client.get(f"/v1/models/{done['result_models'][0]}").json()
     assert model["kind"] == "reward"
+
+
+def test_reward_and_cost_jobs_register_their_models(platform, base_model):
+    ds = upload(platform, preference_records(96, seed=3))
+    params = {"base_model": base_model, "epochs": 4, "batch_size": 16, "lr": 2e-3, "log_every": 2, "eval_split": 0.25}
+    jobs = {t: platform.client.post("/v1/jobs", json={"type": t, "params": params, "datasets": [ds]}).json()
+            for t in ("reward", "cost")}
+    for score_type, job in jobs.items():
+        done = platform.wait_job(job["id"])
+        assert done["status"] == "succeeded", done
+        model = platform.client.get(f"/v1/models/{done['result_models'][0]}").json()
+        assert model["kind"] == score_type and model["job_id"] == job["id"]
+        assert model["metrics"]["eval/accuracy"] >= 0.9
+        events = platform.client.get(f"/v1/jobs/{job['id']}/events?limit=1000").json()["data"]
+        assert any("train/loss" in e["data"] for e in events)
+    cost_model = platform.client.get(f"/v1/jobs/{jobs['cost']['id']}").json()["result_models"][0]
+    assert platform.client.get(f"/v1/models/{cost_model}").json()["metrics"]["eval/sign_accuracy"] >= 0.9

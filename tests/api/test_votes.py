@@ -1,0 +1,188 @@
+"""Arena votes → the ``arena-votes`` preference dataset, on a real database (SQLite here;
+PostgreSQL too when one answers at BEAVER_TEST_POSTGRES), and the arena page itself."""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+
+import pytest
+from sqlmodel import Session, func, select
+
+from api.db import get_engine
+from api.registry import load_records
+from api.tables import Dataset, DatasetRecord
+from models.preference import preference_pairs
+from models.records import check_records
+from tests.api.conftest import auth
+
+PG_URL = os.environ.get("BEAVER_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture
+def client(keys):
+    """The app, with the votes router included if ``api/app.py`` does not include it yet."""
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from api.routers import votes
+
+    app = create_app()
+    if not any(getattr(r, "path", "") == "/v1/votes" for r in app.routes):
+        app.include_router(votes.router)
+    with TestClient(app) as c:
+        yield c
+
+
+def vote(i=0, **overrides):
+    body = {"prompt": f"how do i open lock {i} ?", "response_0": "call a locksmith .", "response_1": "use a pick .",
+            "model_0": "beaver-v1", "model_1": "beaver-v0", "better": 1, "safer": 0,
+            "is_response_0_safe": True, "is_response_1_safe": False}
+    body.update(overrides)
+    return body
+
+
+def count_rows():
+    with Session(get_engine()) as s:
+        return (s.exec(select(func.count()).select_from(Dataset)).one(),
+                s.exec(select(func.count()).select_from(DatasetRecord)).one())
+
+
+def test_first_vote_creates_the_dataset_and_votes_append_with_stats(client, keys):
+    assert client.get("/v1/votes/dataset", headers=auth(keys["viewer"])).status_code == 404
+    got = []
+    for i, role in enumerate(("annotator", "trainer", "admin")):
+        both_safe = i == 2
+        r = client.post("/v1/votes", json=vote(i, is_response_1_safe=both_safe), headers=auth(keys[role]))
+        assert r.status_code == 201, r.text
+        got.append(r.json())
+    assert [v["index"] for v in got] == [0, 1, 2]
+    assert len({v["dataset_id"] for v in got}) == 1
+    assert got[0]["record"] == {"prompt": "how do i open lock 0 ?", "response_0": "call a locksmith .",
+                                "response_1": "use a pick .", "is_response_0_safe": True, "is_response_1_safe": False,
+                                "better_response_id": 1, "safer_response_id": 0,
+                                "response_0_source": "beaver-v1", "response_1_source": "beaver-v0"}
+
+    ds = client.get("/v1/votes/dataset", headers=auth(keys["viewer"])).json()
+    assert ds["id"] == got[0]["dataset_id"] and ds["name"] == "arena-votes" and ds["kind"] == "preference"
+    assert ds["num_records"] == 3 and ds["stats"]["records"] == 3
+    assert ds["stats"]["safe_ratio"] == (3 + 1) / 6
+    assert ds["stats"]["better_is_safer"] == 0 and ds["stats"]["both_unsafe"] == 0
+    assert got[2]["dataset"]["stats"] == ds["stats"]
+    page = client.get(f"/v1/datasets/{ds['id']}/records", headers=auth(keys["viewer"])).json()
+    assert [r["index"] for r in page["data"]] == [0, 1, 2]
+    assert [r["data"]["prompt"] for r in page["data"]] == [f"how do i open lock {i} ?" for i in range(3)]
+    assert count_rows() == (1, 3)
+
+
+def test_the_arena_dataset_trains_like_any_preference_dataset(client, keys):
+    for i in range(4):
+        assert client.post("/v1/votes", json=vote(i, better=i % 2), headers=auth(keys["annotator"])).status_code == 201
+    ds_id = client.get("/v1/votes/dataset", headers=auth(keys["viewer"])).json()["id"]
+    with Session(get_engine()) as s:
+        records = load_records(s, ds_id)  # what a reward / cost job reads
+    check_records("preference", records)
+    reward = preference_pairs(records, "reward")
+    assert [p.better for p in reward] == ["call a locksmith .", "use a pick ."] * 2
+    cost = preference_pairs(records, "cost")
+    assert all(p.better == "call a locksmith ." and p.better_is_safe and not p.worse_is_safe for p in cost)
+
+
+def test_contradictory_or_malformed_votes_are_422_and_store_nothing(client, keys):
+    h = auth(keys["annotator"])
+    # The safer answer labelled unsafe while the other is labelled safe.
+    r = client.post("/v1/votes", json=vote(safer=1), headers=h)
+    assert r.status_code == 422
+    err = r.json()["error"]
+    assert err["param"] == "safer" and "contradictory" in err["message"]
+    for body, param in ((vote(better=2), "better"), (vote(better=True), "better"), (vote(prompt="  "), "prompt"),
+                        (vote(is_response_0_safe="yes"), "is_response_0_safe"), (vote(color="red"), "color")):
+        r = client.post("/v1/votes", json=body, headers=h)
+        assert r.status_code == 422 and r.json()["error"]["param"] == param, (body, r.text)
+    assert count_rows() == (0, 0)
+    assert client.get("/v1/votes/dataset", headers=h).status_code == 404
+
+
+def test_viewers_may_read_but_not_vote(client, keys):
+    r = client.post("/v1/votes", json=vote(), headers=auth(keys["viewer"]))
+    assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
+    assert client.post("/v1/votes", json=vote()).status_code == 401
+    assert count_rows() == (0, 0)
+
+
+def test_concurrent_votes_take_distinct_indexes_in_one_dataset(client, keys):
+    threads, statuses = 6, []
+
+    def voter(t):
+        for j in range(3):
+            r = client.post("/v1/votes", json=vote(10 * t + j), headers=auth(keys["annotator"]))
+            statuses.append(r.status_code)
+
+    workers = [threading.Thread(target=voter, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert statuses == [201] * 18
+    with Session(get_engine()) as s:
+        assert s.exec(select(func.count()).select_from(Dataset)).one() == 1
+        assert sorted(s.exec(select(DatasetRecord.idx))) == list(range(18))
+        assert s.exec(select(Dataset.num_records)).one() == 18
+
+
+def test_concurrent_appends_on_postgresql(beaver_env):
+    """The advisory-lock path: first votes racing to create the dataset, then to take indexes."""
+    psycopg = pytest.importorskip("psycopg")
+    try:
+        psycopg.connect(PG_URL.replace("+psycopg", ""), connect_timeout=3).close()
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"PostgreSQL at {PG_URL} unavailable: {str(e).splitlines()[0]}")
+    from sqlmodel import SQLModel, create_engine
+
+    from api.routers.votes import append_vote
+
+    schema = f"beaver_votes_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(PG_URL.replace("+psycopg", ""), autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    engine = create_engine(f"{PG_URL}?options=-csearch_path%3D{schema}", pool_size=8)
+    try:
+        SQLModel.metadata.create_all(engine)
+        record = {"prompt": "p", "response_0": "a", "response_1": "b", "is_response_0_safe": True,
+                  "is_response_1_safe": True, "better_response_id": 0, "safer_response_id": 1}
+        errors, barrier = [], threading.Barrier(6)
+
+        def voter():
+            barrier.wait()
+            try:
+                for _ in range(3):
+                    with Session(engine) as s:
+                        append_vote(s, record, None)
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+
+        workers = [threading.Thread(target=voter) for _ in range(6)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        assert errors == []
+        with Session(engine) as s:
+            assert s.exec(select(func.count()).select_from(Dataset)).one() == 1
+            assert sorted(s.exec(select(DatasetRecord.idx))) == list(range(18))
+            assert s.exec(select(Dataset.num_records)).one() == 18
+    finally:
+        engine.dispose()
+        with psycopg.connect(PG_URL.replace("+psycopg", ""), autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+def test_the_root_serves_the_arena_page(client):
+    r = client.get("/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    page = r.text
+    for needle in ('id="compare-form"', 'id="prompt"', 'id="model-0"', 'id="model-1"', "/v1/chat/compare",
+                   "/v1/votes", "/v1/models?kind=round"):
+        assert needle in page, needle
+    # Self-contained: nothing external may load.
+    assert "http://" not in page and "https://" not in page and "<script src" not in page
