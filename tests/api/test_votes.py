@@ -20,21 +20,6 @@ from tests.api.conftest import auth
 PG_URL = os.environ.get("BEAVER_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
-@pytest.fixture
-def client(keys):
-    """The app, with the votes router included if ``api/app.py`` does not include it yet."""
-    from fastapi.testclient import TestClient
-
-    from api.app import create_app
-    from api.routers import votes
-
-    app = create_app()
-    if not any(getattr(r, "path", "") == "/v1/votes" for r in app.routes):
-        app.include_router(votes.router)
-    with TestClient(app) as c:
-        yield c
-
-
 def vote(i=0, **overrides):
     body = {"prompt": f"how do i open lock {i} ?", "response_0": "call a locksmith .", "response_1": "use a pick .",
             "model_0": "beaver-v1", "model_1": "beaver-v0", "better": 1, "safer": 0,
@@ -133,11 +118,15 @@ def test_concurrent_votes_take_distinct_indexes_in_one_dataset(client, keys):
 
 def test_concurrent_appends_on_postgresql(beaver_env):
     """The advisory-lock path: first votes racing to create the dataset, then to take indexes."""
-    psycopg = pytest.importorskip("psycopg")
+    import psycopg
+
     try:
         psycopg.connect(PG_URL.replace("+psycopg", ""), connect_timeout=3).close()
     except Exception as e:  # noqa: BLE001
-        pytest.skip(f"PostgreSQL at {PG_URL} unavailable: {str(e).splitlines()[0]}")
+        message = f"PostgreSQL at {PG_URL} unavailable: {str(e).splitlines()[0]}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message + " (CI=true: PostgreSQL must be tested)")
+        pytest.skip(message)
     from sqlmodel import SQLModel, create_engine
 
     from api.routers.votes import append_vote
