@@ -49,7 +49,7 @@ class DPOConfig:
             raise ValueError("beta must be > 0, epochs and batch_size ≥ 1")
 
 
-def preference_pairs(tokenizer, records: list[dict], max_length: int) -> list[tuple]:
+def tokenize_dpo_pairs(tokenizer, records: list[dict], max_length: int) -> list[tuple]:
     """(better, worse) tokenised examples of each record, by ``better_response_id``."""
     pairs = []
     for r in records:
@@ -80,7 +80,7 @@ def pair_batch(pairs: list[tuple], pad_id: int) -> dict[str, torch.Tensor]:
 def evaluate_margin(policy, reference, tokenizer, records: list[dict], beta: float = 0.1,
                     max_length: int = 512, batch_size: int = 16) -> float:
     """Mean DPO margin β·[(log π − log π_ref)(y_w) − (log π − log π_ref)(y_l)] on ``records``."""
-    pairs = preference_pairs(tokenizer, records, max_length)
+    pairs = tokenize_dpo_pairs(tokenizer, records, max_length)
     margins = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
@@ -108,7 +108,7 @@ def run(config: DPOConfig, ctx: JobContext) -> JobResult:
     policy.eval()  # no dropout: π and π_ref must agree at the start (margin 0)
     reference.eval()
 
-    pairs = preference_pairs(tokenizer, records, config.max_length)
+    pairs = tokenize_dpo_pairs(tokenizer, records, config.max_length)
     steps_per_epoch = math.ceil(len(pairs) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr, weight_decay=config.weight_decay)
