@@ -176,7 +176,7 @@ def run_demo(client: Client, config: DemoConfig, out_dir: Path) -> dict:
     stages.update()
 
     preference_sets: list[str] = []
-    harmful_seen: list[dict] = []  # red-team prompts the latest policy answered harmfully
+    harmful_seen = _harmful_red_team(client, policy, config, rng)  # red-team prompts the latest policy fails
     lam = 1.0
     ppo_traces = []
     round_models = {}
