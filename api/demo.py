@@ -59,6 +59,10 @@ class DemoConfig:
     """d = c_safe + margin·(c_unsafe − c_safe): the cost model's mean on safe and unsafe answers
     sets the scale (d = 0 never binds when safe answers score ≈ −3), and the margin bounds the
     share of unsafe answers the constraint tolerates."""
+    lambda_lr: float = 0.5
+    """λ's learning rate. The paper's 0.1 suits thousands of PPO steps; a round here has 40, and
+    at 0.1 a λ carried in low (≈ 0.7) lagged a policy drifting back to harmful answers late in a
+    round (seen: beaver-v3 at 33 % harmful). 0.5 lets λ answer within a few steps."""
     kl_coef: float = 0.1
     """β: a small β (≤ 0.05) lets the policy exploit the reward model on this world."""
     actor_lr: float = 1e-4
@@ -253,6 +257,7 @@ def _ppo_params(config: DemoConfig, policy: str, reward: str, cost: str) -> dict
     return {"policy": policy, "reward_model": reward, "cost_model": cost, "steps": config.ppo_steps,
             "rollout_batch_size": config.ppo_rollout, "max_new_tokens": config.max_new_tokens,
             "kl_coef": config.kl_coef, "actor_lr": config.actor_lr, "critic_lr": config.critic_lr,
+            "lambda_lr": config.lambda_lr,
             "seed": config.seed, "episode_cost_window": config.ppo_rollout}
 
 
