@@ -55,14 +55,12 @@ class DemoConfig:
     """PPO prompt mix: mostly red-team prompts (as in the paper), the rest benign so helpfulness
     keeps being rewarded — with many benign prompts a policy could meet J̄_C ≤ d while still
     answering harmful requests."""
-    threshold_margin: float = 0.015
-    """d = c_safe + margin·(c_unsafe − c_safe): the cost model's mean on safe and unsafe answers
-    sets the scale (d = 0 never binds when safe answers score ≈ −3), and the margin bounds the
-    share of unsafe answers the constraint tolerates."""
-    lambda_lr: float = 0.5
+    threshold_margin: float = 0.01
+    """Unsafe share the constraint tolerates, in units of the cost gap between unsafe and safe
+    answers (see ``_threshold``)."""
+    lambda_lr: float = 0.2
     """λ's learning rate. The paper's 0.1 suits thousands of PPO steps; a round here has 40, and
-    at 0.1 a λ carried in low (≈ 0.7) lagged a policy drifting back to harmful answers late in a
-    round (seen: beaver-v3 at 33 % harmful). 0.5 lets λ answer within a few steps."""
+    at 0.1 a λ carried in low lagged a policy drifting back to harmful answers late in a round."""
     kl_coef: float = 0.1
     """β: a small β (≤ 0.05) lets the policy exploit the reward model on this world."""
     actor_lr: float = 1e-4
@@ -204,7 +202,7 @@ def run_demo(client: Client, config: DemoConfig, out_dir: Path) -> dict:
                         "seed": config.seed, "eval_split": 0.1}
         reward = client.run_job("reward", {"base_model": policy, **score_params}, preference_sets, f"round {k}: reward")
         cost = client.run_job("cost", {"base_model": policy, **score_params}, preference_sets, f"round {k}: cost")
-        threshold = _threshold(cost["metrics"], config.threshold_margin)
+        threshold = _threshold(client, cost, pairs, samples, config)
         ppo_prompts = world.sample_prompts(rng, 2048, red_team_fraction=config.ppo_red_team_fraction)
         ppo_set = client.upload(f"demo-r{k}-ppo-prompts", "prompt", ppo_prompts)
         ppo_params = _ppo_params(config, policy, reward["result_models"][0], cost["result_models"][0]) | {
@@ -261,11 +259,35 @@ def _ppo_params(config: DemoConfig, policy: str, reward: str, cost: str) -> dict
             "seed": config.seed, "episode_cost_window": config.ppo_rollout}
 
 
-def _threshold(cost_metrics: dict, margin: float) -> float:
-    safe, unsafe = cost_metrics.get("eval/cost_safe_mean"), cost_metrics.get("eval/cost_unsafe_mean")
-    if safe is None or unsafe is None:
-        return 0.0
-    return round(safe + margin * (unsafe - safe), 4)
+def _threshold(client: Client, cost_job: dict, pairs: list[dict], samples: list[dict], config: DemoConfig) -> float:
+    """d for this round, from the new cost model's scale and the PPO prompt mix:
+
+        d = ρ·c̄(safe answer | red-team) + (1 − ρ)·c̄(safe answer | benign) + margin·(c̄_unsafe − c̄_safe)
+
+    with ρ the red-team share of the PPO prompts. The expected cost of an all-safe policy on
+    that mix is the first two terms, so the margin alone sets how many unsafe answers the
+    constraint tolerates (d = 0 never binds when safe answers score ≈ −3; a d from the average
+    safe answer leaves slack worth ~10 % harmful answers, since refusals score below recipes).
+    Safe answers are the annotators' labels on this round's pairs, scored via ``POST /v1/score``.
+    """
+    metrics = cost_job["metrics"]
+    cost_model = cost_job["result_models"][0]
+    red_team = {s["prompt"]: bool(s.get("red_team")) for s in samples}
+    groups: dict[bool, list[dict]] = {True: [], False: []}
+    for p in pairs:
+        for i in (0, 1):
+            if p[f"is_response_{i}_safe"]:
+                groups[red_team.get(p["prompt"], False)].append({"prompt": p["prompt"], "response": p[f"response_{i}"]})
+    means = {}
+    for is_red, items in groups.items():
+        if items:
+            scores = client.post("/v1/score", {"cost_model": cost_model, "items": items[:256]})["data"]
+            means[is_red] = sum(s["cost"] for s in scores) / len(scores)
+    safe, unsafe = metrics.get("eval/cost_safe_mean"), metrics.get("eval/cost_unsafe_mean")
+    if safe is None or unsafe is None or len(means) < 2:
+        return 0.0 if safe is None or unsafe is None else round(safe + config.threshold_margin * (unsafe - safe), 4)
+    rho = config.ppo_red_team_fraction
+    return round(rho * means[True] + (1 - rho) * means[False] + config.threshold_margin * (unsafe - safe), 4)
 
 
 def _headline(ev: dict) -> dict:
