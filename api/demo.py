@@ -225,7 +225,7 @@ def run_demo(client: Client, config: DemoConfig, out_dir: Path) -> dict:
         client.post("/v1/rounds", {"name": name, "policy": policy, "reward_model": reward["result_models"][0],
                                    "cost_model": cost["result_models"][0], "metrics": metrics})
         rounds.append({"name": name, **metrics})
-        harmful_seen = [p for p in _harmful_red_team(client, policy, config, rng)]
+        harmful_seen = _harmful_red_team(client, policy, config, rng)
         stages.update()
 
     baselines = []

@@ -9,7 +9,7 @@ from sqlalchemy import insert
 from sqlmodel import Session, select
 
 from api.errors import ApiError
-from api.tables import Dataset, DatasetRecord, Job, JobEvent, Model, Round, new_id
+from api.tables import Dataset, DatasetRecord, JobEvent, Model, Round, new_id
 
 
 def load_records(session: Session, dataset_id: str) -> list[dict]:
@@ -59,9 +59,6 @@ def add_event(session: Session, job_id: str, message: str = "", data: dict | Non
     session.add(JobEvent(job_id=job_id, message=message, data=data or {}, level=level, created_at=time.time()))
     session.commit()
 
-
-def job_or_none(session: Session, job_id: str) -> Job | None:
-    return session.get(Job, job_id)
 
 
 INSERT_CHUNK = 5000

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from models.records import check_records
+from models.records import check_records, harm_categories
 from models.score_model import encode_conversations, pad_right
 
 
@@ -43,18 +43,6 @@ class TokenizedPair:
     def length(self) -> int:
         """Padded length this pair needs in a batch (both responses share one tensor)."""
         return max(len(self.better_ids), len(self.worse_ids))
-
-
-def harm_categories(value) -> list[str]:
-    """Category names flagged in a ``response_*_harm_category`` field: PKU-SafeRLHF stores a
-    ``{category: bool}`` dict; a list of names or a single name is accepted too."""
-    if isinstance(value, dict):
-        return [str(k) for k, flagged in value.items() if flagged]
-    if isinstance(value, list):
-        return [str(v) for v in value]
-    if isinstance(value, str) and value:
-        return [value]
-    return []
 
 
 def preference_pairs(records: Sequence[dict], score_type: str) -> list[PreferencePair]:

@@ -57,6 +57,18 @@ class InvalidRecords(ValueError):
         super().__init__(f"{len(errors)} invalid record(s): {shown}{more}")
 
 
+def harm_categories(value) -> list[str]:
+    """Category names flagged in a ``response_*_harm_category`` field: PKU-SafeRLHF stores a
+    ``{category: bool}`` dict; a list of names or a single name is accepted too."""
+    if isinstance(value, dict):
+        return [str(k) for k, flagged in value.items() if flagged]
+    if isinstance(value, list):
+        return [str(v) for v in value]
+    if isinstance(value, str) and value:
+        return [value]
+    return []
+
+
 def _type_name(t) -> str:
     return {str: "a string", bool: "true or false", int: "an integer (0 or 1)"}.get(t, getattr(t, "__name__", str(t)))
 

@@ -6,6 +6,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from models.jobs import JobContext, JobResult
+from models.records import harm_categories
 
 
 @dataclass
@@ -23,17 +24,6 @@ def _percentiles(values: list[int], qs) -> dict:
     return {f"p{q}": values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))] for q in qs}
 
 
-def _harm_categories(value) -> list[str]:
-    # PKU-SafeRLHF stores categories as {name: bool}; accept a list or a single string too.
-    if isinstance(value, dict):
-        return [k for k, v in value.items() if v]
-    if isinstance(value, list):
-        return [str(v) for v in value]
-    if isinstance(value, str):
-        return [value]
-    return []
-
-
 def summary(kind: str, records: list[dict]) -> dict:
     """Cheap statistics computed at upload time."""
     stats: dict = {"records": len(records)}
@@ -42,7 +32,7 @@ def summary(kind: str, records: list[dict]) -> dict:
         stats["safe_ratio"] = safe / (2 * len(records))
         stats["better_is_safer"] = sum(r["better_response_id"] == r["safer_response_id"] for r in records) / len(records)
         stats["both_unsafe"] = sum(not r["is_response_0_safe"] and not r["is_response_1_safe"] for r in records)
-        categories = Counter(c for r in records for i in (0, 1) for c in _harm_categories(r.get(f"response_{i}_harm_category")))
+        categories = Counter(c for r in records for i in (0, 1) for c in harm_categories(r.get(f"response_{i}_harm_category")))
         if categories:
             stats["harm_categories"] = dict(categories.most_common())
     if kind == "prompt" and records:

@@ -99,14 +99,13 @@ def execute(job_id: str, hostname: str) -> str:
     def report(event: dict) -> None:
         message = event.get("message") or ", ".join(
             f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in event.items() if k != "message")
-        with Session(engine) as session:
-            add_event(session, job_id, message, event)
-            numeric = {k: v for k, v in event.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        numeric = {k: v for k, v in event.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        with Session(engine) as session:  # one transaction per event: this runs every training step
             if numeric:
                 job = session.get(Job, job_id)
                 job.metrics = {**job.metrics, **numeric}
                 session.add(job)
-                session.commit()
+            add_event(session, job_id, message, event)
 
     def load_dataset(dataset_id: str) -> list[dict]:
         with Session(engine) as session:
@@ -134,7 +133,7 @@ def execute(job_id: str, hostname: str) -> str:
                     model_ids.append(model.id)
                 elif artifact.kind == "dataset":
                     kind = artifact.metadata.get("kind", "samples")
-                    records = [json.loads(line) for line in open(artifact.path) if line.strip()]
+                    records = [json.loads(line) for line in Path(artifact.path).read_text().splitlines() if line.strip()]
                     check_records(kind, records)
                     dataset = create_dataset_rows(session, artifact.name or f"{job_type}-{job_id}", kind, records,
                                                   created_by=f"job:{job_id}")
@@ -155,7 +154,6 @@ def execute(job_id: str, hostname: str) -> str:
         job.result_models = model_ids
         job.result_datasets = dataset_ids
         session.add(job)
-        session.commit()
         add_event(session, job_id, status if not error else f"failed: {error}", {"status": status,
                                                                                   "result_models": model_ids,
                                                                                   "result_datasets": dataset_ids})

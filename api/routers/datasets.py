@@ -20,9 +20,6 @@ router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
 async def _read_limited(request: Request, limit: int) -> bytes:
     """The body, or 413 as soon as it grows past ``limit`` (Content-Length may be absent or lie)."""
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > limit:
-        raise _too_large(int(length), limit)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
@@ -66,10 +63,10 @@ async def create_dataset(request: Request, session: SessionDep, key: Annotator) 
     """Upload a dataset as JSON ``{name, kind, records}`` or multipart (``file`` JSONL, ``name``, ``kind``)."""
     limit = get_settings().max_upload_bytes
     content_type = request.headers.get("content-type", "")
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > limit:  # refuse before reading a byte
+        raise _too_large(int(length), limit)
     if content_type.startswith("multipart/form-data"):
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > limit:
-            raise _too_large(int(length), limit)
         form = await request.form(max_part_size=limit + 1)
         name, kind, upload = form.get("name"), form.get("kind"), form.get("file")
         _check_name_kind(name, kind)
