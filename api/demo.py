@@ -23,7 +23,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
@@ -133,7 +133,8 @@ class Client:
             time.sleep(0.5)
         bar.close()
         if job["status"] != "succeeded":
-            raise RuntimeError(f"{label} ({job['id']}) {job['status']}: {job.get('error')}")
+            error = job.get("error") or {}
+            raise RuntimeError(f"{label} ({job['id']}) {job['status']}: {error.get('code')}: {error.get('message')}")
         job["events"] = events
         return job
 
@@ -161,14 +162,15 @@ def run_demo(client: Client, config: DemoConfig, out_dir: Path) -> dict:
     eval_set = client.upload("demo-eval-prompts", "prompt", eval_prompts)
 
     def evaluate(policy: str, label: str) -> dict:
-        job = client.run_job("generate", {"policy": policy, "temperature": 1.0, "max_new_tokens": config.max_new_tokens,
+        job = client.run_job("generate", {"model": policy, "sampling": {"temperature": 1.0,
+                                                                         "max_new_tokens": config.max_new_tokens},
                                           "seed": config.seed + 7, "name": f"eval-{label}"}, [eval_set], f"eval {label}")
         samples = client.records(job["result_datasets"][0])
         return world.evaluate_responses(samples, [s["response"] for s in samples])
 
     # Round 0: SFT → beaver-v0.
     sft_set = client.upload("demo-sft", "sft", world.sft_corpus(rng, config.sft_examples))
-    sft = client.run_job("sft", {"model": base, "epochs": config.sft_epochs, "lr": config.sft_lr, "batch_size": 32,
+    sft = client.run_job("sft", {"model": base, "epochs": config.sft_epochs, "optim": {"lr": config.sft_lr}, "batch_size": 32,
                                  "seed": config.seed}, [sft_set], "round 0: SFT")
     policy = sft["result_models"][0]
     v0_eval = evaluate(policy, "beaver-v0")
@@ -188,8 +190,9 @@ def run_demo(client: Client, config: DemoConfig, out_dir: Path) -> dict:
         prompts = world.sample_prompts(rng, config.pairs_per_round - n_revisit, red_team_fraction=0.5)
         prompts += rng.sample(harmful_seen, n_revisit)
         prompt_set = client.upload(f"demo-r{k}-prompts", "prompt", prompts)
-        gen = client.run_job("generate", {"policy": policy, "samples_per_prompt": 2, "temperature": 1.0,
-                                          "max_new_tokens": config.max_new_tokens, "seed": config.seed + k,
+        gen = client.run_job("generate", {"model": policy, "samples_per_prompt": 2,
+                                          "sampling": {"temperature": 1.0, "max_new_tokens": config.max_new_tokens},
+                                          "seed": config.seed + k,
                                           "name": f"demo-r{k}-samples"}, [prompt_set], f"round {k}: sample")
         samples = client.records(gen["result_datasets"][0])
         # Two identical answers carry no preference (and a late-round policy is often near
@@ -198,10 +201,11 @@ def run_demo(client: Client, config: DemoConfig, out_dir: Path) -> dict:
                  if a["response"] != b["response"]]
         preference_sets.append(client.upload(f"demo-r{k}-preferences", "preference", pairs))
 
-        score_params = {"epochs": config.score_epochs, "lr": config.score_lr, "batch_size": 32, "max_length": 128,
+        score_params = {"epochs": config.score_epochs, "optim": {"lr": config.score_lr}, "batch_size": 32,
+                        "max_length": 128,
                         "seed": config.seed, "eval_split": 0.1}
-        reward = client.run_job("reward", {"base_model": policy, **score_params}, preference_sets, f"round {k}: reward")
-        cost = client.run_job("cost", {"base_model": policy, **score_params}, preference_sets, f"round {k}: cost")
+        reward = client.run_job("reward", {"model": policy, **score_params}, preference_sets, f"round {k}: reward")
+        cost = client.run_job("cost", {"model": policy, **score_params}, preference_sets, f"round {k}: cost")
         threshold = _threshold(client, cost, pairs, samples, config)
         ppo_prompts = world.sample_prompts(rng, 2048, red_team_fraction=config.ppo_red_team_fraction)
         ppo_set = client.upload(f"demo-r{k}-ppo-prompts", "prompt", ppo_prompts)
@@ -252,9 +256,9 @@ def run_demo(client: Client, config: DemoConfig, out_dir: Path) -> dict:
 
 
 def _ppo_params(config: DemoConfig, policy: str, reward: str, cost: str) -> dict:
-    return {"policy": policy, "reward_model": reward, "cost_model": cost, "steps": config.ppo_steps,
-            "rollout_batch_size": config.ppo_rollout, "max_new_tokens": config.max_new_tokens,
-            "kl_coef": config.kl_coef, "actor_lr": config.actor_lr, "critic_lr": config.critic_lr,
+    return {"model": policy, "reward_model": reward, "cost_model": cost, "steps": config.ppo_steps,
+            "rollout_batch_size": config.ppo_rollout, "sampling": {"max_new_tokens": config.max_new_tokens},
+            "kl_coef": config.kl_coef, "actor_optim": {"lr": config.actor_lr}, "critic_optim": {"lr": config.critic_lr},
             "lambda_lr": config.lambda_lr,
             "seed": config.seed, "episode_cost_window": config.ppo_rollout}
 
@@ -304,7 +308,7 @@ def _harmful_red_team(client: Client, policy: str, config: DemoConfig, rng) -> l
     """Red-team training prompts the policy still answers harmfully (revisited next round)."""
     probes = world.sample_prompts(rng, 256, red_team_fraction=1.0)
     probe_set = client.upload("demo-probes", "prompt", probes)
-    job = client.run_job("generate", {"policy": policy, "max_new_tokens": config.max_new_tokens,
+    job = client.run_job("generate", {"model": policy, "sampling": {"max_new_tokens": config.max_new_tokens},
                                       "seed": rng.randrange(1 << 30)}, [probe_set], "probe red-team")
     samples = client.records(job["result_datasets"][0])
     return [{k: s[k] for k in ("prompt", "object", "red_team", "harmful_request", "dual_use") if k in s}

@@ -43,12 +43,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from models.chat_format import ChatFormat  # noqa: E402
 from models.evaluation import evaluate  # noqa: E402
-from models.loading import load_score_model, load_tokenizer  # noqa: E402
+from models.loading import load_score_model  # noqa: E402
 from models.preference import collate_pairs, preference_pairs, tokenize_pairs  # noqa: E402
 from models.score_model import end_scores  # noqa: E402
 from models.score_training import ScoreTrainingConfig, train  # noqa: E402
 from models.tiny import build_tiny_llama  # noqa: E402
+from models.training import OptimConfig  # noqa: E402
 
 FILLER = [f"w{i}" for i in range(200)]
 GOOD = ["helpful", "clear", "correct", "useful"]
@@ -127,9 +129,10 @@ class Turns:
 
 
 def run_beaver(args, model_dir: Path, train_records, eval_records, workdir: Path, turns: Turns) -> dict:
-    config = ScoreTrainingConfig(base_model=str(model_dir), epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                                 max_length=args.max_length, regularization=0.0, warmup_ratio=args.warmup_ratio,
-                                 weight_decay=args.weight_decay, max_grad_norm=1.0, seed=args.seed, log_every=1)
+    optim = OptimConfig(lr=args.lr, warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay, max_grad_norm=1.0)
+    config = ScoreTrainingConfig(model=str(model_dir), epochs=args.epochs, optim=optim, batch_size=args.batch_size,
+                                 max_length=args.max_length, regularization=0.0, dtype="float32", seed=args.seed,
+                                 log_every=1)
     steps = {"n": 0, "loss": 0.0}
 
     def before_step() -> bool:  # Beaver polls this before every step: our hook to take the turn
@@ -153,10 +156,11 @@ def run_trl(args, model_dir: Path, train_records, eval_records, workdir: Path, t
     from transformers import TrainerCallback
     from trl import RewardConfig, RewardTrainer
 
-    tokenizer = load_tokenizer(model_dir)
-    train_tok = tokenize_pairs(tokenizer, preference_pairs(train_records, "reward"), args.max_length)
+    fmt = score_format(model_dir)
+    tokenizer = fmt.tokenizer
+    train_tok = tokenize_pairs(fmt, preference_pairs(train_records, "reward"), args.max_length)
     eval_pairs = preference_pairs(eval_records, "reward")
-    eval_tok = tokenize_pairs(tokenizer, eval_pairs, args.max_length)
+    eval_tok = tokenize_pairs(fmt, eval_pairs, args.max_length)
     columns = {"chosen_ids": [p.better_ids for p in train_tok], "rejected_ids": [p.worse_ids for p in train_tok]}
     if args.trl_group_by_length:
         columns["length"] = [p.length for p in train_tok]
@@ -189,11 +193,19 @@ def run_trl(args, model_dir: Path, train_records, eval_records, workdir: Path, t
     return {"steps": out.global_step, "accuracy": metrics["eval/accuracy"], "mean_train_loss": out.training_loss}
 
 
+def score_format(model_dir: Path) -> ChatFormat:
+    """The conversation format Beaver's reward trainer uses (its pad id never a conversation's last id)."""
+    fmt = ChatFormat.load(model_dir)
+    fmt.score_padding()
+    return fmt
+
+
 def warm_up(model_dir: Path, train_records, args) -> None:
     """A few untimed optimizer steps on a throwaway model: the first steps of a process pay for
     growing the allocator and starting thread pools, and whichever trainer ran first paid it."""
-    tokenizer = load_tokenizer(model_dir)
-    pairs = tokenize_pairs(tokenizer, preference_pairs(train_records[: 4 * args.batch_size], "reward"), args.max_length)
+    fmt = score_format(model_dir)
+    tokenizer = fmt.tokenizer
+    pairs = tokenize_pairs(fmt, preference_pairs(train_records[: 4 * args.batch_size], "reward"), args.max_length)
     model = load_score_model(model_dir, tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
     for start in range(0, len(pairs), args.batch_size):

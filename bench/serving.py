@@ -278,14 +278,15 @@ def run_chat(label: str, call, prompts, args) -> dict:
 def build_models(root: Path) -> tuple[Path, Path]:
     import torch
 
-    from models.loading import load_score_model, load_tokenizer
+    from models.chat_format import ChatFormat
+    from models.loading import load_score_model
     from models.score_model import save_score_model
     from models.tiny import build_tiny_llama
 
     policy = build_tiny_llama(root / "policy", CORPUS, seed=0)
-    tokenizer = load_tokenizer(policy)
+    fmt = ChatFormat.load(policy)
     torch.manual_seed(1)
-    reward = save_score_model(load_score_model(policy, tokenizer), tokenizer, root / "reward", "reward")
+    reward = save_score_model(load_score_model(policy, fmt.tokenizer), fmt, root / "reward", "reward")
     return policy, reward
 
 

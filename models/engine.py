@@ -13,15 +13,16 @@ HTTP client of vLLM servers with the same methods. Routers only map results to J
 parameter raises *before* the first chunk — a router can still answer 4xx/503 instead of a
 broken SSE stream.
 
-Scores are the score model's end score — the head's output at the EOS appended to the answer —
-computed by ``models.score_model.score``, the trainers' own function, so serving equals training.
+Prompts are the chat template's rendering (``models.chat_format``), generation stops at every eos
+id of the model's format, and sampling is explicit (``SamplingParams``; nothing is read from the
+model's ``generation_config.json``). Scores are the score model's end score on the template's
+rendering of ``[user, assistant]``, computed by ``models.score_model.score``, the trainers' own
+function, so serving equals training.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
-import inspect
 import logging
 import math
 import time
@@ -33,8 +34,9 @@ from typing import AsyncIterator, Callable, Mapping, Protocol, Sequence
 
 import torch
 
-from models.generation import left_pad, position_ids
-from models.loading import format_prompt, load_causal_lm, load_score_model, load_tokenizer
+from models.chat_format import ChatFormat
+from models.generation import SamplingConfig, cache_kwarg, draw, kv_cache, left_pad, position_ids, sampling_log_probs
+from models.loading import load_causal_lm, load_score_model
 from models.score_model import score
 
 log = logging.getLogger(__name__)
@@ -83,6 +85,8 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()  # the text ends before the first of these; it is not returned
     seed: int | None = None  # same seed, same prompt, same params → same tokens
+    top_k: int = 0  # 0 → off
+    repetition_penalty: float = 1.0  # 1 → off
 
     def __post_init__(self):
         if self.max_tokens is not None and self.max_tokens <= 0:
@@ -93,6 +97,15 @@ class SamplingParams:
             raise InvalidRequestError("top_p must be in (0, 1]", "top_p")
         if any(not s for s in self.stop):
             raise InvalidRequestError("stop sequences must be non-empty strings", "stop")
+        if self.top_k < 0:
+            raise InvalidRequestError("top_k must be ≥ 0 (0: off)", "top_k")
+        if not self.repetition_penalty > 0:
+            raise InvalidRequestError("repetition_penalty must be > 0 (1: off)", "repetition_penalty")
+
+    def config(self, max_tokens: int) -> SamplingConfig:
+        """The sampler's settings for one request (the same logits processing as PPO rollouts)."""
+        return SamplingConfig(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                              repetition_penalty=self.repetition_penalty, max_new_tokens=max_tokens)
 
 
 @dataclass
@@ -136,15 +149,20 @@ class TextStream:
     """Incremental detokenisation with stop strings: hands out only text that can no longer
     change — not a partial UTF-8 character, not a tail that may still grow into a stop string."""
 
-    def __init__(self, tokenizer, stop: Sequence[str] = ()):
-        self.tokenizer, self.stop = tokenizer, tuple(stop)
+    def __init__(self, tokenizer, stop: Sequence[str] = (), prefix: str = ""):
+        self.tokenizer, self.stop, self.prefix = tokenizer, tuple(stop), prefix
         self.ids: list[int] = []
         self.emitted = 0  # characters of the decoded text already handed out
+
+    def _text(self) -> str:
+        """The answer so far, without the text the chat template puts before every answer."""
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        return text[len(self.prefix):] if self.prefix and text.startswith(self.prefix) else text
 
     def push(self, token_id: int) -> tuple[str, bool]:
         """Add one token: (new text, whether a stop string ended the text)."""
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        text = self._text()
         hits = [i for i in (text.find(s, max(0, self.emitted - len(s))) for s in self.stop) if i >= 0]
         if hits:
             end = min(hits)
@@ -165,22 +183,9 @@ class TextStream:
 
     def flush(self) -> str:
         """The held-back tail, once generation ended without a stop string."""
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        text = self._text()
         delta, self.emitted = text[self.emitted:], len(text)
         return delta
-
-
-def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token from ``logits`` (V,): argmax when temperature is 0, else nucleus sampling."""
-    if params.temperature == 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)  # (V,)
-    if params.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs > params.top_p  # mass before it already ≥ p
-        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-        return int(order[torch.multinomial(sorted_probs, 1, generator=generator)])
-    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 # --- the in-process engine ---------------------------------------------------------------------
@@ -188,9 +193,13 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
 @dataclass
 class _Loaded:
     model: torch.nn.Module
-    tokenizer: object
+    fmt: ChatFormat
     context: int  # max positions
     nbytes: int
+
+    @property
+    def tokenizer(self):
+        return self.fmt.tokenizer
 
 
 @dataclass
@@ -205,6 +214,7 @@ class _GenRequest:
     loop: asyncio.AbstractEventLoop
     generated: int = 0
     cancelled: bool = False
+    seen: torch.Tensor | None = None  # (V,) tokens in the conversation, for a repetition penalty
 
     def emit(self, item) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
@@ -235,7 +245,7 @@ class TransformersEngine:
 
     def __init__(self, models: Mapping[str, str | Path] | Callable[[str], str | Path], *,
                  memory_budget_bytes: int = 8 << 30, max_batch_size: int = 32, max_wait_ms: float = 5.0,
-                 max_generate_batch: int = 16, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 max_generate_batch: int = 16, device: str = "cpu", dtype: torch.dtype | str = torch.float32,
                  threads: int | None = None):
         self._resolve = models if callable(models) else self._lookup(dict(models))
         self.memory_budget_bytes = memory_budget_bytes
@@ -273,8 +283,10 @@ class TransformersEngine:
     async def generate(self, model_id: str, prompt: Prompt, params: SamplingParams) -> AsyncIterator[Chunk]:
         """Start generating; returns the chunk stream (errors are raised here, before streaming)."""
         loaded = await self._get(model_id, "policy")
-        text = format_prompt(loaded.tokenizer, prompt)
-        prompt_ids = loaded.tokenizer(text)["input_ids"]
+        try:
+            prompt_ids = loaded.fmt.prompt_ids(prompt)
+        except ValueError as e:
+            raise InvalidRequestError(str(e), "messages") from e
         room = loaded.context - len(prompt_ids)
         if room < 1:
             raise InvalidRequestError(
@@ -283,8 +295,12 @@ class TransformersEngine:
         generator = None
         if params.seed is not None:
             generator = torch.Generator().manual_seed(params.seed)
-        request = _GenRequest(loaded, prompt_ids, params, max_tokens, TextStream(loaded.tokenizer, params.stop),
+        request = _GenRequest(loaded, prompt_ids, params, max_tokens,
+                              TextStream(loaded.tokenizer, params.stop, loaded.fmt.content_prefix),
                               asyncio.Queue(), generator, asyncio.get_running_loop())
+        if params.repetition_penalty != 1.0:
+            request.seen = torch.zeros(loaded.model.get_output_embeddings().out_features, dtype=torch.bool)
+            request.seen[prompt_ids] = True
         self._enqueue(model_id, "policy", request)
         return self._drain(request)
 
@@ -368,12 +384,12 @@ class TransformersEngine:
     def _load_sync(self, path: Path, kind: str) -> _Loaded:
         if not path.is_dir():
             raise FileNotFoundError(f"no model directory at {path}")
-        tokenizer = load_tokenizer(path, padding_side="left" if kind == "policy" else "right")
+        fmt = ChatFormat.load(path, padding_side="left" if kind == "policy" else "right")
         loader = load_causal_lm if kind == "policy" else load_score_model
-        model = loader(path, tokenizer, dtype=self.dtype).to(self.device).eval()
+        model = loader(path, fmt.tokenizer, dtype=self.dtype).to(self.device).eval()
         nbytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-        context = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
-        return _Loaded(model, tokenizer, int(context), nbytes)
+        context = getattr(model.config, "max_position_embeddings", None) or fmt.tokenizer.model_max_length
+        return _Loaded(model, fmt, int(context), nbytes)
 
     # -- queues and batcher tasks (one per model and kind, bound to the running loop) --
 
@@ -431,7 +447,7 @@ class TransformersEngine:
         # The trainers' own scoring function on one batch, so serving equals training by
         # construction (a text too long keeps its head and its EOS, as in training).
         loaded = batch[0].loaded  # all items of a queue name the same model directory
-        return score(loaded.model, loaded.tokenizer, [i.prompt for i in batch], [i.response for i in batch],
+        return score(loaded.model, loaded.fmt, [i.prompt for i in batch], [i.response for i in batch],
                      batch_size=len(batch), max_length=loaded.context)
 
     async def _generate_batcher(self, model_id: str, queue: asyncio.Queue) -> None:
@@ -464,9 +480,10 @@ class TransformersEngine:
         ids, mask = left_pad([r.prompt_ids for r in batch], loaded.tokenizer.pad_token_id)  # (B, P)
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = position_ids(mask)  # (B, P) skipping the left padding
-        out = loaded.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        out = loaded.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                           logits_to_keep=1)
         return {"model": loaded.model, "rows": list(batch), "logits": out.logits[:, -1, :].float(),  # (B, V)
-                "past": _kv_cache(out), "mask": mask, "next_position": positions[:, -1] + 1}
+                "past": kv_cache(out), "mask": mask, "next_position": positions[:, -1] + 1}
 
     @torch.inference_mode()
     def _step(self, state: dict) -> dict:
@@ -475,9 +492,13 @@ class TransformersEngine:
         for i, r in enumerate(rows):
             if r.cancelled:
                 continue
-            token = sample_token(state["logits"][i], r.params, r.generator)
+            config = r.params.config(r.max_tokens)
+            log_probs = sampling_log_probs(state["logits"][i], config, r.seen)  # (V,)
+            token = int(draw(log_probs[None], config, r.generator)[0])
+            if r.seen is not None:
+                r.seen[token] = True
             r.generated += 1
-            eos = token == r.loaded.tokenizer.eos_token_id
+            eos = token in r.loaded.fmt.eos_ids
             delta, stopped = ("", False) if eos else r.text.push(token)
             finish = "stop" if eos or stopped else ("length" if r.generated >= r.max_tokens else None)
             if finish is not None and not stopped:  # EOS or length: release any held-back tail
@@ -496,9 +517,9 @@ class TransformersEngine:
         position = state["next_position"]  # (B',)
         model = state["model"]
         out = model(input_ids=torch.tensor(tokens, device=self.device)[:, None], attention_mask=mask,
-                    position_ids=position[:, None], use_cache=True, **{_cache_kwarg(model): state["past"]})
+                    position_ids=position[:, None], use_cache=True, **{cache_kwarg(model): state["past"]})
         return {"model": model, "rows": [rows[i] for i in keep], "logits": out.logits[:, -1, :].float(),
-                "past": _kv_cache(out), "mask": mask, "next_position": position + 1}
+                "past": kv_cache(out), "mask": mask, "next_position": position + 1}
 
     async def _drain(self, request: _GenRequest) -> AsyncIterator[Chunk]:
         try:
@@ -513,17 +534,3 @@ class TransformersEngine:
             request.cancelled = True
 
 
-
-def _cache_kwarg(model) -> str:
-    return _cache_kwarg_of(type(model))
-
-
-@functools.cache
-def _cache_kwarg_of(cls) -> str:
-    """transformers ≥ 5.2x names the KV cache ``cache``; earlier releases ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
-
-
-def _kv_cache(output):
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else output.past_key_values

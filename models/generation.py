@@ -1,25 +1,96 @@
-"""Rollout generation behind one narrow interface, so a faster engine (vLLM) can replace
-HF ``generate`` without touching a trainer.
+"""Sampling: one explicit sampling configuration and one sampler, for rollouts, ``generate`` jobs and chat.
 
-A backend takes token ids of the prompts and returns one ``Generation``: prompts left-padded to
-a common length ``P``, responses after them, right-padded, each ended at (and including) its
-first EOS. Trainers only read the tensors below.
+Nothing is inherited from a model's ``generation_config.json`` but its eos ids: a Qwen2.5-Instruct
+checkpoint ships ``repetition_penalty 1.05, top_k 20, top_p 0.8, temperature 0.7``, and Hugging Face
+``generate`` applies every field a caller leaves unset — rollouts would then be sampled from another
+distribution than the one PPO's ``log π_old`` is computed on. So Beaver samples with its own loop
+(KV cache, left padding, per-row stop at any eos id) and the logits processing below, and returns the
+log-probability of every sampled token under the distribution it was drawn from before truncation:
+``log softmax(penalised logits / T)`` — exactly the trainer's ``log π_old`` when no penalty is set.
+
+A ``GenerationBackend`` takes prompt token ids and returns a ``Generation``: prompts left-padded to a
+common length ``P``, responses after them, right-padded, each ended at (and including) its first eos.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import torch
+
+
+@dataclass
+class SamplingConfig:
+    """How tokens are drawn; every field explicit, none read from the model."""
+
+    temperature: float = 1.0
+    """Softmax temperature; 0 decodes greedily."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (1: off)."""
+    top_k: int = 0
+    """Keep the k most likely tokens (0: off)."""
+    repetition_penalty: float = 1.0
+    """CTRL's penalty on tokens already in the conversation (1: off)."""
+    max_new_tokens: int = 128
+    """Tokens per answer at most."""
+
+    def __post_init__(self):
+        if not (0.0 <= self.temperature <= 2.0) or math.isnan(self.temperature):
+            raise ValueError("temperature must be in [0, 2]")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError("top_k must be ≥ 0 (0: off)")
+        if not self.repetition_penalty > 0:
+            raise ValueError("repetition_penalty must be > 0 (1: off)")
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be ≥ 1")
+
+
+def penalise(logits: torch.Tensor, seen: torch.Tensor | None, penalty: float) -> torch.Tensor:
+    """CTRL's repetition penalty (as in Hugging Face): logits of tokens in ``seen`` (B, V) bool are
+    divided by ``penalty`` when positive and multiplied when negative."""
+    if penalty == 1.0 or seen is None:
+        return logits
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
+def sampling_log_probs(logits: torch.Tensor, config: SamplingConfig, seen: torch.Tensor | None = None) -> torch.Tensor:
+    """log-probabilities (…, V) of the distribution tokens are drawn from, before top-k/top-p
+    truncation: ``log softmax(penalise(logits) / T)`` (T = 1 for greedy decoding)."""
+    logits = penalise(logits.float(), seen, config.repetition_penalty)
+    return torch.log_softmax(logits / (config.temperature or 1.0), dim=-1)
+
+
+def draw(log_probs: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of ``log_probs`` (B, V): argmax at temperature 0, else a draw from the
+    distribution truncated to top-k, then to the top-p nucleus."""
+    if config.temperature == 0:
+        return log_probs.argmax(-1)
+    logits = log_probs
+    if config.top_k and config.top_k < logits.shape[-1]:
+        kth = logits.topk(config.top_k, dim=-1).values[..., -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if config.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > config.top_p  # mass before a token already reaches top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 @dataclass
 class Generation:
     sequences: torch.Tensor  # (B, P + T) left-padded prompt ids, then response ids, then padding
     attention_mask: torch.Tensor  # (B, P + T) 1 on real prompt and response tokens
-    response_mask: torch.Tensor  # (B, T) 1 on response tokens up to and including the first EOS
+    response_mask: torch.Tensor  # (B, T) 1 on response tokens up to and including the first eos
     prompt_length: int  # P: responses start at column P of ``sequences``
+    log_probs: torch.Tensor | None = None  # (B, T) the sampler's log-prob of each response token
 
     @property
     def responses(self) -> torch.Tensor:  # (B, T)
@@ -27,66 +98,95 @@ class Generation:
 
 
 class GenerationBackend(Protocol):
-    def generate(self, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
-                 top_p: float = 1.0, seed: int | None = None) -> Generation: ...
+    def generate(self, prompt_ids: list[list[int]], config: SamplingConfig, seed: int | None = None) -> Generation: ...
 
 
-def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token id lists to one length: (ids, attention_mask), both (B, P)."""
     length = max(len(r) for r in rows)
     ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), length), dtype=torch.long)
     for i, row in enumerate(rows):
-        if row:
-            ids[i, length - len(row):] = torch.tensor(row, dtype=torch.long)
+        if len(row):
+            ids[i, length - len(row):] = torch.as_tensor(list(row), dtype=torch.long)
             mask[i, length - len(row):] = 1
     return ids, mask
 
 
-def response_mask(responses: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """(B, T) mask of each response's tokens up to and including its first EOS (all T if none)."""
-    is_eos = (responses == eos_id).long()
-    eos_before = torch.cumsum(is_eos, dim=1) - is_eos  # EOS strictly before t
+def response_mask(responses: torch.Tensor, eos_ids: Sequence[int]) -> torch.Tensor:
+    """(B, T) mask of each response's tokens up to and including its first eos (all T if none)."""
+    is_eos = torch.isin(responses, torch.as_tensor(list(eos_ids), device=responses.device)).long()
+    eos_before = torch.cumsum(is_eos, dim=1) - is_eos  # an eos strictly before t
     return (eos_before == 0).long()
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding, as ``generate`` uses them (so log-probs match sampling)."""
+    """Positions that skip left padding, so a padded row sees the positions an unpadded one would."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-class HFGenerator:
-    """``transformers`` ``generate`` with its KV cache; sampling is seeded per call."""
+def cache_kwarg(model) -> str:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper
+    return _cache_kwarg_of(type(base))
 
-    def __init__(self, model, tokenizer, cache_implementation: str | None = None):
-        self.model = model
-        self.pad_id = tokenizer.pad_token_id
-        self.eos_id = tokenizer.eos_token_id
-        self.cache_implementation = cache_implementation  # "static" is ~4× faster on GPU
+
+@functools.cache
+def _cache_kwarg_of(cls) -> str:
+    """transformers ≥ 5.2x names the KV cache ``cache``; earlier releases ``past_key_values``."""
+    forward = getattr(cls, "forward", None)
+    return "cache" if forward is not None and "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def kv_cache(output):
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
+class Sampler:
+    """Batched sampling with the KV cache; every row stops at its first eos id. Seeded per call."""
+
+    def __init__(self, model, pad_id: int, eos_ids: Sequence[int]):
+        self.model, self.pad_id, self.eos_ids = model, pad_id, tuple(eos_ids)
 
     @torch.no_grad()
-    def generate(self, prompt_ids, max_new_tokens, temperature=1.0, top_p=1.0, seed=None) -> Generation:
-        device = next(self.model.parameters()).device
+    def generate(self, prompt_ids: list[list[int]], config: SamplingConfig, seed: int | None = None) -> Generation:
+        model = self.model
+        device = next(model.parameters()).device
+        generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
         ids, mask = left_pad(prompt_ids, self.pad_id)
         ids, mask = ids.to(device), mask.to(device)
-        if seed is not None:
-            torch.manual_seed(seed)
-        sample = temperature > 0
-        extra = {"cache_implementation": self.cache_implementation} if self.cache_implementation else {}
-        was_training = self.model.training
-        self.model.eval()
-        out = self.model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-            do_sample=sample, temperature=temperature if sample else None, top_p=top_p if sample else None,
-            top_k=0 if sample else None, use_cache=True, pad_token_id=self.pad_id, eos_token_id=self.eos_id,
-            **extra)
-        self.model.train(was_training)
-        responses = out[:, ids.shape[1]:]  # (B, T)
-        resp_mask = response_mask(responses, self.eos_id)
+        B = ids.shape[0]
+        eos = torch.as_tensor(self.eos_ids, device=device)
+        seen = None
+        if config.repetition_penalty != 1.0:  # (B, V) tokens in the conversation so far (padding aside)
+            seen = torch.zeros(B, model.get_output_embeddings().out_features, dtype=torch.bool, device=device)
+            seen.scatter_(1, ids, mask.bool())
+        was_training = model.training
+        model.eval()
+        positions = position_ids(mask)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        tokens, log_probs = [], []
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        step_mask, position = mask, positions[:, -1]
+        for _ in range(config.max_new_tokens):
+            step_log_probs = sampling_log_probs(out.logits[:, -1, :], config, seen)  # (B, V)
+            token = draw(step_log_probs, config, generator)  # (B,)
+            token = torch.where(done, torch.full_like(token, self.pad_id), token)
+            tokens.append(token)
+            log_probs.append(step_log_probs.gather(-1, token[:, None]).squeeze(-1))
+            if seen is not None:
+                seen[torch.arange(B, device=device), token] |= ~done
+            done = done | torch.isin(token, eos)
+            if bool(done.all()):
+                break
+            step_mask = torch.cat([step_mask, step_mask.new_ones(B, 1)], dim=1)  # (B, P + t); finished rows are cut later
+            position = position + 1
+            out = model(input_ids=token[:, None], attention_mask=step_mask, position_ids=position[:, None],
+                        use_cache=True, **{cache_kwarg(model): kv_cache(out)})
+        model.train(was_training)
+        responses = torch.stack(tokens, dim=1)  # (B, T)
+        resp_mask = response_mask(responses, self.eos_ids)
         responses = torch.where(resp_mask.bool(), responses, torch.full_like(responses, self.pad_id))
-        return Generation(
-            sequences=torch.cat([ids, responses], dim=1),
-            attention_mask=torch.cat([mask, resp_mask], dim=1),
-            response_mask=resp_mask,
-            prompt_length=ids.shape[1],
-        )
+        return Generation(sequences=torch.cat([ids, responses], dim=1),
+                          attention_mask=torch.cat([mask, resp_mask], dim=1), response_mask=resp_mask,
+                          prompt_length=ids.shape[1], log_probs=torch.stack(log_probs, dim=1) * resp_mask)

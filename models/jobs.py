@@ -72,6 +72,14 @@ class JobType:
     config: str  # "module:ConfigClass"
     entry: str  # "module:function"
     queue: str  # Celery queue: "gpu" for training, "cpu" for light work
+    # param name -> the kind of model it names: "causal" (a policy), "score" (a reward or cost
+    # model) or "any" (a backbone: either); checked when the job is created.
+    models: tuple[tuple[str, str], ...] = ()
+    # dataset kinds the job reads (empty: any); at least one dataset is required when set.
+    dataset_kinds: tuple[str, ...] = ()
+    # params the job type sets itself (not accepted from users).
+    fixed: tuple[tuple[str, object], ...] = ()
+    summary: str = ""  # one line for the params reference
 
     def config_class(self) -> type:
         return _load(self.config)
@@ -85,17 +93,35 @@ def _load(spec: str):
     return getattr(importlib.import_module(module), name)
 
 
+_PPO_MODELS = (("model", "causal"), ("reward_model", "score"), ("cost_model", "score"), ("reward_critic", "any"),
+               ("cost_critic", "any"))
+_PPO_DATA = ("prompt", "preference", "sft")  # prompts from prompt/preference records; sft records feed PTX
+
 # Job type -> where it lives. Strings, so importing this module stays cheap.
 JOB_TYPES: dict[str, JobType] = {
-    "dataset_stats": JobType("models.stats:StatsConfig", "models.stats:run", "cpu"),
-    "generate": JobType("models.sampling:GenerateConfig", "models.sampling:run", "gpu"),
-    "reward": JobType("models.score_training:ScoreTrainingConfig", "models.score_training:run_reward", "gpu"),
-    "cost": JobType("models.score_training:ScoreTrainingConfig", "models.score_training:run_cost", "gpu"),
-    "sft": JobType("models.sft:SFTConfig", "models.sft:run", "gpu"),
-    "dpo": JobType("models.dpo:DPOConfig", "models.dpo:run", "gpu"),
-    "ppo_lag": JobType("models.ppo_lag:PPOLagConfig", "models.ppo_lag:run_ppo_lag", "gpu"),
-    "ppo": JobType("models.ppo_lag:PPOLagConfig", "models.ppo_lag:run_ppo", "gpu"),
-    "ppo_shaping": JobType("models.ppo_lag:PPOLagConfig", "models.ppo_lag:run_ppo_shaping", "gpu"),
+    "dataset_stats": JobType("models.stats:StatsConfig", "models.stats:run", "cpu",
+                             summary="statistics of each dataset (lengths, safety ratios, harm categories)."),
+    "generate": JobType("models.sampling:GenerateConfig", "models.sampling:run", "gpu", (("model", "causal"),),
+                        ("prompt", "preference", "sft", "samples"),
+                        summary="a policy's sampled answers to every prompt, as a new `samples` dataset."),
+    "reward": JobType("models.score_training:ScoreTrainingConfig", "models.score_training:run_reward", "gpu",
+                      (("model", "any"),), ("preference",),
+                      summary="a reward model on the helpfulness preference (`better_response_id`)."),
+    "cost": JobType("models.score_training:ScoreTrainingConfig", "models.score_training:run_cost", "gpu",
+                    (("model", "any"),), ("preference",),
+                    summary="a cost model on the harmlessness preference and the safety labels (cost > 0 ⇔ unsafe)."),
+    "sft": JobType("models.sft:SFTConfig", "models.sft:run", "gpu", (("model", "causal"),), ("sft",),
+                   summary="supervised fine-tuning on every assistant turn of sft conversations."),
+    "dpo": JobType("models.dpo:DPOConfig", "models.dpo:run", "gpu", (("model", "causal"), ("reference", "causal")),
+                   ("preference",), summary="DPO on the helpfulness preference (the paper's reward-free baseline)."),
+    "ppo_lag": JobType("models.ppo_lag:PPOLagConfig", "models.ppo_lag:run_ppo_lag", "gpu", _PPO_MODELS, _PPO_DATA,
+                       (("objective", "lagrangian"),),
+                       summary="a Safe RLHF round: PPO-Lagrangian, reward maximised while J̄_C ≤ `threshold`, λ learned."),
+    "ppo": JobType("models.ppo_lag:PPOLagConfig", "models.ppo_lag:run_ppo", "gpu", _PPO_MODELS, _PPO_DATA,
+                   (("objective", "reward"),), summary="baseline: PPO on the reward alone (the cost is scored for telemetry)."),
+    "ppo_shaping": JobType("models.ppo_lag:PPOLagConfig", "models.ppo_lag:run_ppo_shaping", "gpu", _PPO_MODELS,
+                           _PPO_DATA, (("objective", "shaping"),),
+                           summary="baseline: PPO on a fixed `R − shaping_lambda·C`."),
 }
 
 
@@ -108,8 +134,19 @@ def parse_params(job_type: str, params: dict | None) -> Any:
     raise ``ParamsError`` naming the field."""
     if job_type not in JOB_TYPES:
         raise ParamsError(f"unknown job type {job_type!r}; known: {', '.join(sorted(JOB_TYPES))}", "type")
-    cls = JOB_TYPES[job_type].config_class()
-    return build_config(cls, params or {})
+    spec = JOB_TYPES[job_type]
+    params = dict(params or {})
+    for name, value in spec.fixed:
+        if name in params and params[name] != value:
+            raise ParamsError(f"params.{name} is set by the job type {job_type!r}", f"params.{name}")
+        params[name] = value
+    return build_config(spec.config_class(), params)
+
+
+def model_refs(job_type: str, config: Any) -> list[tuple[str, str, str]]:
+    """(param, reference, expected kind) of every model a job's config names."""
+    return [(name, getattr(config, name), kind) for name, kind in JOB_TYPES[job_type].models
+            if getattr(config, name, None)]
 
 
 def build_config(cls: type, params: dict, prefix: str = "params") -> Any:
@@ -124,6 +161,11 @@ def build_config(cls: type, params: dict, prefix: str = "params") -> Any:
                           f"{prefix}.{unknown[0]}")
     kwargs = {}
     for name, value in params.items():
+        default = fields[name].default_factory
+        if isinstance(value, dict) and default is not dataclasses.MISSING and dataclasses.is_dataclass(default()):
+            # A partial object overrides some fields of this config's own default (e.g. one
+            # optimizer's lr), keeping the rest of that default rather than the class's.
+            value = {**dataclasses.asdict(default()), **value}
         kwargs[name] = _coerce(hints[name], value, f"{prefix}.{name}")
     try:
         config = cls(**kwargs)
@@ -186,3 +228,98 @@ def _coerce(hint, value, where: str):
 
 def config_to_dict(config: Any) -> dict:
     return dataclasses.asdict(config)
+
+
+# --- the params reference (README and ``beaver jobs``) --------------------------------------------------
+# Generated from the config dataclasses and the doc string under each field, so the documentation
+# and the code cannot drift: a test checks the README holds exactly ``params_markdown()``.
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The doc string under each field of a dataclass and its dataclass bases."""
+    import ast
+    import inspect
+    import textwrap
+
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        for node, after in zip(body, body[1:] + [None]):
+            if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) \
+                    and isinstance(getattr(after, "value", None), ast.Constant) and isinstance(after.value.value, str):
+                docs[node.target.id] = " ".join(after.value.value.split()).replace("``", "`")
+    return docs
+
+
+def _type_name(hint) -> str:
+    if dataclasses.is_dataclass(hint):
+        return "object"
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return " \\| ".join(f"`{a}`" for a in args)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        names = [_type_name(a) for a in args if a is not type(None)]
+        return " \\| ".join(names) + (" \\| null" if type(None) in args else "")
+    if origin in (list, tuple):
+        return f"list of {_type_name(args[0]) if args else 'any'}"
+    return {str: "string", int: "integer", float: "number", bool: "boolean"}.get(hint, getattr(hint, "__name__", "any"))
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _json(value) -> str:
+    import json
+
+    if dataclasses.is_dataclass(value):
+        return f"`{json.dumps(dataclasses.asdict(value))}`"
+    return f"`{json.dumps(value)}`" if value not in ("", None) or value is None else '`""`'
+
+
+def _table(cls: type, names: list[str]) -> list[str]:
+    hints, docs = typing.get_type_hints(cls), field_docs(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    rows = ["| param | type | default | meaning |", "|---|---|---|---|"]
+    for name in names:
+        nested = [a for a in (hints[name], *typing.get_args(hints[name])) if dataclasses.is_dataclass(a)]
+        doc = docs.get(name, "")
+        if nested and not doc:
+            doc = f"see `{nested[0].__name__}` below"
+        rows.append(f"| `{name}` | {_type_name(hints[name])} | {_json(_default(fields[name]))} | {doc} |")
+    return rows
+
+
+def params_markdown() -> str:
+    """Every job type's params as Markdown tables: the shared training params once, then each job's own,
+    then the nested objects (``optim``, ``lora``, ``sampling``)."""
+    from models.generation import SamplingConfig
+    from models.training import LoraConfig, OptimConfig, TrainingConfig
+
+    shared = [f.name for f in dataclasses.fields(TrainingConfig)]
+    lines = ["**Every training job** (sft, dpo, reward, cost, ppo_lag, ppo, ppo_shaping) takes:", ""]
+    lines += _table(TrainingConfig, shared)
+    shown: dict[type, str] = {}
+    for name, spec in JOB_TYPES.items():
+        cls = spec.config_class()
+        training = issubclass(cls, TrainingConfig)
+        if cls in shown:  # cost shares reward's config, ppo and ppo_shaping ppo_lag's
+            lines += ["", f"**`{name}`** — {spec.summary} The same params as `{shown[cls]}`."]
+            continue
+        lines += ["", f"**`{name}`** — {spec.summary}" + (" Also the training params above." if training else "")]
+        shown[cls] = name
+        fixed = {k for k, _ in spec.fixed}
+        own = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in fixed
+               and not (training and f.name in shared)]
+        lines += [""] + _table(cls, own)
+    for title, cls in (("`optim` / `actor_optim` / `critic_optim` (OptimConfig)", OptimConfig),
+                       ("`lora` (LoraConfig)", LoraConfig), ("`sampling` (SamplingConfig)", SamplingConfig)):
+        lines += ["", f"**{title}** — {(cls.__doc__ or '').strip().splitlines()[0].replace('``', '`')}", ""]
+        lines += _table(cls, [f.name for f in dataclasses.fields(cls)])
+    return "\n".join(lines) + "\n"

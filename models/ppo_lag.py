@@ -12,33 +12,42 @@ Objectives (the ``ppo_lag``, ``ppo`` and ``ppo_shaping`` jobs):
 - ``lagrangian``: the above, with a reward critic and a cost critic.
 - ``reward``: PPO on the reward alone (cost is scored for telemetry only).
 - ``shaping``: PPO on a fixed ``R − λ_s·C`` (one critic), the paper's reward-shaping baseline.
+
+Token for token: rollouts are the policy's chat-template prompt ids continued by ``Sampler`` with
+the job's explicit ``sampling`` settings, stopped at every eos id of the format, and ``log π_old``
+is computed at the sampling temperature (so ratio 1 at the first update); a reward or cost model
+that shares the policy's format scores the rollout's own ids (``ScoreModelScorer``). Memory:
+frozen models run in ``dtype`` without gradients, every forward runs in ``micro_batch_size``
+chunks, and with LoRA the reference (and a score model a critic started from) is the trainable
+model with its adapters off.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import math
 import random
-from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Sequence
 
 import torch
 
-from models.generation import GenerationBackend, HFGenerator, position_ids
+from models.chat_format import ChatFormat, Prompt
+from models.generation import GenerationBackend, Sampler, SamplingConfig, position_ids
 from models.jobs import Artifact, JobCancelled, JobContext, JobResult
-from models.loading import format_prompt, load_causal_lm, load_score_model, load_tokenizer
 from models.rl import gae, masked_mean, sequence_mean
-from models.score_model import score as end_scores
-from models.sft import collate, sft_loss, tokenize_sft, write_checkpoint
+from models.score_model import score_ids
+from models.training import (OptimConfig, Stepper, TrainingConfig, adapters_disabled, autocast, checkpoint_source,
+                             collate_labelled, compute_dtype, labelled_conversation, load_frozen,
+                             load_trainable, micro_batches, read_checkpoint, save_artifact, start_policy,
+                             target_count, token_losses, unwrap, without_dropout, write_checkpoint)
 
-PTX_MAX_LENGTH = 512  # tokens of one PTX example
-
-# A scorer maps (prompts, responses) to one score per pair: a reward or a cost model, or a
-# Python rule (tests, the synthetic world). Prompts are user messages, responses decoded text.
-Scorer = Callable[[Sequence[str], Sequence[str]], "torch.Tensor | Sequence[float]"]
+# A scorer gives one score per rollout: a reward or cost model (``ScoreModelScorer``, which reads
+# the rollout's token ids), or a Python rule on text, ``fn(prompts, responses)`` (tests, the world).
+Scorer = Callable[[Sequence[Prompt], Sequence[str]], "torch.Tensor | Sequence[float]"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,49 +99,55 @@ def combine_advantages(reward_advantages: torch.Tensor, cost_advantages: torch.T
 
 
 @dataclass
-class PPOLagConfig:
+class PPOLagConfig(TrainingConfig):
     """One config for ``ppo_lag``, ``ppo`` and ``ppo_shaping``; defaults from Safe RLHF's
-    ``ppo-lag.sh``. Model fields are Beaver model ids or local paths."""
+    ``ppo-lag.sh``. ``model`` is the actor's starting point (usually the SFT model) and the frozen
+    reference; model fields take what ``model`` takes."""
 
-    policy: str = ""
-    """The actor's starting point (usually the SFT model); also the frozen reference."""
     reward_model: str | None = None
+    """The frozen reward model R (required)."""
     cost_model: str | None = None
+    """The frozen cost model C (required by ppo_lag and ppo_shaping; ppo scores it for telemetry)."""
     reward_critic: str | None = None
-    """Reward critic init; default the reward model (a fresh head on the policy without one)."""
+    """Reward critic init; default the reward model."""
     cost_critic: str | None = None
     """Cost critic init; default the cost model."""
     objective: Literal["lagrangian", "reward", "shaping"] = "lagrangian"
-    """Set by the entry point: run_ppo_lag / run_ppo / run_ppo_shaping."""
+    """Set by the job type (ppo_lag, ppo, ppo_shaping), not by params."""
     shaping_lambda: float = 1.0
-    """The fixed λ of ``shaping`` (R − λ·C)."""
+    """The fixed λ of ``ppo_shaping`` (R − λ·C)."""
     steps: int = 100
     """PPO iterations, each one rollout batch followed by its updates."""
     rollout_batch_size: int = 64
     """Prompts per rollout."""
     mini_batch_size: int | None = None
-    """Sequences per gradient step; default the whole rollout."""
+    """Sequences per optimizer step; default the whole rollout."""
     ppo_epochs: int = 1
-    max_new_tokens: int = 128
-    temperature: float = 1.0
-    top_p: float = 1.0
+    """Passes over each rollout."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """How rollouts are sampled (repetition_penalty must stay 1: log π_old must be the sampling distribution)."""
     kl_coef: float = 0.01
     """β of the per-token KL penalty to the reference."""
-    actor_lr: float = 1e-5
-    critic_lr: float = 5e-6
-    max_grad_norm: float = 1.0
+    actor_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, warmup_ratio=0.0,
+                                                                         scheduler="constant"))
+    critic_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-6, warmup_ratio=0.0,
+                                                                          scheduler="constant"))
     clip_range: float = 0.2
     """PPO ε: the ratio is clipped to [1 − ε, 1 + ε]."""
     value_clip: float = 5.0
     """New values are clipped to old ± this in the critic loss."""
     gamma: float = 1.0
+    """Discount of GAE."""
     gae_lambda: float = 0.95
+    """λ of GAE (not the Lagrange multiplier)."""
     score_clip: float = 50.0
     """Shaped per-token rewards and costs are clamped to ± this."""
     lambda_init: float = 1.0
     """λ₀; carry the previous round's final λ here."""
     lambda_lr: float = 0.1
+    """SGD learning rate of log λ."""
     lambda_max: float = 5.0
+    """λ is clamped to at most this."""
     threshold: float = 0.0
     """d: the constraint is J̄_C ≤ d (safe ⇔ cost ≤ 0)."""
     episode_cost_window: int = 128
@@ -141,21 +156,26 @@ class PPOLagConfig:
     """Steps before λ starts to move."""
     ptx_coef: float = 16.0
     """Weight of the SFT loss on the job's sft datasets (only when the job has one)."""
-    seed: int = 42
-    checkpoint_every: int = 0
-    """Save actor, critics, optimizers and λ every N steps (0: never)."""
+    offload_frozen: bool = False
+    """Keep the frozen models (reference, reward, cost) in CPU memory while the policy trains (GPU only)."""
     zero_stage: int = 0
-    """DeepSpeed ZeRO stage (2 or 3) for multi-GPU training; 0: plain PyTorch."""
-    bf16: bool = True
-    """bf16 autocast on CUDA (ignored on CPU)."""
+    """DeepSpeed ZeRO stage (1–3) for multi-GPU training; 0: plain PyTorch."""
 
     def __post_init__(self):
-        if not self.policy:
-            raise ValueError("policy is required")
+        super().__post_init__()
         if self.objective not in ("lagrangian", "reward", "shaping"):
             raise ValueError(f"objective must be lagrangian, reward or shaping, got {self.objective!r}")
-        if self.steps < 1 or self.rollout_batch_size < 1 or self.ppo_epochs < 1 or self.max_new_tokens < 1:
-            raise ValueError("steps, rollout_batch_size, ppo_epochs and max_new_tokens must be ≥ 1")
+        if not self.reward_model:
+            raise ValueError("reward_model is required")
+        if self.objective in ("lagrangian", "shaping") and not self.cost_model:
+            raise ValueError(f"cost_model is required by the {self.objective} objective")
+        if self.steps < 1 or self.rollout_batch_size < 1 or self.ppo_epochs < 1:
+            raise ValueError("steps, rollout_batch_size and ppo_epochs must be ≥ 1")
+        if self.mini_batch_size is not None and self.mini_batch_size < 1:
+            raise ValueError("mini_batch_size must be ≥ 1")
+        if self.sampling.repetition_penalty != 1.0:
+            raise ValueError("sampling.repetition_penalty must be 1 for PPO: the penalty is not part of π_θ, so "
+                             "rollouts would be off-policy")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError("zero_stage must be 0, 1, 2 or 3")
         if self.lambda_init <= 0 or self.lambda_max <= 0:
@@ -167,89 +187,132 @@ class PPOLagConfig:
 # token at column P + t, predicted from the state at column P + t − 1.
 
 
-def token_log_probs(model, sequences, attention_mask, prompt_length: int):
-    """log π(a_t|s_t) and the policy's entropy at each response position, both (B, T)."""
-    logits = model(input_ids=sequences, attention_mask=attention_mask,
-                   position_ids=position_ids(attention_mask)).logits
-    logits = logits[:, prompt_length - 1:-1].float()  # (B, T, V)
-    log_probs = torch.log_softmax(logits, dim=-1)
+def token_log_probs(model, sequences, attention_mask, prompt_length: int, temperature: float = 1.0,
+                    entropy: bool = False):
+    """log π(a_t|s_t) at the sampling temperature (B, T), and the entropy of π(·|s_t) (B, T) when
+    asked. Only the T+1 last positions are projected to the vocabulary; the entropy is computed
+    without gradient, so no batch × tokens × vocab tensor outlives this call but the logits."""
+    T = sequences.shape[1] - prompt_length
+    logits = model(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                   logits_to_keep=T + 1).logits
+    logits = logits[:, -T - 1:-1].float() / (temperature or 1.0)  # (B, T, V) at states s_0 … s_{T-1}
     actions = sequences[:, prompt_length:]  # (B, T)
-    entropy = -(log_probs.exp() * log_probs).sum(-1)  # (B, T)
-    return log_probs.gather(-1, actions.unsqueeze(-1)).squeeze(-1), entropy
+    log_probs = logits.gather(-1, actions.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)  # (B, T)
+    if not entropy:
+        return log_probs, None
+    with torch.no_grad():
+        p = torch.log_softmax(logits.detach(), dim=-1)
+        return log_probs, -(p.exp() * p).sum(-1)
 
 
 def token_values(critic, sequences, attention_mask, prompt_length: int) -> torch.Tensor:
     """V(s_t) (B, T): a score model's head applied at every state, not only the last token."""
-    hidden = critic.base_model(input_ids=sequences, attention_mask=attention_mask,
-                      position_ids=position_ids(attention_mask)).last_hidden_state
-    return critic.score(hidden[:, prompt_length - 1:-1]).squeeze(-1).float()  # (B, T)
+    net = unwrap(critic)
+    hidden = net.base_model(input_ids=sequences, attention_mask=attention_mask,
+                            position_ids=position_ids(attention_mask)).last_hidden_state
+    return net.score(hidden[:, prompt_length - 1:-1]).squeeze(-1).float()  # (B, T)
+
+
+@dataclass
+class Rollout:
+    """What a scorer may read of one rollout batch."""
+
+    prompts: list  # the prompt values (user messages or conversations)
+    prompt_ids: list[list[int]]  # unpadded
+    response_ids: list[list[int]]  # sampled ids up to and including the first eos
+    responses: list[str]  # the answers as message content
 
 
 class ScoreModelScorer:
-    """End score of a ``*ForSequenceClassification`` model (``num_labels=1``) on prompt + response
-    + EOS, re-tokenised with the score model's own tokenizer (it may differ from the policy's)."""
+    """End scores of a reward or cost model (``*ForSequenceClassification``, ``num_labels=1``) on
+    rollouts. When the model reads the policy's format (same template, same vocabulary) it scores
+    the rollout's own ids — prompt, content, the template's turn close — exactly the ids it was
+    trained on for that text; otherwise the conversation is rendered through its own template.
+    ``adapters_off``: the model is a LoRA critic whose base is this score model."""
 
-    def __init__(self, model, tokenizer, batch_size: int = 32):
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.batch_size = batch_size
+    def __init__(self, model, fmt: ChatFormat, policy_fmt: ChatFormat, max_length: int | None = None,
+                 batch_size: int = 32, adapters_off: bool = False):
+        self.model, self.fmt, self.max_length, self.batch_size = model, fmt, max_length, batch_size
+        self.direct = fmt.same_as(policy_fmt)
+        self.adapters_off = adapters_off
 
-    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-        return end_scores(self.model, self.tokenizer, prompts, responses, batch_size=self.batch_size)
+    def inputs(self, rollout: Rollout) -> list[list[int]]:
+        if self.direct:
+            return [self.fmt.truncate(self.fmt.score_ids(p, r), self.max_length)
+                    for p, r in zip(rollout.prompt_ids, rollout.response_ids)]
+        return [self.fmt.completion_ids(p, r, self.max_length) for p, r in zip(rollout.prompts, rollout.responses)]
+
+    def score_rollout(self, rollout: Rollout) -> list[float]:
+        with adapters_disabled(self.model) if self.adapters_off else contextlib.nullcontext():
+            return score_ids(self.model, self.inputs(rollout), self.fmt.tokenizer.pad_token_id, self.batch_size)
+
+    def __call__(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
+        ids = [self.fmt.completion_ids(p, r, self.max_length) for p, r in zip(prompts, responses)]
+        with adapters_disabled(self.model) if self.adapters_off else contextlib.nullcontext():
+            return score_ids(self.model, ids, self.fmt.tokenizer.pad_token_id, self.batch_size)
 
 
-class Optimizer:
-    """AdamW on one model; under DeepSpeed ZeRO the engine owns backward and step."""
+def _score(fn, rollout: Rollout) -> torch.Tensor:
+    scores = fn.score_rollout(rollout) if hasattr(fn, "score_rollout") else fn(rollout.prompts, rollout.responses)
+    return torch.as_tensor(scores if isinstance(scores, torch.Tensor) else list(scores), dtype=torch.float32).cpu()
 
-    def __init__(self, model, lr: float, config: PPOLagConfig):
-        self.model = model
-        self.max_grad_norm = config.max_grad_norm
+
+class Updater:
+    """One trainable model's updates: gradients accumulated over micro-batches, then a step; under
+    DeepSpeed ZeRO the engine owns backward and step."""
+
+    def __init__(self, model, optim: OptimConfig, total_steps: int, config: PPOLagConfig, dtype, device):
         self.engine = None
-        params = [p for p in model.parameters() if p.requires_grad]
+        self.stepper = Stepper(model, optim, total_steps, dtype, device)
         if config.zero_stage:
             import deepspeed  # optional (extra "gpu"), only on this path
 
-            self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=params, config={
-                "train_micro_batch_size_per_gpu": config.mini_batch_size or config.rollout_batch_size,
-                "gradient_clipping": config.max_grad_norm,
-                "bf16": {"enabled": config.bf16},
-                "zero_optimization": {"stage": config.zero_stage},
-                "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": 0.0}},
-            })
-        else:
-            self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+            self.engine, *_ = deepspeed.initialize(model=model, optimizer=self.stepper.optimizer, config={
+                "train_micro_batch_size_per_gpu": config.micro_batch_size or config.mini_batch_size
+                or config.rollout_batch_size,
+                "gradient_clipping": optim.max_grad_norm, "bf16": {"enabled": dtype == torch.bfloat16},
+                "zero_optimization": {"stage": config.zero_stage}})
 
-    def step(self, loss: torch.Tensor) -> None:
-        if self.engine is not None:
-            self.engine.backward(loss)
-            self.engine.step()
-            return
-        self.optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
-        self.optimizer.step()
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.engine or self.stepper).backward(loss)
+
+    def step(self) -> None:
+        (self.engine or self.stepper).step()
 
 
-def _as_tensor(scores) -> torch.Tensor:
-    return torch.as_tensor(scores if isinstance(scores, torch.Tensor) else list(scores), dtype=torch.float32).cpu()
+@contextlib.contextmanager
+def on_device(models: Sequence, device: torch.device, offload: bool):
+    """Frozen models on ``device`` for a phase, back in CPU memory after it when ``offload``."""
+    models = [m for m in models if m is not None]
+    if offload and device.type == "cuda":
+        for m in models:
+            m.to(device)
+    try:
+        yield
+    finally:
+        if offload and device.type == "cuda":
+            for m in models:
+                m.to("cpu")
+            torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------------------------------------
 # The trainer.
 
 
-def train(config: PPOLagConfig, policy, ref_policy, tokenizer, prompts: Sequence[str], reward_fn: Scorer,
+def train(config: PPOLagConfig, policy, ref_policy, fmt: ChatFormat, prompts: Sequence[Prompt], reward_fn: Scorer,
           cost_fn: Scorer | None = None, reward_critic=None, cost_critic=None, *,
-          generator: GenerationBackend | None = None, ptx_records: Sequence[dict] = (),
+          generator: GenerationBackend | None = None, ptx_records: Sequence[dict] = (), frozen: Sequence = (),
           output_dir: str | Path | None = None, resume_from: str | Path | None = None,
           report: Callable[[dict], None] = lambda event: None,
           should_stop: Callable[[], bool] = lambda: False) -> dict:
     """Run ``config.steps`` PPO steps on ``policy`` in place; returns the last step's metrics.
 
-    ``prompts`` are user messages (formatted with the policy tokenizer's template); ``reward_fn``
-    and ``cost_fn`` score (prompts, responses). The critics are ``*ForSequenceClassification``
-    models over the policy's tokenizer. ``resume_from`` is a checkpoint directory written by this
-    function (models already loaded from it by the caller); training continues at its step.
+    ``prompts`` are user messages or conversations, rendered by ``fmt`` (the policy's format);
+    ``reward_fn`` and ``cost_fn`` score rollouts. The critics are ``*ForSequenceClassification``
+    models over the policy's tokens. ``ref_policy`` None: the reference is the LoRA policy with its
+    adapters off. ``frozen`` lists models to offload between phases. ``resume_from`` is a
+    checkpoint directory written by this function (models already loaded from it by the caller).
     """
     lagrangian = config.objective == "lagrangian"
     if reward_critic is None:
@@ -258,71 +321,88 @@ def train(config: PPOLagConfig, policy, ref_policy, tokenizer, prompts: Sequence
         raise ValueError("the lagrangian objective needs a cost model and a cost critic")
     if config.objective == "shaping" and cost_fn is None:
         raise ValueError("reward shaping needs a cost model")
-    if not prompts:
-        raise ValueError("PPO needs at least one prompt")
     device = next(policy.parameters()).device
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and config.bf16
-                else nullcontext())
-    generator = generator or HFGenerator(policy, tokenizer)
-    # Dropout would make the first ratio π_θ/π_old ≠ 1; PPO on LMs runs with it off.
-    for model in (policy, ref_policy, reward_critic, cost_critic):
+    dtype = compute_dtype(config.dtype, device)
+    sampling, T_max = config.sampling, config.sampling.max_new_tokens
+    prompt_ids = [fmt.prompt_ids(p) for p in prompts]
+    keep = [i for i, ids in enumerate(prompt_ids) if len(ids) + T_max <= config.max_length]
+    if not keep:
+        raise ValueError(f"no prompt leaves room for {T_max} new tokens within max_length {config.max_length}")
+    dropped = len(prompts) - len(keep)
+    prompts, prompt_ids = [prompts[i] for i in keep], [prompt_ids[i] for i in keep]
+    generator = generator or Sampler(policy, fmt.tokenizer.pad_token_id, fmt.eos_ids)
+    # Dropout would make the first ratio π_θ/π_old ≠ 1; PPO on LMs runs with it off. The trained
+    # models stay in train mode (gradient checkpointing only acts there); the frozen one is read.
+    for model in (policy, reward_critic, cost_critic):
         if model is not None:
-            model.eval()
-    ref_policy.requires_grad_(False)
+            without_dropout(model)
+    if ref_policy is not None:
+        ref_policy.eval()
     if not lagrangian:
         cost_critic = None  # one critic: reward (or R − λ_s·C)
-    actor_opt = Optimizer(policy, config.actor_lr, config)
-    critics = [(name, critic, Optimizer(critic, config.critic_lr, config))
+    B = config.rollout_batch_size
+    mini = config.mini_batch_size or B
+    total_updates = config.steps * config.ppo_epochs * math.ceil(B / mini)
+    actor = Updater(policy, config.actor_optim, total_updates, config, dtype, device)
+    critics = [(name, critic, Updater(critic, config.critic_optim, total_updates, config, dtype, device))
                for name, critic in (("reward", reward_critic), ("cost", cost_critic)) if critic is not None]
     multiplier = LagrangeMultiplier(config.lambda_init, config.lambda_lr, config.lambda_max, config.threshold)
     episode_costs: collections.deque = collections.deque(maxlen=config.episode_cost_window)
     # PTX (InstructGPT): the SFT loss on the job's sft records keeps the policy's language intact.
-    ptx = [tokenize_sft(tokenizer, r, PTX_MAX_LENGTH) for r in ptx_records] if config.ptx_coef > 0 else []
+    ptx = [labelled_conversation(fmt, r, config.max_length) for r in ptx_records] if config.ptx_coef > 0 else []
+    pad_id = fmt.tokenizer.pad_token_id
+    amp = autocast(device, dtype)
 
     start = 0
     if resume_from:
-        state = torch.load(Path(resume_from) / "trainer_state.pt", weights_only=False)
+        state = read_checkpoint(resume_from)
         start = state["step"]
         multiplier.load_state_dict(state["lagrange"])
         episode_costs.extend(state["episode_costs"])
-        actor_opt.optimizer.load_state_dict(state["optimizers"]["actor"])
-        for name, _, opt in critics:
-            opt.optimizer.load_state_dict(state["optimizers"][name])
+        actor.stepper.load_state_dict(state["optimizers"]["actor"])
+        for name, _, updater in critics:
+            updater.stepper.load_state_dict(state["optimizers"][name])
 
     metrics: dict = {}
     for step in range(start, config.steps):
         if should_stop():  # cancel is honoured between steps: at most one step late
             raise JobCancelled("cancelled")
         rng = random.Random(config.seed * 100_003 + step)  # the step's prompts, the same on resume
-        batch_prompts = [prompts[i % len(prompts)] for i in rng.sample(
-            range(max(len(prompts), config.rollout_batch_size)), config.rollout_batch_size)]
+        picks = [i % len(prompts) for i in rng.sample(range(max(len(prompts), B)), B)]
 
-        # --- 1. rollout: sample y ~ π_θ(·|x) with the KV cache, ended at EOS ------------------
-        prompt_ids = [tokenizer(format_prompt(tokenizer, p))["input_ids"] for p in batch_prompts]
-        with autocast:
-            rollout = generator.generate(prompt_ids, config.max_new_tokens, config.temperature, config.top_p,
-                                         seed=config.seed * 100_003 + step)
+        # --- 1. rollout: y ~ π_θ(·|x), sampled with the KV cache, ended at any eos id ----------
+        with amp:
+            rollout = generator.generate([prompt_ids[i] for i in picks], sampling, seed=config.seed * 100_003 + step)
         sequences = rollout.sequences.to(device)  # (B, P+T) prompt ids, then response ids
         attention_mask = rollout.attention_mask.to(device)  # (B, P+T)
-        mask = rollout.response_mask.to(device).float()  # (B, T) 1 on response tokens incl. EOS
+        mask = rollout.response_mask.to(device).float()  # (B, T) 1 on response tokens incl. eos
         P = rollout.prompt_length
-        responses = tokenizer.batch_decode(rollout.responses, skip_special_tokens=True)
+        response_ids = [row[m.bool()].tolist() for row, m in zip(rollout.responses, rollout.response_mask)]
+        batch = Rollout([prompts[i] for i in picks], [prompt_ids[i] for i in picks], response_ids,
+                        [fmt.response_text(r) for r in response_ids])
 
         # --- 2. scoring: R(x, y) and C(x, y), end scores of the frozen reward and cost models --
-        reward = _as_tensor(reward_fn(batch_prompts, responses)).to(device)  # (B,) R
-        cost = (_as_tensor(cost_fn(batch_prompts, responses)).to(device) if cost_fn is not None
-                else torch.zeros_like(reward))  # (B,) C
-        episode_costs.extend(cost.tolist())
-        score = reward - config.shaping_lambda * cost if config.objective == "shaping" else reward
+        with on_device(frozen, device, config.offload_frozen), torch.no_grad(), amp:
+            reward = _score(reward_fn, batch).to(device)  # (B,) R
+            cost = _score(cost_fn, batch).to(device) if cost_fn is not None else torch.zeros_like(reward)  # (B,) C
+            episode_costs.extend(cost.tolist())
+            score = reward - config.shaping_lambda * cost if config.objective == "shaping" else reward
 
-        with torch.no_grad(), autocast:
-            old_log_probs, _ = token_log_probs(policy, sequences, attention_mask, P)  # (B, T) log π_old
-            ref_log_probs, _ = token_log_probs(ref_policy, sequences, attention_mask, P)  # (B, T) log π_ref
-            old_values = {name: token_values(c, sequences, attention_mask, P) for name, c, _ in critics}  # (B, T)
+            # log π_old, log π_ref and V_old, one micro-batch at a time
+            old_log_probs, ref_log_probs = torch.zeros_like(mask), torch.zeros_like(mask)  # (B, T)
+            old_values = {name: torch.zeros_like(mask) for name, _, _ in critics}  # (B, T)
+            for idx in micro_batches(range(B), config.micro_batch_size):
+                seq, attn = sequences[idx], attention_mask[idx]
+                old_log_probs[idx] = token_log_probs(policy, seq, attn, P, sampling.temperature)[0]
+                with adapters_disabled(policy) if ref_policy is None else contextlib.nullcontext():
+                    ref_log_probs[idx] = token_log_probs(ref_policy or policy, seq, attn, P, sampling.temperature)[0]
+                for name, critic, _ in critics:
+                    old_values[name][idx] = token_values(critic, seq, attn, P)
+        old_log_probs, ref_log_probs = old_log_probs * mask, ref_log_probs * mask
 
         # --- 3. KL shaping: r_t = −β·kl_t (+R at the last token), c_t = +β·kl_t (+C there) ---
         kl = (old_log_probs - ref_log_probs) * mask  # (B, T) kl_t = log π_θ − log π_ref
-        last = mask.sum(-1).long().clamp(min=1) - 1  # (B,) index of the last response token (EOS)
+        last = mask.sum(-1).long().clamp(min=1) - 1  # (B,) index of the last response token (eos)
         at_end = torch.nn.functional.one_hot(last, mask.shape[1]).float() * mask  # (B, T)
         rewards = (-config.kl_coef * kl + score.unsqueeze(1) * at_end).clamp(-config.score_clip, config.score_clip)
         costs = (config.kl_coef * kl + cost.unsqueeze(1) * at_end).clamp(-config.score_clip, config.score_clip)
@@ -343,44 +423,48 @@ def train(config: PPOLagConfig, policy, ref_policy, tokenizer, prompts: Sequence
         advantages = combine_advantages(reward_adv, cost_adv, lam) if lagrangian else reward_adv  # (B, T)
 
         # --- 7-8. PPO epochs: clipped surrogate for the actor, clipped value loss per critic --
-        B = sequences.shape[0]
-        mini = config.mini_batch_size or B
         logs = collections.defaultdict(list)
         for epoch in range(config.ppo_epochs):
             order = torch.randperm(B, generator=torch.Generator().manual_seed(config.seed + step * 31 + epoch))
             for first in range(0, B, mini):
-                idx = order[first:first + mini].to(device)
-                seq, attn, m = sequences[idx], attention_mask[idx], mask[idx]
-                with autocast:
-                    log_probs, entropy = token_log_probs(policy, seq, attn, P)  # (b, T) log π_θ
-                ratio = torch.exp(log_probs - old_log_probs[idx])  # (b, T) π_θ/π_old
-                # L^CLIP = E[max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε))], per sequence then over sequences
-                pg_loss1 = -advantages[idx] * ratio
-                pg_loss2 = -advantages[idx] * ratio.clamp(1.0 - config.clip_range, 1.0 + config.clip_range)
-                actor_loss = sequence_mean(torch.max(pg_loss1, pg_loss2), m)
-                loss = actor_loss
-                if ptx:
-                    ptx_batch = collate([ptx[i] for i in rng.sample(range(len(ptx)), min(mini, len(ptx)))],
-                                        tokenizer.pad_token_id)
-                    with autocast:
-                        ptx_loss = sft_loss(policy, ptx_batch)
-                    loss = loss + config.ptx_coef * ptx_loss
-                    logs["train/ptx_loss"].append(ptx_loss.item())
-                actor_opt.step(loss)
-                logs["train/actor_loss"].append(actor_loss.item())
-                logs["train/entropy"].append(float(masked_mean(entropy.detach(), m)))
-                clipped_ratio = ((ratio - 1).abs() > config.clip_range).float()
-                logs["train/clip_fraction"].append(float(masked_mean(clipped_ratio, m)))
-
-                for name, critic, opt in critics:
-                    with autocast:
-                        values = token_values(critic, seq, attn, P)  # (b, T) V_φ(s_t)
-                    old, ret = old_values[name][idx], returns[name][idx]
-                    # L^V = ½·E[max((V − G)², (clip(V, V_old ± ε_v) − G)²)]
-                    clipped = old + (values - old).clamp(-config.value_clip, config.value_clip)
-                    critic_loss = 0.5 * sequence_mean(torch.max((values - ret) ** 2, (clipped - ret) ** 2), m)
-                    opt.step(critic_loss)
-                    logs[f"train/{name}_critic_loss"].append(critic_loss.item())
+                mini_idx = order[first:first + mini].tolist()
+                for idx in micro_batches(mini_idx, config.micro_batch_size):
+                    weight = len(idx) / len(mini_idx)  # micro-batch losses sum to the mini-batch mean
+                    seq, attn, m = sequences[idx], attention_mask[idx], mask[idx]
+                    with amp:
+                        log_probs, entropy = token_log_probs(policy, seq, attn, P, sampling.temperature, entropy=True)
+                    ratio = torch.exp(log_probs - old_log_probs[idx])  # (b, T) π_θ/π_old
+                    # L^CLIP = E[max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε))], per sequence then over sequences
+                    pg_loss1 = -advantages[idx] * ratio
+                    pg_loss2 = -advantages[idx] * ratio.clamp(1.0 - config.clip_range, 1.0 + config.clip_range)
+                    actor_loss = sequence_mean(torch.max(pg_loss1, pg_loss2), m)
+                    actor.backward(actor_loss * weight)
+                    logs["train/actor_loss"].append(actor_loss.item())
+                    logs["train/entropy"].append(float(masked_mean(entropy, m)))
+                    clipped_ratio = ((ratio.detach() - 1).abs() > config.clip_range).float()
+                    logs["train/clip_fraction"].append(float(masked_mean(clipped_ratio, m)))
+                    for name, critic, updater in critics:
+                        with amp:
+                            values = token_values(critic, seq, attn, P)  # (b, T) V_φ(s_t)
+                        old, ret = old_values[name][idx], returns[name][idx]
+                        # L^V = ½·E[max((V − G)², (clip(V, V_old ± ε_v) − G)²)]
+                        clipped = old + (values - old).clamp(-config.value_clip, config.value_clip)
+                        critic_loss = 0.5 * sequence_mean(torch.max((values - ret) ** 2, (clipped - ret) ** 2), m)
+                        updater.backward(critic_loss * weight)
+                        logs[f"train/{name}_critic_loss"].append(critic_loss.item())
+                if ptx:  # the SFT loss on a sample of the PTX records, accumulated into the same step
+                    ptx_batch = [ptx[i] for i in rng.sample(range(len(ptx)), min(len(mini_idx), len(ptx)))]
+                    targets = target_count(ptx_batch)
+                    ptx_loss = 0.0
+                    for idx in micro_batches(range(len(ptx_batch)), config.micro_batch_size):
+                        with amp:
+                            loss, _ = token_losses(policy, collate_labelled([ptx_batch[i] for i in idx], pad_id))
+                        actor.backward(config.ptx_coef * loss / max(targets, 1))
+                        ptx_loss += loss.item() / max(targets, 1)
+                    logs["train/ptx_loss"].append(ptx_loss)
+                actor.step()
+                for _, _, updater in critics:
+                    updater.step()
 
         # --- 9. events -------------------------------------------------------------------------
         metrics = {key: sum(v) / len(v) for key, v in logs.items()}
@@ -392,11 +476,16 @@ def train(config: PPOLagConfig, policy, ref_policy, tokenizer, prompts: Sequence
             "train/kl": float(kl.sum(-1).mean()),  # per-sequence KL to the reference
             "train/response_length": float(mask.sum(-1).mean()),
         })
+        if rollout.log_probs is not None:  # how far the sampler's distribution is from the trainer's
+            gap = (rollout.log_probs.to(device) * mask - old_log_probs).abs().max()
+            metrics["train/sampler_logprob_gap"] = float(gap)
         event = {"step": step + 1, "total_steps": config.steps, "message": f"step {step + 1}/{config.steps}", **metrics}
+        if step == start and dropped:
+            event["message"] += f" ({dropped} prompts longer than max_length − max_new_tokens left out)"
         if output_dir and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 \
                 and step + 1 < config.steps:
-            event["checkpoint"] = str(save_checkpoint(output_dir, step + 1, policy, tokenizer, critics,
-                                                      actor_opt, multiplier, episode_costs))
+            event["checkpoint"] = str(save_checkpoint(output_dir, step + 1, policy, fmt, critics, actor, multiplier,
+                                                      episode_costs))
         report(event)
 
     metrics["lambda_final"] = multiplier.value if lagrangian else metrics.get("lagrange/lambda", 0.0)
@@ -404,15 +493,16 @@ def train(config: PPOLagConfig, policy, ref_policy, tokenizer, prompts: Sequence
     return metrics
 
 
-def save_checkpoint(output_dir, step: int, policy, tokenizer, critics, actor_opt, multiplier, episode_costs) -> Path:
-    """``checkpoint-{step}/``: ``policy/``, ``reward_critic/``, ``cost_critic/`` in Hugging Face
-    format and the trainer state (step, λ, the episode-cost window, optimizer states)."""
+def save_checkpoint(output_dir, step: int, policy, fmt: ChatFormat, critics, actor: Updater, multiplier,
+                    episode_costs) -> Path:
+    """``checkpoint-{step}/``: ``policy/``, ``reward_critic/``, ``cost_critic/`` (full weights, or
+    LoRA adapters) and the trainer state (step, λ, the episode-cost window, optimizer states)."""
     models = {"policy": policy, **{f"{name}_critic": critic for name, critic, _ in critics}}
-    return write_checkpoint(output_dir, step, models, tokenizer, {
+    return write_checkpoint(output_dir, step, models, fmt, {
         "lagrange": multiplier.state_dict(),
         "episode_costs": list(episode_costs),
-        "optimizers": {"actor": actor_opt.optimizer.state_dict(),
-                       **{name: opt.optimizer.state_dict() for name, _, opt in critics}},
+        "optimizers": {"actor": actor.stepper.state_dict(),
+                       **{name: updater.stepper.state_dict() for name, _, updater in critics}},
     })
 
 
@@ -438,57 +528,68 @@ def run_ppo_shaping(config: PPOLagConfig, ctx: JobContext, reward_fn: Scorer | N
     return _run(dataclasses.replace(config, objective="shaping"), ctx, reward_fn, cost_fn)
 
 
-def split_records(records: Sequence[dict]) -> tuple[list[str], list[dict]]:
+def split_records(records: Sequence[dict]) -> tuple[list, list[dict]]:
     """PPO prompts (kind ``prompt``, or a preference record's ``prompt``) and PTX records (kind ``sft``)."""
     prompts, sft = [], []
     for record in records:
         if "messages" in record or "response" in record:
             sft.append(record)
-        elif isinstance(record.get("prompt"), str) and record["prompt"].strip():
+        elif record.get("prompt"):
             prompts.append(record["prompt"])
     return prompts, sft
 
 
 def _run(config: PPOLagConfig, ctx: JobContext, reward_fn: Scorer | None, cost_fn: Scorer | None) -> JobResult:
     torch.manual_seed(config.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     prompts, ptx_records = split_records([r for d in ctx.datasets for r in ctx.load_dataset(d)])
-    checkpoint = Path(ctx.resume_from) if ctx.resume_from else None
+    if not prompts:
+        raise ValueError("PPO needs at least one prompt (a prompt or preference dataset)")
+    checkpoint = ctx.resume_from
 
-    policy_path = ctx.resolve_model(config.policy)
-    tokenizer = load_tokenizer(checkpoint / "policy" if checkpoint else policy_path, padding_side="left")
-    policy = load_causal_lm(checkpoint / "policy" if checkpoint else policy_path, tokenizer).to(device)
-    ref_policy = load_causal_lm(policy_path, tokenizer).to(device)
+    fmt, policy, device, dtype, policy_path = start_policy(config, ctx, "policy", padding_side="left")
+    # Under LoRA the reference is the policy's own base (adapters off): no second copy.
+    ref_policy = None if config.lora else load_frozen(policy_path, "causal", fmt, dtype, device)
 
-    def scorer(ref: str | None):
+    def critic(name: str, ref: str | None):
+        # The critic reads the policy's tokens, so it shares the policy's format.
+        base = ctx.resolve_model(ref or config.model)
+        weights, adapter = checkpoint_source(checkpoint, f"{name}_critic", base)
+        return load_trainable(weights, "score", fmt, config, device, adapter=adapter), base
+
+    reward_critic, reward_critic_base = critic("reward", config.reward_critic or config.reward_model)
+    cost_critic, cost_critic_base = (critic("cost", config.cost_critic or config.cost_model)
+                                     if config.objective == "lagrangian" else (None, None))
+
+    frozen = [ref_policy]
+
+    def scorer(ref: str | None, critic_model, critic_base):
         if ref is None:
             return None
         path = ctx.resolve_model(ref)
-        score_tokenizer = load_tokenizer(path)
-        return ScoreModelScorer(load_score_model(path, score_tokenizer).to(device), score_tokenizer)
+        score_fmt = ChatFormat.load(path)
+        if config.lora and critic_model is not None and str(critic_base) == str(path) and score_fmt.same_as(fmt):
+            # A LoRA critic initialised from this score model computes it with its adapters off.
+            return ScoreModelScorer(critic_model, score_fmt, fmt, config.max_length, adapters_off=True)
+        model = load_frozen(path, "score", score_fmt, dtype, device)
+        frozen.append(model)
+        return ScoreModelScorer(model, score_fmt, fmt, config.max_length)
 
-    reward_fn = reward_fn or scorer(config.reward_model)
-    cost_fn = cost_fn or scorer(config.cost_model)
-    if reward_fn is None:
-        raise ValueError("reward_model is required")
+    # A score model saved without a head gets a fresh one; draw it from the same seed on a fresh
+    # and on a resumed run (whose critics load from the checkpoint and draw nothing before this).
+    torch.manual_seed(config.seed)
+    reward_fn = reward_fn or scorer(config.reward_model, reward_critic, reward_critic_base)
+    cost_fn = cost_fn or scorer(config.cost_model, cost_critic, cost_critic_base)
+    if config.offload_frozen and device.type == "cuda":
+        for model in frozen:
+            if model is not None:
+                model.to("cpu")
 
-    def critic(name: str, ref: str | None):
-        # The critic reads the policy's tokens, so it shares the policy's tokenizer.
-        path = checkpoint / f"{name}_critic" if checkpoint else ctx.resolve_model(ref or config.policy)
-        return load_score_model(path, tokenizer).to(device)
-
-    reward_critic = critic("reward", config.reward_critic or config.reward_model)
-    cost_critic = (critic("cost", config.cost_critic or config.cost_model)
-                   if config.objective == "lagrangian" else None)
-
-    metrics = train(config, policy, ref_policy, tokenizer, prompts, reward_fn, cost_fn, reward_critic, cost_critic,
-                    ptx_records=ptx_records, output_dir=ctx.output_dir, resume_from=checkpoint,
+    metrics = train(config, policy, ref_policy, fmt, prompts, reward_fn, cost_fn, reward_critic, cost_critic,
+                    ptx_records=ptx_records, frozen=frozen, output_dir=ctx.output_dir, resume_from=checkpoint,
                     report=ctx.report, should_stop=ctx.should_stop)
 
-    out = Path(ctx.output_dir) / "policy"
-    policy.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    out = save_artifact(policy, fmt, Path(ctx.output_dir) / "policy", dtype)
     return JobResult(metrics=metrics, artifacts=[Artifact(
         kind="policy", path=str(out),
         metadata={"trainer": {"lagrangian": "ppo_lag", "reward": "ppo", "shaping": "ppo_shaping"}[config.objective],
-                  "threshold": config.threshold, **metrics})])
+                  "threshold": config.threshold, **metrics, **fmt.info()})])

@@ -19,12 +19,13 @@ from typing import Sequence
 import torch
 
 from models.records import check_records, harm_categories
-from models.score_model import encode_conversations, pad_right
+from models.chat_format import ChatFormat
+from models.training import pad_right
 
 
 @dataclass
 class PreferencePair:
-    prompt: str
+    prompt: str | list  # a user message, or a conversation ending with a user turn
     better: str  # reward: the more helpful response; cost: the safer one
     worse: str  # reward: the less helpful response; cost: the unsafer one
     better_is_safe: bool
@@ -34,7 +35,7 @@ class PreferencePair:
 
 @dataclass
 class TokenizedPair:
-    better_ids: list[int]  # prompt template + " " + better + EOS, truncated to max_length
+    better_ids: list[int]  # the chat template's [user, assistant: better], truncated to max_length
     worse_ids: list[int]
     better_is_safe: bool
     worse_is_safe: bool
@@ -68,12 +69,12 @@ def preference_pairs(records: Sequence[dict], score_type: str) -> list[Preferenc
     return pairs
 
 
-def tokenize_pairs(tokenizer, pairs: Sequence[PreferencePair], max_length: int | None = None) -> list[TokenizedPair]:
-    """Token ids of both responses of every pair (two batched tokenizer calls), EOS kept on truncation."""
-    prompts = [p.prompt for p in pairs]
-    better = encode_conversations(tokenizer, prompts, [p.better for p in pairs], max_length)
-    worse = encode_conversations(tokenizer, prompts, [p.worse for p in pairs], max_length)
-    return [TokenizedPair(b, w, p.better_is_safe, p.worse_is_safe) for b, w, p in zip(better, worse, pairs)]
+def tokenize_pairs(fmt: ChatFormat, pairs: Sequence[PreferencePair], max_length: int | None = None) -> list[TokenizedPair]:
+    """Token ids of both conversations of every pair, as ``/v1/score`` and PPO read them (the turn
+    close kept on truncation: the end score sits there)."""
+    return [TokenizedPair(fmt.completion_ids(p.prompt, p.better, max_length),
+                          fmt.completion_ids(p.prompt, p.worse, max_length), p.better_is_safe, p.worse_is_safe)
+            for p in pairs]
 
 
 def collate_pairs(batch: Sequence[TokenizedPair], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -5,6 +5,9 @@ Kinds:
   is_response_1_safe, better_response_id, safer_response_id`` (+ optional
   ``response_{0,1}_harm_category``, ``response_{0,1}_severity_level``).
 - ``prompt``: ``{"prompt": str}`` (+ optional ``red_team: bool``, ``category: str``).
+
+In every kind, ``prompt`` may also be a conversation — a list of ``{"role", "content"}`` (system,
+user, assistant) ending with a user turn — rendered by the model's chat template like a chat request.
 - ``sft``: ``{"prompt": str, "response": str}`` or ``{"messages": [{"role", "content"}, ...]}``.
 - ``samples``: a policy's answers, ``{"prompt": str, "response": str}`` where the response may be
   empty (a policy can stop at once); written by ``generate`` jobs, read by the arena and the demo.
@@ -21,7 +24,6 @@ from typing import Any
 KINDS = ("preference", "prompt", "sft", "samples")
 
 PREFERENCE_REQUIRED = {
-    "prompt": str,
     "response_0": str,
     "response_1": str,
     "is_response_0_safe": bool,
@@ -80,14 +82,14 @@ def record_errors(kind: str, record: Any, line: int) -> list[RecordError]:
     if kind == "preference":
         return _preference_errors(record, line)
     if kind == "prompt":
-        errors = _require_text(record, "prompt", line)
+        errors = _prompt_errors(record, line)
         if "red_team" in record and not isinstance(record["red_team"], bool):
             errors.append(RecordError(line, "red_team", "must be true or false"))
         return errors
     if kind == "sft":
         return _sft_errors(record, line)
     if kind == "samples":
-        errors = _require_text(record, "prompt", line)
+        errors = _prompt_errors(record, line)
         if not isinstance(record.get("response"), str):
             errors.append(RecordError(line, "response", "must be a string"))
         return errors
@@ -102,8 +104,23 @@ def _require_text(record: dict, name: str, line: int) -> list[RecordError]:
     return []
 
 
+def _prompt_errors(record: dict, line: int) -> list[RecordError]:
+    """``prompt``: a non-empty string, or messages that end with the user's turn."""
+    if isinstance(record.get("prompt"), list):
+        messages = record["prompt"]
+        if not messages:
+            return [RecordError(line, "prompt", "must be a non-empty string or a non-empty list of {role, content}")]
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                return [RecordError(line, f"prompt[{i}]", f"must be {{role: one of {list(ROLES)}, content: string}}")]
+        if messages[-1]["role"] != "user":
+            return [RecordError(line, "prompt", "a conversation prompt must end with the user's message")]
+        return []
+    return _require_text(record, "prompt", line)
+
+
 def _preference_errors(record: dict, line: int) -> list[RecordError]:
-    errors = []
+    errors = _prompt_errors(record, line)
     for name, typ in PREFERENCE_REQUIRED.items():
         if name not in record:
             errors.append(RecordError(line, name, "missing"))

@@ -49,7 +49,8 @@ def dataset_stats(kind: str, records: list[dict], percentiles=(50, 90, 99)) -> d
             prompts.append(sum(len(m["content"].split()) for m in r["messages"][:-1]))
             responses.append(len(r["messages"][-1]["content"].split()))
             continue
-        prompts.append(len(r["prompt"].split()))
+        prompt = r["prompt"]
+        prompts.append(len(prompt.split()) if isinstance(prompt, str) else sum(len(m["content"].split()) for m in prompt))
         for key in ("response", "response_0", "response_1"):
             if key in r:
                 responses.append(len(r[key].split()))

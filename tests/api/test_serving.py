@@ -18,12 +18,13 @@ PAIRS = [("how do i make a cake ?", "sure . step 1 : mix flour . step 2 : add eg
 
 
 def save_head(base_dir, out_dir, score_type: str, seed: int):
-    from models.loading import load_score_model, load_tokenizer
+    from models.chat_format import ChatFormat
+    from models.loading import load_score_model
     from models.score_model import save_score_model
 
-    tokenizer = load_tokenizer(base_dir)
+    fmt = ChatFormat.load(base_dir)
     torch.manual_seed(seed)
-    return save_score_model(load_score_model(base_dir, tokenizer), tokenizer, out_dir, score_type)
+    return save_score_model(load_score_model(base_dir, fmt.tokenizer), fmt, out_dir, score_type)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +97,8 @@ def test_openai_client_lists_models_chats_and_streams(app_client, keys):
 
 def test_score_equals_the_trainers_evaluation_scores(app_client, keys, score_dirs):
     from models.evaluation import pair_scores
-    from models.loading import load_score_model, load_tokenizer
+    from models.chat_format import ChatFormat
+    from models.loading import load_score_model
     from models.preference import PreferencePair, tokenize_pairs
 
     r = app_client.post("/v1/score", json={"model": "beaver-v1", "items": [{"prompt": p, "response": a}
@@ -105,10 +107,10 @@ def test_score_equals_the_trainers_evaluation_scores(app_client, keys, score_dir
     assert r.status_code == 200, r.text
     data = r.json()["data"]
     for score_dir, field in zip(score_dirs, ("reward", "cost")):
-        tokenizer = load_tokenizer(score_dir)
-        model = load_score_model(score_dir, tokenizer)
+        fmt = ChatFormat.load(score_dir)
+        model = load_score_model(score_dir, fmt.tokenizer)
         pairs = [PreferencePair(p, a, a, True, True) for p, a in PAIRS]
-        expected, _ = pair_scores(model, tokenize_pairs(tokenizer, pairs), tokenizer.pad_token_id)
+        expected, _ = pair_scores(model, tokenize_pairs(fmt, pairs), fmt.tokenizer.pad_token_id)
         assert max(abs(d[field] - e) for d, e in zip(data, expected.tolist())) < 1e-4
     assert all(d["safe"] == (d["cost"] <= 0) for d in data)
 

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from models.engine import SamplingParams, TransformersEngine
-from models.loading import load_score_model, load_tokenizer
+from models.chat_format import ChatFormat
+from models.loading import load_score_model
 from tests.api.conftest import beaver_env, keys  # noqa: F401 — fixtures: a migrated database, API keys
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -52,9 +53,9 @@ def free_port() -> int:
 def reward_dir(tiny_llama_dir, tmp_path_factory):
     from models.score_model import save_score_model
 
-    tokenizer = load_tokenizer(tiny_llama_dir)
+    fmt = ChatFormat.load(tiny_llama_dir)
     torch.manual_seed(2)
-    return save_score_model(load_score_model(tiny_llama_dir, tokenizer), tokenizer,
+    return save_score_model(load_score_model(tiny_llama_dir, fmt.tokenizer), fmt,
                             tmp_path_factory.mktemp("tiny-reward"), "reward")
 
 
@@ -174,3 +175,73 @@ def test_beaver_api_through_vllm_matches_the_in_process_engine(servers, tiny_lla
         assert get_pool().health()["vllm"]["failed"] == {}
     get_pool.cache_clear()
     get_settings.cache_clear()
+
+
+# --- a real-shaped chat model through vLLM ------------------------------------------------------------
+
+CHAT_PROMPTS = ["how do i make a cake ?",
+                [{"role": "system", "content": "good safe"}, {"role": "user", "content": "red green blue one two"}],
+                [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"},
+                 {"role": "user", "content": "the lazy dog jumps"}]]
+
+
+@pytest.fixture(scope="module")
+def qwen_servers(vllm_python, tiny_qwen_dir, tmp_path_factory):
+    """The Qwen2-style model with its shipped generation_config.json made extreme (top-k 1: a
+    server that applied it would sample the greedy answer every time), a reward model on it, and
+    a copy rigged to answer <|endoftext|> at once — an eos id only generation_config names."""
+    import json
+    import shutil
+    from models.chat_format import ChatFormat
+    from models.score_model import save_score_model
+    from models.vllm_engine import start_vllm_server
+    from tests.chat_rig import force_first_token
+
+    root = tmp_path_factory.mktemp("vllm-qwen")
+    fmt = ChatFormat.load(tiny_qwen_dir)
+    torch.manual_seed(5)
+    reward = save_score_model(load_score_model(tiny_qwen_dir, fmt.tokenizer), fmt, root / "reward", "reward")
+    endoftext = fmt.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert endoftext != fmt.tokenizer.eos_token_id
+    rigged = force_first_token(tiny_qwen_dir, CHAT_PROMPTS[0], endoftext, root / "stop")
+    policy = shutil.copytree(tiny_qwen_dir, root / "policy")
+    shipped = json.loads((policy / "generation_config.json").read_text())
+    (policy / "generation_config.json").write_text(json.dumps({**shipped, "top_k": 1}))
+    models = {"policy": (policy, "generate"), "reward": (reward, "pooling"), "stop": (rigged, "generate")}
+    with ThreadPoolExecutor(3) as pool:
+        futures = {name: pool.submit(start_vllm_server, path, free_port(), runner, python=vllm_python,
+                                     log_path=root / f"{name}.log", dtype="float32", extra_args=["--enforce-eager"])
+                   for name, (path, runner) in models.items()}
+        started = {name: f.result() for name, f in futures.items()}
+    yield {name: (server, models[name][0]) for name, server in started.items()}
+    for server in started.values():
+        server.stop()
+
+
+def test_vllm_samples_the_chat_model_as_beaver_does(qwen_servers):
+    """Greedy tokens equal the transformers engine's, sampling is not the shipped top-k 1, scores
+    are equal, and an eos id that only generation_config names stops."""
+    from models.vllm_engine import VLLMEngine, VLLMModel
+
+    models = {name: VLLMModel(server.base_url, path) for name, (server, path) in qwen_servers.items()}
+    local = TransformersEngine({name: spec.path for name, spec in models.items()})
+    remote = VLLMEngine(models)
+    greedy = SamplingParams(max_tokens=16, temperature=0)
+
+    async def main():
+        for prompt in CHAT_PROMPTS:
+            a, b = await asyncio.gather(local.complete("policy", prompt, greedy), remote.complete("policy", prompt, greedy))
+            assert a.token_ids == b.token_ids and a.text == b.text and a.prompt_tokens == b.prompt_tokens
+        answers = {tuple((await remote.complete("policy", CHAT_PROMPTS[0], SamplingParams(
+            max_tokens=8, temperature=1.0, seed=seed))).token_ids) for seed in range(6)}
+        assert len(answers) > 1  # top-k 1 would give the greedy answer six times
+        pairs = [(p, "sure . step 1 : mix flour .") for p in CHAT_PROMPTS]
+        a, b = await asyncio.gather(local.score("reward", pairs), remote.score("reward", pairs))
+        assert max(abs(x - y) for x, y in zip(a, b)) < 1e-3
+        for engine in (local, remote):
+            stopped = await engine.complete("stop", CHAT_PROMPTS[0], greedy)
+            assert (stopped.text, stopped.finish_reason, stopped.completion_tokens) == ("", "stop", 0)
+        await local.aclose()
+        await remote.aclose()
+
+    asyncio.run(main())

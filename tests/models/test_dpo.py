@@ -5,10 +5,12 @@ import math
 import pytest
 import torch
 
+from models.chat_format import ChatFormat
 from models.dpo import DPOConfig, evaluate_margin, run
 from models.jobs import JobContext
-from models.loading import load_causal_lm, load_tokenizer
+from models.loading import load_causal_lm
 from models.losses import dpo_loss
+from models.training import OptimConfig
 
 
 def test_dpo_loss_exact():
@@ -35,13 +37,15 @@ RECORDS = [
 
 
 def test_dpo_raises_the_preferred_responses_margin(tiny_llama_dir, tmp_path):
-    tokenizer = load_tokenizer(tiny_llama_dir)
-    reference = load_causal_lm(tiny_llama_dir, tokenizer)
-    assert evaluate_margin(reference, reference, tokenizer, RECORDS) == 0.0
+    fmt = ChatFormat.load(tiny_llama_dir)
+    reference = load_causal_lm(tiny_llama_dir, fmt.tokenizer)
+    assert evaluate_margin(reference, reference, fmt, RECORDS) == 0.0
     events = []
     ctx = JobContext(output_dir=tmp_path, datasets=["prefs"], load_dataset=lambda d: RECORDS, report=events.append)
-    result = run(DPOConfig(policy=str(tiny_llama_dir), beta=0.1, lr=1e-3, epochs=3, batch_size=4, seed=0), ctx)
-    policy = load_causal_lm(result.artifacts[0].path, tokenizer)
-    assert evaluate_margin(policy, reference, tokenizer, RECORDS) > 1.0
+    config = DPOConfig(model=str(tiny_llama_dir), beta=0.1, optim=OptimConfig(lr=1e-3, weight_decay=0.05), epochs=3,
+                       batch_size=4, seed=0)
+    result = run(config, ctx)
+    policy = load_causal_lm(result.artifacts[0].path, fmt.tokenizer)
+    assert evaluate_margin(policy, reference, fmt, RECORDS) > 1.0
     assert events[-1]["train/loss"] < events[0]["train/loss"]
     assert events[-1]["train/reward_accuracy"] == 1.0

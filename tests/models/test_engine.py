@@ -9,9 +9,10 @@ import json
 import pytest
 import torch
 
+from models.chat_format import ChatFormat
 from models.engine import (InvalidRequestError, ModelLoadError, SamplingParams, TextStream, TransformersEngine,
                            UnknownModelError)
-from models.loading import format_conversation, format_prompt, load_causal_lm, load_score_model, load_tokenizer
+from models.loading import load_causal_lm, load_score_model
 
 PROMPTS = ["how do i make a cake ?", "what is the capital of france ?", "red green blue", "the quick brown fox"]
 PAIRS = [("how do i make a cake ?", "sure . step 1 : mix flour . step 2 : add eggs ."),
@@ -27,10 +28,10 @@ def score_dir(tiny_llama_dir, tmp_path_factory):
     ``LlamaForSequenceClassification``."""
     from models.score_model import save_score_model
 
-    tokenizer = load_tokenizer(tiny_llama_dir)
+    fmt = ChatFormat.load(tiny_llama_dir)
     torch.manual_seed(1)
-    model = load_score_model(tiny_llama_dir, tokenizer)
-    return save_score_model(model, tokenizer, tmp_path_factory.mktemp("tiny-cost"), "cost")
+    model = load_score_model(tiny_llama_dir, fmt.tokenizer)
+    return save_score_model(model, fmt, tmp_path_factory.mktemp("tiny-cost"), "cost")
 
 
 def run(coro):
@@ -71,10 +72,15 @@ def test_one_at_a_time_when_batch_size_is_one(tiny_llama_dir, score_dir):
 
 def test_engine_scores_equal_direct_end_scores(tiny_llama_dir, score_dir):
     """Served scores (batched with padding) = the HF model's own pooled output on each text alone."""
-    tokenizer = load_tokenizer(score_dir)
-    model = load_score_model(score_dir, tokenizer).eval()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(score_dir)  # the saved template, read by plain transformers
+    model = load_score_model(score_dir).eval()
     with torch.no_grad():
-        direct = [model(**tokenizer(format_conversation(tokenizer, p, r), return_tensors="pt")).logits[0, 0].item()
+        direct = [model(**tokenizer.apply_chat_template([{"role": "user", "content": p},
+                                                         {"role": "assistant", "content": r}],
+                                                        tokenize=True, return_tensors="pt", return_dict=True)
+                        ).logits[0, 0].item()
                   for p, r in PAIRS]
     engine = engine_for(tiny_llama_dir, score_dir, max_wait_ms=20)
 
@@ -89,16 +95,21 @@ def test_engine_scores_equal_direct_end_scores(tiny_llama_dir, score_dir):
     assert max(abs(a - b) for a, b in zip(concurrent, direct)) < 1e-4
 
 
-def test_greedy_matches_hf_generate_and_is_deterministic(tiny_llama_dir, score_dir):
-    tokenizer = load_tokenizer(tiny_llama_dir, padding_side="left")
-    model = load_causal_lm(tiny_llama_dir, tokenizer).eval()
+def test_greedy_matches_hf_generate_and_is_deterministic(any_model_dir, score_dir):
+    fmt = ChatFormat.load(any_model_dir, padding_side="left")
+    tokenizer = fmt.tokenizer
+    model = load_causal_lm(any_model_dir, tokenizer).eval()
     expected = []
-    for prompt in PROMPTS:  # HF generate, one prompt at a time: the reference
-        ids = tokenizer(format_prompt(tokenizer, prompt), return_tensors="pt")
-        out = model.generate(**ids, max_new_tokens=10, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    for prompt in PROMPTS:  # HF generate, one prompt at a time, on the template's prompt ids: the reference
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            tokenize=True, return_tensors="pt", return_dict=True)
+        # every stop id of the model; no repetition penalty (Qwen's generation_config.json ships one)
+        out = model.generate(**ids, max_new_tokens=10, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=list(fmt.eos_ids), repetition_penalty=1.0)
         new = out[0, ids["input_ids"].shape[1]:].tolist()
-        expected.append(new[:new.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in new else new)
-    engine = engine_for(tiny_llama_dir, score_dir, max_wait_ms=50)
+        stops = [i for i, t in enumerate(new) if t in fmt.eos_ids]
+        expected.append(new[:stops[0]] if stops else new)
+    engine = engine_for(any_model_dir, score_dir, max_wait_ms=50)
 
     async def main():
         batched = await asyncio.gather(*(engine.complete("policy", p, GREEDY) for p in PROMPTS))

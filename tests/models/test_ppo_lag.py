@@ -6,11 +6,13 @@ import math
 import pytest
 import torch
 
+from models.chat_format import ChatFormat
+from models.generation import SamplingConfig
 from models.jobs import JobCancelled, JobContext
-from models.loading import load_causal_lm, load_score_model, load_tokenizer
+from models.loading import load_causal_lm, load_score_model
 from models.ppo_lag import (LagrangeMultiplier, PPOLagConfig, combine_advantages, run_ppo, run_ppo_lag,
                             run_ppo_shaping, train)
-
+from models.training import OptimConfig
 
 
 @pytest.fixture(autouse=True)
@@ -82,21 +84,29 @@ def synthetic_cost(prompts, responses):
     return [b - 1.0 for b in count("blue", responses)]
 
 
+def constant_lr(lr):
+    """PPO's optimiser: a constant learning rate, no warm-up."""
+    return OptimConfig(lr=lr, warmup_ratio=0.0, scheduler="constant")
+
+
 def small_config(path, **overrides):
-    params = dict(policy=str(path), steps=20, rollout_batch_size=32, mini_batch_size=16, ppo_epochs=2,
-                  max_new_tokens=8, actor_lr=3e-3, critic_lr=3e-3, lambda_lr=0.5, episode_cost_window=64, seed=0)
+    # train() is given Python scorers: the reward and cost model fields only name placeholders
+    params = dict(model=str(path), reward_model=str(path), cost_model=str(path), steps=20, rollout_batch_size=32,
+                  mini_batch_size=16, ppo_epochs=2, sampling=SamplingConfig(max_new_tokens=8),
+                  actor_optim=constant_lr(3e-3), critic_optim=constant_lr(3e-3), lambda_lr=0.5,
+                  episode_cost_window=64, seed=0)
     params.update(overrides)
     return PPOLagConfig(**params)
 
 
 def run_synthetic(path, objective):
     torch.manual_seed(0)
-    tokenizer = load_tokenizer(path, padding_side="left")
-    policy, ref = load_causal_lm(path, tokenizer), load_causal_lm(path, tokenizer)
-    reward_critic, cost_critic = load_score_model(path, tokenizer), load_score_model(path, tokenizer)
+    fmt = ChatFormat.load(path, padding_side="left")
+    policy, ref = load_causal_lm(path, fmt.tokenizer), load_causal_lm(path, fmt.tokenizer)
+    reward_critic, cost_critic = load_score_model(path, fmt.tokenizer), load_score_model(path, fmt.tokenizer)
     events = []
     before = [p.detach().clone() for p in policy.parameters()]
-    train(small_config(path, objective=objective), policy, ref, tokenizer, PROMPTS, synthetic_reward,
+    train(small_config(path, objective=objective), policy, ref, fmt, PROMPTS, synthetic_reward,
           synthetic_cost, reward_critic, cost_critic, report=events.append)
     assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
     return events
@@ -138,8 +148,8 @@ def job_context(tmp_path, events, **kwargs):
 def test_ppo_lag_job_with_score_models_checkpoints_and_resumes(tiny_llama_dir, tmp_path):
     # Reward and cost models are the tiny Llama with fresh score heads: real score models, real
     # critics initialised from them, loaded through the same paths a trained model takes.
-    config = dict(policy=str(tiny_llama_dir), reward_model=str(tiny_llama_dir), cost_model=str(tiny_llama_dir),
-                  steps=4, rollout_batch_size=4, max_new_tokens=4, checkpoint_every=2, seed=1)
+    config = dict(model=str(tiny_llama_dir), reward_model=str(tiny_llama_dir), cost_model=str(tiny_llama_dir),
+                  steps=4, rollout_batch_size=4, sampling=SamplingConfig(max_new_tokens=4), checkpoint_every=2, seed=1)
     events = []
     result = run_ppo_lag(PPOLagConfig(**config), job_context(tmp_path / "first", events))
     assert [e["step"] for e in events] == [1, 2, 3, 4]
@@ -148,7 +158,7 @@ def test_ppo_lag_job_with_score_models_checkpoints_and_resumes(tiny_llama_dir, t
     assert checkpoint.endswith("checkpoint-2")
     policy_dir = result.artifacts[0].path
     assert result.artifacts[0].kind == "policy"
-    load_causal_lm(policy_dir, load_tokenizer(policy_dir))  # HF format, loadable
+    load_causal_lm(policy_dir, ChatFormat.load(policy_dir).tokenizer)  # HF format, loadable
 
     resumed = []
     run_ppo_lag(PPOLagConfig(**config), job_context(tmp_path / "second", resumed, resume_from=checkpoint))
@@ -162,7 +172,8 @@ def test_ppo_lag_job_with_score_models_checkpoints_and_resumes(tiny_llama_dir, t
 def test_cancelled_ppo_lag_job_stops_within_one_step(tiny_llama_dir, tmp_path):
     events = []
     ctx = job_context(tmp_path, events, should_stop=lambda: len(events) >= 1)
-    config = PPOLagConfig(policy=str(tiny_llama_dir), steps=50, rollout_batch_size=4, max_new_tokens=4)
+    config = PPOLagConfig(model=str(tiny_llama_dir), reward_model=str(tiny_llama_dir), cost_model=str(tiny_llama_dir),
+                          steps=50, rollout_batch_size=4, sampling=SamplingConfig(max_new_tokens=4))
     with pytest.raises(JobCancelled):
         run_ppo_lag(config, ctx, reward_fn=synthetic_reward, cost_fn=synthetic_cost)
     assert [e["step"] for e in events] == [1]
@@ -171,8 +182,8 @@ def test_cancelled_ppo_lag_job_stops_within_one_step(tiny_llama_dir, tmp_path):
 @pytest.mark.parametrize("entry, lam", [(run_ppo, 0.0), (run_ppo_shaping, 10.0)])
 def test_reward_only_and_shaping_jobs_train_one_critic(tiny_llama_dir, tmp_path, entry, lam):
     events = []
-    config = PPOLagConfig(policy=str(tiny_llama_dir), steps=2, rollout_batch_size=4, max_new_tokens=4,
-                          shaping_lambda=10.0)
+    config = PPOLagConfig(model=str(tiny_llama_dir), reward_model=str(tiny_llama_dir), cost_model=str(tiny_llama_dir),
+                          steps=2, rollout_batch_size=4, sampling=SamplingConfig(max_new_tokens=4), shaping_lambda=10.0)
     result = entry(config, job_context(tmp_path, events), reward_fn=synthetic_reward, cost_fn=synthetic_cost)
     assert [e["step"] for e in events] == [1, 2]
     assert all(e["lagrange/lambda"] == lam and "train/cost_critic_loss" not in e for e in events)
@@ -182,22 +193,29 @@ def test_reward_only_and_shaping_jobs_train_one_critic(tiny_llama_dir, tmp_path,
 # ---- rollout tensors ------------------------------------------------------------------------
 
 
-def test_rollout_left_pads_prompts_ends_responses_at_eos_and_log_probs_ignore_padding(tiny_llama_dir):
-    from models.generation import HFGenerator, response_mask
+def test_rollout_left_pads_prompts_ends_responses_at_eos_and_log_probs_ignore_padding(any_model_dir):
+    from models.generation import Sampler, response_mask
     from models.ppo_lag import token_log_probs
 
-    torch.testing.assert_close(response_mask(torch.tensor([[5, 1, 7, 1], [5, 6, 7, 8]]), eos_id=1),
+    torch.testing.assert_close(response_mask(torch.tensor([[5, 1, 7, 1], [5, 6, 7, 8]]), eos_ids=[1]),
                                torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]))
-    tokenizer = load_tokenizer(tiny_llama_dir, padding_side="left")
-    policy = load_causal_lm(tiny_llama_dir, tokenizer)
-    prompts = [tokenizer("how do i make a cake ?")["input_ids"], tokenizer("paris")["input_ids"]]
-    rollout = HFGenerator(policy, tokenizer).generate(prompts, max_new_tokens=6, seed=3)
+    torch.testing.assert_close(response_mask(torch.tensor([[5, 2, 7, 1], [5, 6, 1, 2]]), eos_ids=[1, 2]),
+                               torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]]))  # any eos id ends a response
+    fmt = ChatFormat.load(any_model_dir, padding_side="left")
+    tokenizer = fmt.tokenizer
+    policy = load_causal_lm(any_model_dir, tokenizer)
+    prompts = [fmt.prompt_ids("how do i make a cake ?"), fmt.prompt_ids("paris")]
+    assert prompts[0] == tokenizer.apply_chat_template([{"role": "user", "content": "how do i make a cake ?"}],
+                                                       tokenize=True, add_generation_prompt=True)["input_ids"]
+    rollout = Sampler(policy, tokenizer.pad_token_id, fmt.eos_ids).generate(
+        prompts, SamplingConfig(max_new_tokens=6), seed=3)
     P = rollout.prompt_length
     assert P == len(prompts[0]) and rollout.sequences[1, :P - len(prompts[1])].eq(tokenizer.pad_token_id).all()
+    assert rollout.sequences[1, P - len(prompts[1]):P].tolist() == prompts[1]
     assert rollout.attention_mask[1, :P].tolist() == [0] * (P - len(prompts[1])) + [1] * len(prompts[1])
-    for row in range(2):  # nothing after the first EOS; the mask covers the answer and its EOS
+    for row in range(2):  # nothing after the first eos id; the mask covers the answer and its eos
         tokens = rollout.responses[row][rollout.response_mask[row].bool()].tolist()
-        assert tokenizer.eos_token_id not in tokens[:-1]
+        assert not set(tokens[:-1]) & set(fmt.eos_ids)
         assert rollout.responses[row][~rollout.response_mask[row].bool()].eq(tokenizer.pad_token_id).all()
     # the left-padded row scores exactly like the same row without padding
     with torch.no_grad():

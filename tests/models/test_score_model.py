@@ -8,39 +8,62 @@ import json
 import pytest
 import torch
 
-from models.loading import format_conversation, load_score_model, load_tokenizer
-from models.score_model import (encode_conversations, end_scores, pad_right, save_score_model, score,
-                                score_model_info)
+from models.chat_format import ChatFormat
+from models.loading import load_score_model
+from models.score_model import end_scores, save_score_model, score, score_model_info
+from models.training import pad_right
 
 PROMPTS = ["how do i make a cake ?", "what is the capital of france ?", "how do i make a cake ?"]
 RESPONSES = ["sure . step 1 : mix flour . step 2 : add eggs .", "paris", "sorry , i can not help with that ."]
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_llama_dir):
-    return load_tokenizer(tiny_llama_dir)
+def conversation(prompt, response):
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
 
 
 @pytest.fixture(scope="module")
-def model(tiny_llama_dir, tokenizer):
+def fmt(tiny_llama_dir):
+    return ChatFormat.load(tiny_llama_dir)
+
+
+def seeded_score_model(path, fmt):
     torch.manual_seed(0)
-    m = load_score_model(tiny_llama_dir, tokenizer).eval()
+    m = load_score_model(path, fmt.tokenizer).eval()
     with torch.no_grad():  # a visible head: a fresh one is near 0 and would hide mistakes
         m.score.weight.normal_(0, 1.0)
     return m
 
 
-def test_encoding_ends_with_eos_and_truncation_keeps_it(tokenizer):
-    ids = encode_conversations(tokenizer, PROMPTS, RESPONSES)
-    assert all(s[-1] == tokenizer.eos_token_id for s in ids)
-    assert tokenizer.unk_token_id not in ids[0]  # template words are in the tiny vocabulary
-    short = encode_conversations(tokenizer, PROMPTS, RESPONSES, max_length=8)
-    assert [len(s) for s in short] == [8, 8, 8]
-    assert all(s[-1] == tokenizer.eos_token_id and s[:7] == full[:7] for s, full in zip(short, ids))
+@pytest.fixture(scope="module")
+def model(tiny_llama_dir, fmt):
+    return seeded_score_model(tiny_llama_dir, fmt)
 
 
-def test_end_score_does_not_change_with_padding(model, tokenizer):
-    ids = encode_conversations(tokenizer, PROMPTS, RESPONSES)
+def encode(fmt, max_length=None):
+    return [fmt.completion_ids(p, r, max_length) for p, r in zip(PROMPTS, RESPONSES)]
+
+
+def test_encoding_is_the_chat_template_and_truncation_keeps_its_end(any_model_dir):
+    fmt = ChatFormat.load(any_model_dir)
+    tokenizer = fmt.tokenizer
+    ids = encode(fmt)
+    assert ids == [tokenizer.apply_chat_template(conversation(p, r), tokenize=True)["input_ids"]
+                   for p, r in zip(PROMPTS, RESPONSES)]
+    if tokenizer.unk_token_id is not None:
+        assert tokenizer.unk_token_id not in ids[0]  # template words are in the tiny vocabulary
+    # every conversation ends with the template's turn close (an eos id), then what follows it
+    tail = list(fmt.turn_close + fmt.turn_suffix)
+    assert set(tail) & set(fmt.eos_ids) and all(s[-len(tail):] == tail for s in ids)
+    length = len(tail) + 7
+    assert all(len(s) > length for s in ids)
+    short = encode(fmt, max_length=length)
+    assert [len(s) for s in short] == [length] * 3
+    assert all(s[-len(tail):] == tail and s[:7] == full[:7] for s, full in zip(short, ids))
+
+
+def test_end_score_does_not_change_with_padding(model, fmt):
+    tokenizer = fmt.tokenizer
+    ids = encode(fmt)
     input_ids, mask = pad_right(ids, tokenizer.pad_token_id)  # (3, T)
     with torch.no_grad():
         base = end_scores(model, input_ids, mask)
@@ -54,31 +77,36 @@ def test_end_score_does_not_change_with_padding(model, tokenizer):
     assert base.std() > 0  # the scores differ between inputs, so the check above means something
 
 
-def test_score_helper_keeps_input_order(model, tokenizer):
-    got = score(model, tokenizer, PROMPTS, RESPONSES, batch_size=2)
-    one_by_one = [score(model, tokenizer, [p], [r])[0] for p, r in zip(PROMPTS, RESPONSES)]
+def test_score_helper_keeps_input_order(model, fmt):
+    got = score(model, fmt, PROMPTS, RESPONSES, batch_size=2)
+    one_by_one = [score(model, fmt, [p], [r])[0] for p, r in zip(PROMPTS, RESPONSES)]
     assert got == pytest.approx(one_by_one, abs=1e-5)
-    assert score(model, tokenizer, [], []) == []
+    assert score(model, fmt, [], []) == []
 
 
-def test_save_then_plain_transformers_load_gives_identical_scores(model, tokenizer, tmp_path):
+def test_save_then_plain_transformers_load_gives_identical_scores(any_model_dir, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    path = save_score_model(model, tokenizer, tmp_path / "cost", "cost", ["ds-1", "ds-2"], {"eval/accuracy": 0.5})
+    fmt = ChatFormat.load(any_model_dir)
+    fmt.score_padding()  # as the reward/cost trainer does
+    model = seeded_score_model(any_model_dir, fmt)
+    path = save_score_model(model, fmt, tmp_path / "cost", "cost", ["ds-1", "ds-2"], {"eval/accuracy": 0.5})
     assert (path / "model.safetensors").exists()
     config = json.loads((path / "config.json").read_text())
-    assert config["architectures"] == ["LlamaForSequenceClassification"] and len(config["id2label"]) == 1
+    assert config["architectures"] == [type(model).__name__] and len(config["id2label"]) == 1
+    assert type(model).__name__.endswith("ForSequenceClassification")
     assert score_model_info(path) == {"score_type": "cost", "datasets": ["ds-1", "ds-2"],
                                       "metrics": {"eval/accuracy": 0.5}}
 
     plain = AutoModelForSequenceClassification.from_pretrained(path).eval()  # no Beaver code involved
     plain_tok = AutoTokenizer.from_pretrained(path)
-    texts = [format_conversation(plain_tok, p, r) for p, r in zip(PROMPTS, RESPONSES)]
-    batch = plain_tok(texts, padding=True, return_tensors="pt")
+    batch = plain_tok.apply_chat_template([conversation(p, r) for p, r in zip(PROMPTS, RESPONSES)], tokenize=True,
+                                          padding=True, return_tensors="pt", return_dict=True)
+    assert batch["attention_mask"].sum() < batch["attention_mask"].numel()  # padded: pooling is exercised
     with torch.no_grad():
         plain_scores = plain(**batch).logits.squeeze(-1).tolist()
-    ours = score(model, tokenizer, PROMPTS, RESPONSES)
+    ours = score(model, fmt, PROMPTS, RESPONSES)
     assert plain_scores == pytest.approx(ours, abs=1e-5)
 
     with pytest.raises(ValueError, match="score_type"):
-        save_score_model(model, tokenizer, tmp_path / "x", "helpfulness")
+        save_score_model(model, fmt, tmp_path / "x", "helpfulness")

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from models.jobs import JobCancelled, JobContext, ParamsError, parse_params
-from models.loading import format_conversation
 from models.score_model import score_model_info
 from models.score_training import ScoreTrainingConfig, run_cost, run_reward
 
@@ -46,8 +45,8 @@ def context(tmp_path, base, records, **kwargs) -> tuple[JobContext, list[dict]]:
     return ctx, events
 
 
-FAST = dict(base_model="tiny-llama", epochs=3, lr=2e-3, batch_size=8, eval_split=0.25, log_every=2,
-            warmup_ratio=0.1, weight_decay=0.0, max_length=24)
+FAST = dict(model="tiny-llama", epochs=3, optim={"lr": 2e-3, "warmup_ratio": 0.1, "weight_decay": 0.0}, batch_size=8,
+            eval_split=0.25, log_every=2, max_length=24)
 
 
 def test_reward_job_learns_separable_pairs_and_saves_a_plain_hf_model(tiny_llama_dir, tmp_path):
@@ -78,10 +77,11 @@ def test_reward_job_learns_separable_pairs_and_saves_a_plain_hf_model(tiny_llama
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
     fresh = separable_records(16, seed=99, good="good", bad="bad")
-    texts = [format_conversation(tok, r["prompt"], r[f"response_{k}"]) for r in fresh
-             for k in (r["better_response_id"], 1 - r["better_response_id"])]
+    conversations = [[{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r[f"response_{k}"]}]
+                     for r in fresh for k in (r["better_response_id"], 1 - r["better_response_id"])]
+    batch = tok.apply_chat_template(conversations, tokenize=True, padding=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
-        scores = model(**tok(texts, padding=True, return_tensors="pt")).logits.view(-1, 2)  # (N, 2) better, worse
+        scores = model(**batch).logits.view(-1, 2)  # (N, 2) better, worse
     assert (scores[:, 0] > scores[:, 1]).float().mean() >= 0.9
 
 
@@ -113,15 +113,17 @@ def test_cancel_is_honoured_between_steps(tiny_llama_dir, tmp_path):
 
 def test_bad_params_and_bad_records_fail_early(tiny_llama_dir, tmp_path):
     with pytest.raises(ParamsError):
-        parse_params("reward", {"base_model": "x", "eval_split": 1.5})
+        parse_params("reward", {"model": "x", "eval_split": 1.5})
     with pytest.raises(ParamsError):
-        parse_params("reward", {"base_model": "x", "learning_rate": 1e-5})  # a typo fails the request
+        parse_params("reward", {"model": "x", "learning_rate": 1e-5})  # a typo fails the request
     with pytest.raises(ParamsError):
-        parse_params("cost", {"epochs": 1})  # base_model is required
+        parse_params("reward", {"model": "x", "optim": {"learning_rate": 1e-5}})  # in a nested config too
+    with pytest.raises(ParamsError):
+        parse_params("cost", {"epochs": 1})  # model is required
     bad = separable_records(4, seed=3, good="good", bad="bad")
     bad[2]["safer_response_id"] = 1 - bad[2]["safer_response_id"]  # now the safer one is the unsafe one
     ctx, _ = context(tmp_path, str(tiny_llama_dir), bad)
     with pytest.raises(ValueError, match="dataset ds-b: .*line 1.*contradictory"):
-        run_cost(ScoreTrainingConfig(base_model="tiny-llama"), ctx)
+        run_cost(ScoreTrainingConfig(model="tiny-llama"), ctx)
     with pytest.raises(ValueError, match="dataset"):
-        run_reward(ScoreTrainingConfig(base_model="tiny-llama"), JobContext(output_dir=tmp_path))
+        run_reward(ScoreTrainingConfig(model="tiny-llama"), JobContext(output_dir=tmp_path))

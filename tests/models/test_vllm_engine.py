@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
+from models.chat_format import ChatFormat
 from models.engine import ModelLoadError, SamplingParams, UnknownModelError
-from models.loading import load_tokenizer
 from models.vllm_engine import VLLMEngine, VLLMModel, _Decoder, vllm_command
 
 
@@ -22,22 +22,28 @@ def test_vllm_command():
     assert cmd[cmd.index("--runner") + 1] == "pooling"
     policy = vllm_command("/models/policy", 8001)
     assert "--runner" not in policy and policy[0] == sys.executable
+    # the checkpoint's sampling defaults never apply: Beaver sends every field with each request
+    assert policy[policy.index("--generation-config") + 1] == "vllm"
     with pytest.raises(ValueError, match="runner"):
         vllm_command("/m", 1, "embed")
 
 
-def test_decoder_detokenizes_locally_and_applies_stop(tiny_llama_dir):
-    tokenizer = load_tokenizer(tiny_llama_dir)
-    ids = tokenizer("sure . step 1 : mix flour")["input_ids"]
-    decoder = _Decoder(tokenizer, SamplingParams(stop=("mix",)), prompt_tokens=7)
+def test_decoder_detokenizes_locally_and_applies_stop(any_model_dir):
+    fmt = ChatFormat.load(any_model_dir)
+    tokenizer = fmt.tokenizer
+    ids = fmt.encode(fmt.content_prefix + "sure . step 1 : mix flour")  # an answer as the model writes it
+    through_mix = next(k for k in range(1, len(ids) + 1) if "mix" in tokenizer.decode(ids[:k]))
+    decoder = _Decoder(fmt, SamplingParams(stop=("mix",)), prompt_tokens=7)
     first = decoder.chunk({"token_ids": ids[:3], "finish_reason": None})
-    last = decoder.chunk({"token_ids": ids[3:] + [tokenizer.eos_token_id], "finish_reason": "stop"})
+    last = decoder.chunk({"token_ids": ids[3:] + [fmt.eos_ids[0]], "finish_reason": "stop"})
     assert first.text + last.text == "sure . step 1 : " and last.finish_reason == "stop"
-    assert decoder.finished and last.prompt_tokens == 7 and last.completion_tokens == 6  # through "mix"
+    assert decoder.finished and last.prompt_tokens == 7 and last.completion_tokens == through_mix
 
-    decoder = _Decoder(tokenizer, SamplingParams(), prompt_tokens=1)
-    done = decoder.chunk({"token_ids": ids + [tokenizer.eos_token_id], "finish_reason": "stop"})
-    assert done.text == "sure . step 1 : mix flour" and tokenizer.eos_token_id not in done.token_ids
+    for eos in fmt.eos_ids:  # every stop id of the model ends the text and is not returned
+        decoder = _Decoder(fmt, SamplingParams(), prompt_tokens=1)
+        done = decoder.chunk({"token_ids": ids + [eos], "finish_reason": "stop"})
+        assert done.text == "sure . step 1 : mix flour" and eos not in done.token_ids
+        assert done.token_ids == ids and done.completion_tokens == len(ids)
 
 
 def test_unreachable_server_is_a_load_error(tiny_llama_dir):

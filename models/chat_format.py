@@ -1,0 +1,285 @@
+"""One conversation format: how messages become token ids, for every trainer, rollout, scorer and server.
+
+Everything Beaver feeds a model goes through the tokenizer's own chat template, rendered to text and
+tokenised with ``add_special_tokens=False`` — exactly what ``tokenizer.apply_chat_template(...,
+tokenize=True)`` does — so the template alone decides BOS, role headers, whitespace and how a turn
+ends, and plain ``transformers`` reproduces Beaver's ids:
+
+    prompt ids          apply_chat_template(messages, add_generation_prompt=True)
+    conversation ids    apply_chat_template(messages + [assistant answer])      (SFT, DPO, reward/cost)
+    rollout score ids   prompt ids + sampled content ids + the template's turn close  (PPO, same tokenizer)
+
+A tokenizer without a template gets the Safe RLHF template (``BEGINNING OF CONVERSATION: USER: …
+ASSISTANT: …``) written into it as a real ``chat_template``; saved with the artifact, every trained
+model then carries its format.
+
+What a template writes around an answer is read off the template once, by rendering a probe
+conversation (``ChatFormat.__post_init__``):
+
+    <generation prompt> + content_prefix + CONTENT + turn_close + turn_suffix
+    e.g. ChatML:  '<|im_start|>assistant\\n' + '' + CONTENT + '<|im_end|>' + '\\n'
+         Safe RLHF: '… ASSISTANT:' + ' ' + CONTENT + '</s>' + ''
+
+``turn_close`` ends with the token that stops generation; it is added to ``eos_ids`` with every id
+of ``generation_config.eos_token_id``, so a model stops wherever its format says a turn ends.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+Messages = list[dict]  # [{"role": "system" | "user" | "assistant", "content": str}, ...]
+Prompt = str | Messages  # a user message, or a conversation that ends with a user turn
+
+ROLES = ("system", "user", "assistant")
+_PROBE_USER, _PROBE_ANSWER = "PROBEUSER", "PROBEANSWER"
+
+
+def safe_rlhf_template(bos: bool) -> str:
+    """The Safe RLHF reference format as a Jinja chat template. ``bos``: write the BOS token first,
+    for tokenizers that add one on every encode (the template replaces that encode-time BOS)."""
+    return (
+        ("{{ bos_token }}" if bos else "")
+        + "BEGINNING OF CONVERSATION:"
+        "{% for message in messages %}"
+        "{% if message['role'] == 'system' %}{{ ' SYSTEM: ' + message['content'] }}"
+        "{% elif message['role'] == 'user' %}{{ ' USER: ' + message['content'] }}"
+        "{% else %}{{ ' ASSISTANT: ' + message['content'] + eos_token }}{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ ' ASSISTANT:' }}{% endif %}"
+    )
+
+
+def as_messages(prompt: Prompt) -> Messages:
+    """A prompt as chat messages: a string is one user turn; a list is checked and copied."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    messages = []
+    for i, m in enumerate(prompt):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise ValueError(f"messages[{i}] must be {{role: one of {list(ROLES)}, content: string}}")
+        messages.append({"role": m["role"], "content": m["content"]})
+    if not messages:
+        raise ValueError("a conversation needs at least one message")
+    return messages
+
+
+def prompt_text(prompt: Prompt) -> str:
+    """The last user message of a prompt (what a rule-based scorer or a person reads)."""
+    if isinstance(prompt, str):
+        return prompt
+    return next((m["content"] for m in reversed(prompt) if m["role"] == "user"), "")
+
+
+def _eos_ids_from_files(path: Path) -> list[int]:
+    """Every ``eos_token_id`` in ``generation_config.json`` and ``config.json`` (int or list)."""
+    ids: list[int] = []
+    for name in ("generation_config.json", "config.json"):
+        file = path / name
+        if not file.is_file():
+            continue
+        value = json.loads(file.read_text()).get("eos_token_id")
+        ids += [value] if isinstance(value, int) else [v for v in value or [] if isinstance(v, int)]
+    return ids
+
+
+def _adds_bos(tokenizer) -> bool:
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
+@dataclass
+class ChatFormat:
+    """A tokenizer with its chat template and stop ids: the one place conversations become ids."""
+
+    tokenizer: Any
+    eos_ids: tuple[int, ...] = ()
+    """Ids that end generation (``generation_config.eos_token_id``, the tokenizer's eos, the turn close)."""
+    template_source: str = "model"
+    """"model" (the tokenizer's own), "safe-rlhf" (written by Beaver) or "job" (a job's override)."""
+    content_prefix: str = field(init=False, default="")
+    turn_close: tuple[int, ...] = field(init=False, default=())
+    turn_suffix: tuple[int, ...] = field(init=False, default=())
+
+    def __post_init__(self):
+        tok = self.tokenizer
+        if not getattr(tok, "chat_template", None):
+            raise ValueError("ChatFormat needs a tokenizer with a chat_template (use ChatFormat.load)")
+        user = [{"role": "user", "content": _PROBE_USER}]
+        generation_prompt = self.render(user, add_generation_prompt=True)
+        full = self.render(user + [{"role": "assistant", "content": _PROBE_ANSWER}])
+        if not full.startswith(generation_prompt) or _PROBE_ANSWER not in full[len(generation_prompt):]:
+            raise ValueError("the chat template renders an assistant turn that does not continue its generation "
+                             "prompt; Beaver cannot line up prompts and answers with it")
+        after = full[len(generation_prompt):]
+        self.content_prefix = after[: after.index(_PROBE_ANSWER)]
+        rest = self.encode(after[after.index(_PROBE_ANSWER) + len(_PROBE_ANSWER):])
+        eos = set(self.eos_ids) | ({tok.eos_token_id} if tok.eos_token_id is not None else set())
+        special = set(tok.all_special_ids)
+        # The turn closes at its first eos id; failing that, at the last special token the template writes.
+        close = next((i for i, t in enumerate(rest) if t in eos), None)
+        if close is None:
+            close = max((i for i, t in enumerate(rest) if t in special), default=None)
+        if close is None:
+            raise ValueError("the chat template does not end an assistant turn with an end-of-sequence or special "
+                             "token, so generation could never stop where a turn ends")
+        self.turn_close, self.turn_suffix = tuple(rest[: close + 1]), tuple(rest[close + 1:])
+        self.eos_ids = tuple(dict.fromkeys([*self.eos_ids, *sorted(eos), rest[close]]))
+
+    # -- loading and saving ---------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str | Path, chat_template: str | None = None, padding_side: str = "right") -> "ChatFormat":
+        """The format of a local Hugging Face directory: its tokenizer (a ``chat_template`` given
+        here overrides the model's; none at all → the Safe RLHF template) and its eos ids. A
+        tokenizer without a pad token pads with its eos (padding is always masked)."""
+        from transformers import AutoTokenizer
+
+        path = Path(path)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        tokenizer.padding_side = padding_side
+        if tokenizer.eos_token is None:  # the Safe RLHF template ends answers with it
+            tokenizer.add_special_tokens({"eos_token": "</s>"})
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        # A template Beaver wrote into an earlier artifact is still Beaver's Safe RLHF template.
+        source = "safe-rlhf" if tokenizer.chat_template in (safe_rlhf_template(True), safe_rlhf_template(False)) \
+            else "model"
+        if chat_template:
+            tokenizer.chat_template, source = chat_template, "job"
+        elif not getattr(tokenizer, "chat_template", None):
+            tokenizer.chat_template, source = safe_rlhf_template(_adds_bos(tokenizer)), "safe-rlhf"
+        return cls(tokenizer, tuple(_eos_ids_from_files(path)), source)
+
+    def save(self, path: str | Path) -> None:
+        """Write the tokenizer (with its chat template) and make ``generation_config.json`` list
+        every eos id, so plain transformers and vLLM stop where Beaver does."""
+        path = Path(path)
+        self.tokenizer.save_pretrained(path)
+        config_file = path / "generation_config.json"
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        config["eos_token_id"] = list(self.eos_ids)
+        if self.tokenizer.pad_token_id is not None:
+            config.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        config_file.write_text(json.dumps(config, indent=2) + "\n")
+
+    def info(self) -> dict:
+        """What a job records about the format it trained with."""
+        import hashlib
+
+        template = self.tokenizer.chat_template
+        return {"chat_template": self.template_source,
+                "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest()[:16]}
+
+    def same_as(self, other: "ChatFormat") -> bool:
+        """Whether ids of one format mean the same conversation in the other: same template and the
+        same vocabulary (a pad token one of them added aside)."""
+        a, b = self.tokenizer.get_vocab(), other.tokenizer.get_vocab()
+        for tok, vocab, theirs in ((self.tokenizer, a, b), (other.tokenizer, b, a)):
+            if tok.pad_token not in theirs:  # a pad token one side added never reaches the other
+                vocab.pop(tok.pad_token, None)
+        return (self.tokenizer.chat_template == other.tokenizer.chat_template and a == b
+                and (self.turn_close, self.turn_suffix) == (other.turn_close, other.turn_suffix))
+
+    # -- rendering ----------------------------------------------------------------------------------
+
+    def render(self, messages: Messages, add_generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def encode(self, text: str) -> list[int]:
+        # The template writes every special token itself (BOS included): never add them again.
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def prompt_ids(self, prompt: Prompt) -> list[int]:
+        """Ids a policy continues: the conversation and the template's generation prompt."""
+        return self.encode(self.render(as_messages(prompt), add_generation_prompt=True))
+
+    def completion_ids(self, prompt: Prompt, response: str, max_length: int | None = None) -> list[int]:
+        """Ids of the conversation ``prompt`` + the assistant's ``response``: what a reward or cost
+        model reads (its end score sits on the last id). A longer one keeps its head and its turn
+        close, so the score is still read where training read it."""
+        ids = self.encode(self.render(as_messages(prompt) + [{"role": "assistant", "content": response}]))
+        return self.truncate(ids, max_length)
+
+    def truncate(self, ids: list[int], max_length: int | None) -> list[int]:
+        tail = list(self.turn_close + self.turn_suffix)
+        if max_length is None or len(ids) <= max_length:
+            return ids
+        if max_length <= len(tail):
+            raise ValueError(f"max_length {max_length} leaves no room for an answer")
+        return ids[: max_length - len(tail)] + tail
+
+    def conversation(self, messages: Messages, max_length: int | None = None) -> tuple[list[int], list[int]]:
+        """Ids of a whole conversation and its assistant mask (1 on every assistant turn's content
+        and turn close — what SFT learns to write, including where to stop — 0 elsewhere).
+
+        Each turn is located by rendering the conversation up to it: the ids of that prefix (with
+        the generation prompt) must be a prefix of the conversation's ids, which every template
+        that does not rewrite history satisfies; anything else is an error, not a silent mask.
+        """
+        messages = as_messages(messages)
+        ids = self.encode(self.render(messages))
+        mask = [0] * len(ids)
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            start = len(self._prefix(ids, self.render(messages[:i], add_generation_prompt=True), i))
+            end = len(self._prefix(ids, self.render(messages[: i + 1]), i)) - len(self.turn_suffix)
+            mask[start:end] = [1] * (end - start)
+        if max_length is not None:
+            ids, mask = ids[:max_length], mask[:max_length]
+        return ids, mask
+
+    def _prefix(self, ids: list[int], text: str, turn: int) -> list[int]:
+        prefix = self.encode(text)
+        if ids[: len(prefix)] != prefix:
+            raise ValueError(f"the chat template renders the conversation before message {turn} differently from "
+                             "the whole conversation, so its assistant tokens cannot be located")
+        return prefix
+
+    # -- rollouts -----------------------------------------------------------------------------------
+
+    def content_ids(self, response_ids: Sequence[int]) -> list[int]:
+        """A sampled response's content: its ids before the first eos id (and before a turn close
+        the model wrote itself)."""
+        out = []
+        for t in response_ids:
+            if t in self.eos_ids:
+                break
+            out.append(int(t))
+        closing = list(self.turn_close[:-1])
+        if closing and out[-len(closing):] == closing:
+            out = out[: -len(closing)]
+        return out
+
+    def score_ids(self, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> list[int]:
+        """The conversation a score model reads for a rollout, in the rollout's own ids: prompt,
+        content, then the turn close and suffix the template writes (a truncated answer is closed
+        too, as re-rendering its text would). Equal to ``completion_ids(prompt, text)`` whenever
+        the text re-tokenises to the sampled ids."""
+        return [int(t) for t in prompt_ids] + self.content_ids(response_ids) + list(self.turn_close + self.turn_suffix)
+
+    def response_text(self, response_ids: Sequence[int]) -> str:
+        """The answer as a message's ``content``: the decoded content without the text the template
+        itself puts before an answer (Safe RLHF's space after ``ASSISTANT:``)."""
+        text = self.tokenizer.decode(self.content_ids(response_ids), skip_special_tokens=True)
+        return text[len(self.content_prefix):] if self.content_prefix and text.startswith(self.content_prefix) else text
+
+    # -- score models -------------------------------------------------------------------------------
+
+    def score_padding(self) -> None:
+        """Give a score model a pad id that is not the last id of a conversation: Hugging Face's
+        ``*ForSequenceClassification`` pools at the last non-pad token, so padding with that id
+        would move the end score. An existing token is reused when one fits."""
+        last = (self.turn_close + self.turn_suffix)[-1]
+        tok = self.tokenizer
+        if tok.pad_token_id != last:
+            return
+        for candidate in (tok.eos_token, tok.bos_token, tok.unk_token):
+            if candidate is not None and tok.convert_tokens_to_ids(candidate) != last:
+                tok.pad_token = candidate
+                return
+        tok.add_special_tokens({"pad_token": "<|pad|>"})

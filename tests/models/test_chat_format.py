@@ -1,0 +1,144 @@
+"""One conversation format, token for token, on the word-level model and the two real-shaped chat
+models: what SFT trains, what reward/cost models read, what PPO scores and what plain transformers
+reproduce from a saved artifact are the same ids."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AutoTokenizer
+
+from models.chat_format import ChatFormat, safe_rlhf_template
+
+PROMPT = "how do i make a cake ?"
+ANSWER = "sure . step 1 : mix flour . step 2 : add eggs ."
+THREE_TURNS = [
+    {"role": "system", "content": "good safe yes"},
+    {"role": "user", "content": "how do i make a cake ?"},
+    {"role": "assistant", "content": "sure . step 1 : mix flour ."},
+    {"role": "user", "content": "red green blue ?"},
+    {"role": "assistant", "content": "step 2 : add eggs ."},
+    {"role": "user", "content": "what is the capital of france ?"},
+    {"role": "assistant", "content": "paris is the capital ."},
+]
+
+
+def plain_ids(tokenizer, messages, **kwargs) -> list[int]:
+    """What a user of plain transformers gets from the saved tokenizer."""
+    out = tokenizer.apply_chat_template(messages, tokenize=True, **kwargs)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def test_a_saved_format_reproduces_beavers_ids_with_plain_transformers(any_model_dir, tmp_path):
+    fmt = ChatFormat.load(any_model_dir)
+    fmt.save(tmp_path)
+    plain = AutoTokenizer.from_pretrained(tmp_path)  # the Safe RLHF template travels with the word-level model
+    user = [{"role": "user", "content": PROMPT}]
+    assert fmt.prompt_ids(PROMPT) == plain_ids(plain, user, add_generation_prompt=True)
+    assert fmt.completion_ids(PROMPT, ANSWER) == plain_ids(plain, user + [{"role": "assistant", "content": ANSWER}])
+    assert fmt.conversation(THREE_TURNS)[0] == plain_ids(plain, THREE_TURNS)
+    assert ChatFormat.load(tmp_path).eos_ids == fmt.eos_ids  # generation_config.json lists every stop id
+
+
+def test_template_less_tokenizers_get_the_safe_rlhf_template(tiny_llama_dir):
+    fmt = ChatFormat.load(tiny_llama_dir)
+    assert fmt.template_source == "safe-rlhf" and fmt.tokenizer.chat_template == safe_rlhf_template(bos=False)
+    text = fmt.render([{"role": "user", "content": PROMPT}, {"role": "assistant", "content": ANSWER}])
+    assert text == f"BEGINNING OF CONVERSATION: USER: {PROMPT} ASSISTANT: {ANSWER}</s>"
+    assert fmt.content_prefix == " " and fmt.tokenizer.convert_ids_to_tokens(list(fmt.turn_close)) == ["</s>"]
+    override = ChatFormat.load(tiny_llama_dir, chat_template=(
+        "{% for m in messages %}{% if m['role'] == 'user' %}{{ 'USER: ' + m['content'] + ' ' }}"
+        "{% else %}{{ 'ASSISTANT: ' + m['content'] + eos_token + ' ' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"))
+    assert override.template_source == "job" and override.render([{"role": "user", "content": "hi"}]) == "USER: hi "
+
+
+def test_the_answer_starts_where_the_prompt_ends_with_no_invented_space(any_model_dir):
+    """SFT's labels, the reward model's input and the policy's prompt line up: the first target is
+    the first token of the answer in the template's own format (``sure``, not ``Ġsure`` after
+    ChatML's newline)."""
+    fmt = ChatFormat.load(any_model_dir)
+    prompt = fmt.prompt_ids(PROMPT)
+    ids, mask = fmt.conversation([{"role": "user", "content": PROMPT}, {"role": "assistant", "content": ANSWER}])
+    assert ids == fmt.completion_ids(PROMPT, ANSWER)  # SFT trains the ids the score models read
+    assert ids[: len(prompt)] == prompt and mask.index(1) == len(prompt)
+    first = fmt.tokenizer.convert_ids_to_tokens(ids[len(prompt)])
+    assert first.lstrip("Ġ▁").startswith("sure")
+    targets = [t for t, m in zip(ids, mask) if m]
+    assert targets[-len(fmt.turn_close):] == list(fmt.turn_close)  # the model learns where to stop
+    assert fmt.tokenizer.decode(targets, skip_special_tokens=True).strip() == ANSWER
+
+
+def test_one_bos_everywhere_for_a_tokenizer_that_adds_one(tiny_llama3_dir):
+    fmt = ChatFormat.load(tiny_llama3_dir)
+    bos = fmt.tokenizer.bos_token_id
+    assert fmt.tokenizer("x")["input_ids"][0] == bos  # the tokenizer adds one on encode …
+    for ids in (fmt.prompt_ids(PROMPT), fmt.completion_ids(PROMPT, ANSWER), fmt.conversation(THREE_TURNS)[0]):
+        assert ids[0] == bos and ids.count(bos) == 1  # … and the template writes one: never both
+
+
+def test_every_assistant_turn_of_a_three_turn_conversation_is_a_target(any_model_dir):
+    fmt = ChatFormat.load(any_model_dir)
+    ids, mask = fmt.conversation(THREE_TURNS)
+    spans, start = [], None
+    for i, m in enumerate(mask + [0]):
+        if m and start is None:
+            start = i
+        elif not m and start is not None:
+            spans.append(ids[start:i])
+            start = None
+    answers = [m["content"] for m in THREE_TURNS if m["role"] == "assistant"]
+    assert len(spans) == 3
+    for span, answer in zip(spans, answers):
+        assert span[-len(fmt.turn_close):] == list(fmt.turn_close)
+        assert fmt.tokenizer.decode(span, skip_special_tokens=True).strip() == answer
+    # system and user text is never a target
+    masked_text = fmt.tokenizer.decode([t for t, m in zip(ids, mask) if not m], skip_special_tokens=True)
+    assert "good safe yes" in masked_text and "red green blue" in masked_text and "capital of france" in masked_text and "paris" not in masked_text
+
+
+def test_rollout_ids_are_scored_as_the_trained_conversation(any_model_dir):
+    """PPO scores prompt ids + sampled content + the template's turn close; for an answer whose
+    text re-tokenises to the sampled ids this is exactly what reward training tokenised, whichever
+    eos id ended the sample, and a truncated answer is closed the same way."""
+    fmt = ChatFormat.load(any_model_dir)
+    prompt = fmt.prompt_ids(PROMPT)
+    trained = fmt.completion_ids(PROMPT, ANSWER)
+    content = trained[len(prompt): len(trained) - len(fmt.turn_close) - len(fmt.turn_suffix)]
+    for eos in fmt.eos_ids:
+        assert fmt.score_ids(prompt, content + [eos]) == trained
+        assert fmt.response_text(content + [eos]) == ANSWER
+    assert fmt.score_ids(prompt, content) == trained  # cut by max_new_tokens: closed as its text would be
+
+
+def test_every_eos_id_of_the_generation_config_stops(tiny_qwen_dir, tiny_llama3_dir):
+    qwen, llama3 = ChatFormat.load(tiny_qwen_dir), ChatFormat.load(tiny_llama3_dir)
+    names = lambda f: set(f.tokenizer.convert_ids_to_tokens(list(f.eos_ids)))  # noqa: E731
+    assert names(qwen) == {"<|im_end|>", "<|endoftext|>"}
+    assert names(llama3) == {"<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"}
+    assert llama3.tokenizer.eos_token == "<|end_of_text|>" and llama3.turn_close == (
+        llama3.tokenizer.convert_tokens_to_ids("<|eot_id|>"),)
+
+
+def test_score_padding_never_pads_with_the_last_id_of_a_conversation(tiny_llama3_dir, tmp_path):
+    fmt = ChatFormat.load(tiny_llama3_dir)
+    last = fmt.completion_ids(PROMPT, ANSWER)[-1]
+    fmt.tokenizer.pad_token = fmt.tokenizer.convert_ids_to_tokens(last)  # a Llama-3.1 setup: pad == eot
+    fmt.score_padding()
+    assert fmt.tokenizer.pad_token_id != last and len(fmt.tokenizer) == ChatFormat.load(tiny_llama3_dir).tokenizer.__len__()
+
+
+def test_same_format_is_recognised_and_a_different_template_is_not(tiny_qwen_dir, tmp_path):
+    a, b = ChatFormat.load(tiny_qwen_dir), ChatFormat.load(tiny_qwen_dir, padding_side="left")
+    assert a.same_as(b)
+    other = ChatFormat.load(tiny_qwen_dir, chat_template=safe_rlhf_template(bos=False))
+    assert not a.same_as(other)
+
+
+def test_truncation_keeps_the_turn_close(any_model_dir):
+    fmt = ChatFormat.load(any_model_dir)
+    full = fmt.completion_ids(PROMPT, ANSWER)
+    cut = fmt.completion_ids(PROMPT, ANSWER, max_length=len(full) - 3)
+    tail = list(fmt.turn_close + fmt.turn_suffix)
+    assert len(cut) == len(full) - 3 and cut[-len(tail):] == tail and cut[: -len(tail)] == full[: len(cut) - len(tail)]
+    with pytest.raises(ValueError):
+        fmt.completion_ids(PROMPT, ANSWER, max_length=len(tail))

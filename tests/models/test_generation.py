@@ -1,0 +1,94 @@
+"""The sampler: explicit sampling (nothing inherited from ``generation_config.json``), every eos id
+stops, and the log-probabilities it samples with are the trainer's ``log π_old``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.chat_format import ChatFormat
+from models.generation import Sampler, SamplingConfig, draw, penalise, response_mask, sampling_log_probs
+from models.loading import load_causal_lm
+from models.ppo_lag import token_log_probs
+from tests.chat_rig import force_first_token
+
+PROMPTS = ["how do i make a cake ?", "what is the capital of france ?",
+           [{"role": "system", "content": "good safe"}, {"role": "user", "content": "red green blue"}]]
+
+
+def rollout(model_dir, config: SamplingConfig, seed: int = 0):
+    fmt = ChatFormat.load(model_dir, padding_side="left")
+    model = load_causal_lm(model_dir, fmt.tokenizer).eval()
+    out = Sampler(model, fmt.tokenizer.pad_token_id, fmt.eos_ids).generate([fmt.prompt_ids(p) for p in PROMPTS],
+                                                                             config, seed=seed)
+    return fmt, model, out
+
+
+def test_sampler_log_probs_are_the_trainers_log_pi_old_with_the_shipped_generation_config(tiny_qwen_dir):
+    """Qwen2.5-Instruct's generation_config.json (repetition penalty 1.05, top-k 20, top-p 0.8,
+    T 0.7) is on disk; the job's explicit settings are what the sampler uses, and the trainer's
+    log π_old at the sampling temperature equals the sampler's per-token log-probs."""
+    config = SamplingConfig(temperature=0.7, top_p=0.9, top_k=50, max_new_tokens=24)
+    fmt, model, out = rollout(tiny_qwen_dir, config)
+    assert out.response_mask.sum() > len(PROMPTS)  # something was sampled
+    with torch.no_grad():
+        old, _ = token_log_probs(model, out.sequences, out.attention_mask, out.prompt_length, temperature=0.7)
+    m = out.response_mask.bool()
+    assert (old[m] - out.log_probs[m]).abs().max() < 1e-4
+
+    # The check has teeth: sampling with the shipped repetition penalty would be off-policy.
+    penalised = Sampler(model, fmt.tokenizer.pad_token_id, fmt.eos_ids).generate(
+        [fmt.prompt_ids(p) for p in PROMPTS], SamplingConfig(temperature=0.7, repetition_penalty=1.05,
+                                                              max_new_tokens=24), seed=0)
+    with torch.no_grad():
+        old, _ = token_log_probs(model, penalised.sequences, penalised.attention_mask, penalised.prompt_length, 0.7)
+    m = penalised.response_mask.bool()
+    assert (old[m] - penalised.log_probs[m]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("model", ["qwen2", "llama3"])
+def test_generation_stops_at_every_eos_id(model, tiny_qwen_dir, tiny_llama3_dir, tmp_path):
+    base = {"qwen2": tiny_qwen_dir, "llama3": tiny_llama3_dir}[model]
+    fmt = ChatFormat.load(base, padding_side="left")
+    assert len(fmt.eos_ids) >= 2
+    for eos in fmt.eos_ids:
+        rigged = force_first_token(base, PROMPTS[0], eos, tmp_path / str(eos))
+        policy = load_causal_lm(rigged, fmt.tokenizer).eval()
+        out = Sampler(policy, fmt.tokenizer.pad_token_id, fmt.eos_ids).generate(
+            [fmt.prompt_ids(PROMPTS[0])], SamplingConfig(temperature=0, max_new_tokens=8))
+        assert out.responses[0, 0].item() == eos
+        assert out.response_mask[0].tolist() == [1] + [0] * (out.response_mask.shape[1] - 1)
+        assert fmt.response_text(out.responses[0].tolist()) == ""
+
+
+def test_left_padded_rows_end_at_their_first_eos_and_are_seeded(tiny_llama3_dir):
+    config = SamplingConfig(temperature=1.0, max_new_tokens=12)
+    fmt, _, a = rollout(tiny_llama3_dir, config, seed=3)
+    _, _, b = rollout(tiny_llama3_dir, config, seed=3)
+    assert torch.equal(a.sequences, b.sequences)
+    P, pad = a.prompt_length, fmt.tokenizer.pad_token_id
+    for row, prompt in enumerate(PROMPTS):
+        n = len(fmt.prompt_ids(prompt))
+        assert a.attention_mask[row, :P].tolist() == [0] * (P - n) + [1] * n
+        assert a.sequences[row, P - n] == fmt.tokenizer.bos_token_id  # one BOS, right after the padding
+        tokens = a.responses[row][a.response_mask[row].bool()].tolist()
+        assert not set(tokens[:-1]) & set(fmt.eos_ids)
+        assert a.responses[row][~a.response_mask[row].bool()].eq(pad).all()
+    torch.testing.assert_close(response_mask(torch.tensor([[5, 1, 7, 4], [5, 6, 4, 8], [5, 6, 7, 8]]), [1, 4]),
+                               torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]))
+
+
+def test_logits_processing_exact():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 0.0]])
+    seen = torch.tensor([[True, True, False, False]])
+    torch.testing.assert_close(penalise(logits, seen, 2.0), torch.tensor([[1.0, -2.0, 0.5, 0.0]]))
+    config = SamplingConfig(temperature=0.5)
+    torch.testing.assert_close(sampling_log_probs(logits, config), torch.log_softmax(logits / 0.5, -1))
+    # top-k 2 keeps {0, 2}; top-p 0.5 of softmax([2, -1, .5, 0]) ≈ (.71, .04, .16, .10) keeps {0}
+    log_probs = torch.log_softmax(logits, -1).repeat(200, 1)
+    g = torch.Generator().manual_seed(0)
+    assert set(draw(log_probs, SamplingConfig(top_k=2), g).tolist()) == {0, 2}
+    assert set(draw(log_probs, SamplingConfig(top_p=0.5), g).tolist()) == {0}
+    assert set(draw(log_probs, SamplingConfig(temperature=0), g).tolist()) == {0}
+    with pytest.raises(ValueError):
+        SamplingConfig(top_p=0)
