@@ -196,7 +196,9 @@ def keys_list() -> None:
 @cli.command("serve-vllm")
 def serve_vllm(model: str = typer.Argument(..., help="Model id, model name or round name (→ its policy)."),
                port: int = typer.Option(8001), host: str = typer.Option("127.0.0.1"),
-               python: Optional[str] = typer.Option(None, help="Python with vLLM (default BEAVER_VLLM_PYTHON).")) -> None:
+               python: Optional[str] = typer.Option(None, help="Python with vLLM (default BEAVER_VLLM_PYTHON)."),
+               dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 | float16 "
+                                                   "(default BEAVER_SERVING_DTYPE).")) -> None:
     """Start a vLLM OpenAI-compatible server for a registered model (pooling runner for reward/cost
     models); point BEAVER_VLLM_URLS at it to route that model there."""
     from sqlmodel import Session
@@ -206,14 +208,25 @@ def serve_vllm(model: str = typer.Argument(..., help="Model id, model name or ro
     from api.serving import vllm_command_for
     from api.settings import get_settings
 
+    if dtype not in (None, "auto", "float32", "bfloat16", "float16"):
+        _fail(f"--dtype must be auto, float32, bfloat16 or float16, not {dtype!r}")
     _prepare_database()
     with Session(get_engine()) as session:
         try:
-            cmd = vllm_command_for(session, model, port, python=python or get_settings().vllm_python or None, host=host)
+            cmd = vllm_command_for(session, model, port, python=python or get_settings().vllm_python or None, host=host,
+                                   dtype=dtype)
         except ApiError as e:
             _fail(e.message)
     typer.echo(" ".join(cmd))
     os.execvpe(cmd[0], cmd, {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")})
+
+
+@cli.command()
+def jobs() -> None:
+    """Every job type and its params (the reference the README holds), as Markdown."""
+    from models.jobs import params_markdown
+
+    typer.echo(params_markdown(), nl=False)
 
 
 @cli.command()

@@ -23,7 +23,7 @@ import time
 import uuid
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from api.errors import ApiError
 
@@ -204,10 +204,29 @@ class ModelList(BaseModel):
 
 # --- Beaver: scoring --------------------------------------------------------------------------------
 
+class PromptMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
 class ScoreItem(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    prompt: str = Field(description="The user's message ('' for none).")
+    prompt: str | list[PromptMessage] = Field(description="The user's message ('' for none), or the conversation "
+                                              "before the answer: messages ending with a user message.")
     response: str = Field(description="The answer to score.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _ends_with_user(cls, prompt):
+        if isinstance(prompt, list) and (not prompt or prompt[-1].role != "user"):
+            raise ValueError("a conversation to score must end with a user message")
+        return prompt
+
+    def pair(self) -> tuple[str | list[dict], str]:
+        """(prompt, response) as the engines take it."""
+        prompt = self.prompt if isinstance(self.prompt, str) else [m.model_dump() for m in self.prompt]
+        return prompt, self.response
 
 
 class ScoreRequest(_Request):
@@ -256,9 +275,9 @@ class ModerationRequest(_Request):
                              "safe/unsafe boundary).")
     # --- end Beaver extension ---
 
-    def pairs(self) -> list[tuple[str, str]]:
+    def pairs(self) -> list[tuple[str | list[dict], str]]:
         items = [self.input] if isinstance(self.input, str) else self.input
-        return [(i.prompt, i.response) if isinstance(i, ScoreItem) else ("", i) for i in items]
+        return [i.pair() if isinstance(i, ScoreItem) else ("", i) for i in items]
 
 
 class ModerationResult(BaseModel):

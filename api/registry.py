@@ -1,14 +1,23 @@
-"""Queries shared by the API and the workers: dataset records, the model registry, job events."""
+"""Queries shared by the API and the workers: dataset records, the model registry and what a model
+reference names, job events. Errors here are domain errors (``ModelNotFound``, ``WrongModelKind``);
+the routers turn them into HTTP statuses."""
 
 from __future__ import annotations
 
+import json
+import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from huggingface_hub import HfApi, snapshot_download, try_to_load_from_cache
+from huggingface_hub import constants as hf_constants
+from huggingface_hub.errors import (GatedRepoError, HFValidationError, LocalEntryNotFoundError,
+                                    RepositoryNotFoundError)
+from huggingface_hub.utils import validate_repo_id
 from sqlalchemy import insert
 from sqlmodel import Session, select
 
-from api.errors import ApiError
 from api.tables import Dataset, DatasetRecord, JobEvent, Model, Round, new_id
 
 
@@ -30,20 +39,166 @@ def find_round(session: Session, ref: str) -> Round | None:
     return session.exec(select(Round).where((Round.name == ref) | (Round.id == ref))).first()
 
 
-def resolve_model_path(session: Session, ref: str) -> str:
-    """A model id, model name or round name (→ its policy) to a local directory; an existing
-    local directory passes through. Unknown refs raise ``ApiError(404)`` naming the ref."""
-    model = find_model(session, ref)
-    if model is None:
-        round_ = find_round(session, ref)
-        if round_ is not None:
-            model = session.get(Model, round_.policy_model_id)
+# --- model references --------------------------------------------------------------------------------
+# What a job's model param may name, checked at POST /v1/jobs (``check_model``) and loaded by the
+# worker (``resolve_model_path``) through the same ``locate_model``, so a reference the API accepts
+# is one the worker finds.
+
+class ModelNotFound(LookupError):
+    """A model reference that names nothing Beaver can load (the message names the ref)."""
+
+
+class WrongModelKind(ValueError):
+    """A model reference that names a model of another kind than its param needs."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    source: str  # "model" (registered) | "round" (its policy) | "local" (a directory) | "hub" (a hub id)
+    path: str | None  # a local Hugging Face directory; None for a hub model not in the cache
+    kind: str | None = None  # a registered model's kind: policy | reward | cost
+    architectures: tuple[str, ...] | None = None  # config.json's ``architectures``, where it was read
+
+
+# Weight formats transformers' PyTorch loaders never read (Llama's original/*.pth alone is a second copy).
+HUB_IGNORE = ["*.h5", "*.msgpack", "*.ot", "*.onnx", "onnx/*", "*.gguf", "*.tflite", "original/*", "*.pth"]
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as set now (huggingface_hub reads it once, at import)."""
+    value = os.environ.get("HF_HUB_OFFLINE")
+    return hf_constants.HF_HUB_OFFLINE if value is None else value.strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def hub_cache_dir() -> str:
+    """The Hugging Face hub cache as set now: HF_HUB_CACHE, else $HF_HOME/hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.path.expanduser(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.path.expanduser(os.environ["HF_HOME"]), "hub")
+    return hf_constants.HF_HUB_CACHE
+
+
+def locate_model(session: Session, ref: str, download: bool = False) -> ModelRef:
+    """What ``ref`` names, first match wins: a registered model id or name, a round name or id (its
+    policy), a local directory with a ``config.json``, a Hugging Face hub id (``org/name`` or
+    ``name``) in the local cache or — unless HF_HUB_OFFLINE — on the hub. ``download`` fetches a hub
+    model into the cache (the worker); without it nothing is downloaded (the API's check).
+    Raises ``ModelNotFound`` saying what ``ref`` is not."""
+    model, source = find_model(session, ref), "model"
+    if model is None and (round_ := find_round(session, ref)) is not None:
+        model, source = session.get(Model, round_.policy_model_id), "round"
     if model is not None:
-        return model.path
-    if Path(ref).is_dir():
-        return str(Path(ref).resolve())
-    raise ApiError(404, f"model {ref!r} not found: not a registered model id, model name, round name or local directory",
-                   param="model")
+        if not Path(model.path).is_dir():
+            raise ModelNotFound(f"{'round' if source == 'round' else 'registered model'} {ref!r} points to "
+                                f"{model.path}, which is no longer a directory")
+        return ModelRef(source, model.path, kind=model.kind)
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFound(f"{ref!r} is a directory but not a Hugging Face model: it has no config.json")
+        return ModelRef("local", str(path.resolve()), architectures=_architectures(path / "config.json"))
+    try:
+        validate_repo_id(ref)
+    except HFValidationError:
+        raise ModelNotFound(f"model {ref!r} not found: not a registered model id or name, a round name, a local "
+                            f"directory or a Hugging Face hub id") from None
+    if download:
+        return ModelRef("hub", _snapshot(ref))
+    cached = try_to_load_from_cache(ref, "config.json", cache_dir=hub_cache_dir())
+    if isinstance(cached, str):
+        return ModelRef("hub", str(Path(cached).parent), architectures=_architectures(Path(cached)))
+    if hub_offline():
+        raise ModelNotFound(f"model {ref!r} not found: not a registered model id or name, a round name, a local "
+                            f"directory, or a Hugging Face model in the local cache ({hub_cache_dir()}); "
+                            f"HF_HUB_OFFLINE is set, so the hub was not asked")
+    try:
+        info = HfApi(endpoint=os.environ.get("HF_ENDPOINT")).model_info(ref, timeout=10)
+    except RepositoryNotFoundError:
+        raise ModelNotFound(f"model {ref!r} not found: not a registered model, a round or a local directory, and "
+                            f"no such model on the Hugging Face hub") from None
+    except Exception as e:  # noqa: BLE001 — the network errors of huggingface_hub's HTTP client of the day
+        raise ModelNotFound(_unreachable(ref, e)) from None
+    architectures = (info.config or {}).get("architectures") if isinstance(info.config, dict) else None
+    return ModelRef("hub", None, architectures=tuple(architectures) if architectures is not None else None)
+
+
+def resolve_model_path(session: Session, ref: str) -> str:
+    """A model reference (see ``locate_model``) as a local Hugging Face directory, downloading a hub
+    model into the cache unless HF_HUB_OFFLINE (then it must be cached). Raises ``ModelNotFound``."""
+    return locate_model(session, ref, download=True).path
+
+
+SCORE_KINDS = {"reward_model": "reward", "cost_model": "cost"}  # params that name one kind of score model
+
+
+def check_model(session: Session, param: str, ref: str, expected: str) -> ModelRef:
+    """``locate_model`` and the kind check of POST /v1/jobs. ``expected``: "causal" (a policy),
+    "score" (a reward or cost model; ``reward_model`` must be a reward one, ``cost_model`` a cost one)
+    or "any" (a backbone). A registered model is judged by its kind, a directory by its config.json's
+    architectures. Raises ``ModelNotFound`` or ``WrongModelKind``."""
+    found = locate_model(session, ref)
+    if expected == "any":
+        return found
+    if found.kind is not None:
+        wanted = ["policy"] if expected == "causal" else [SCORE_KINDS[param]] if param in SCORE_KINDS \
+            else ["reward", "cost"]
+        if found.kind not in wanted:
+            what = "a round, which stands for its policy here" if found.source == "round" else \
+                f"a registered {found.kind} model"
+            raise WrongModelKind(f"{ref!r} is {what}, not a {' or '.join(wanted)} model")
+    elif found.architectures is not None:
+        score = [a for a in found.architectures if a.endswith("ForSequenceClassification")]
+        if expected == "causal" and score:
+            raise WrongModelKind(f"{ref!r} is a score model ({score[0]}), not a causal language model")
+        if expected == "score" and not score:
+            what = f"a {', '.join(found.architectures)}" if found.architectures else \
+                "a model without architectures in its config.json"
+            raise WrongModelKind(f"{ref!r} is {what}, not a score model (*ForSequenceClassification)")
+    return found
+
+
+def _architectures(config_file: Path) -> tuple[str, ...]:
+    try:
+        return tuple(json.loads(config_file.read_text()).get("architectures") or ())
+    except (OSError, ValueError, AttributeError):
+        raise ModelNotFound(f"{config_file} is not a readable Hugging Face config") from None
+
+
+def _unreachable(ref: str, e: Exception) -> str:
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return (f"model {ref!r} is not in the local Hugging Face cache ({hub_cache_dir()}) and the hub is not reachable "
+            f"({reason}): download it into the cache first, or set HF_HUB_OFFLINE=1 on a deployment without "
+            f"network so this check looks at the cache only")
+
+
+def _snapshot(repo_id: str) -> str:
+    """A hub model's snapshot directory in the cache, downloaded unless offline."""
+    offline = hub_offline()
+    try:
+        return snapshot_download(repo_id, cache_dir=hub_cache_dir(), local_files_only=offline,
+                                 ignore_patterns=HUB_IGNORE)
+    except GatedRepoError:
+        raise ModelNotFound(f"model {repo_id!r} is gated on the Hugging Face hub: accept its terms there and give "
+                            f"the workers a token (HF_TOKEN)") from None
+    except RepositoryNotFoundError:
+        raise ModelNotFound(f"model {repo_id!r} not found: no such model on the Hugging Face hub") from None
+    except LocalEntryNotFoundError as e:
+        if offline:
+            raise ModelNotFound(f"model {repo_id!r} is not in the local Hugging Face cache ({hub_cache_dir()}) and "
+                                f"HF_HUB_OFFLINE is set") from None
+        raise ModelNotFound(_unreachable(repo_id, e)) from None
+    except Exception as e:  # noqa: BLE001 — as in locate_model
+        raise ModelNotFound(_unreachable(repo_id, e)) from None
+
+
+def chat_template_record(policy: Model | None) -> dict | None:
+    """The chat template a trained policy recorded, ``{"source", "sha256"}``; None for a model
+    registered by hand (it carries whatever template its tokenizer has)."""
+    metrics = policy.metrics if policy is not None else {}
+    if not metrics.get("chat_template"):
+        return None
+    return {"source": metrics["chat_template"], "sha256": metrics.get("chat_template_sha256")}
 
 
 def register_model(session: Session, name: str, kind: str, path: str, job_id: str | None = None,

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import torch
 from sqlmodel import Session
 
 from api.errors import ApiError
@@ -48,7 +49,8 @@ class ServingPool:
     def __init__(self, settings: Settings):
         self._served: dict[str, Served] = {}  # model id → what the engines need, filled as requests resolve
         self.local = TransformersEngine(self._path, memory_budget_bytes=int(settings.engine_memory_gb * (1 << 30)),
-                                        threads=max(1, (os.cpu_count() or 2) - 1))
+                                        threads=max(1, (os.cpu_count() or 2) - 1),
+                                        dtype=torch_dtype(settings.serving_dtype))
         self.vllm_urls = settings.vllm_url_map
         self.remote = VLLMEngine(self._vllm_model) if self.vllm_urls else None
 
@@ -84,6 +86,11 @@ class ServingPool:
         await self.local.aclose()
         if self.remote is not None:
             await self.remote.aclose()
+
+
+def torch_dtype(name: str):
+    """A dtype setting as ``from_pretrained`` takes it: a torch dtype, or "auto" (the checkpoint's own)."""
+    return name if name == "auto" else getattr(torch, name)
 
 
 @lru_cache
@@ -178,13 +185,15 @@ async def score_pairs(judges: Judges, pairs: list) -> tuple[list[float] | None, 
 
 
 def vllm_command_for(session: Session, ref: str, port: int, python: str | None = None,
-                     host: str = "127.0.0.1") -> list[str]:
+                     host: str = "127.0.0.1", dtype: str | None = None) -> list[str]:
     """The command ``beaver serve-vllm MODEL_ID --port P`` runs: vLLM's OpenAI server for a
-    registered model (a round name serves its policy), the pooling runner for reward/cost models.
-    Then list the model's id → ``http://HOST:PORT`` in ``BEAVER_VLLM_URLS``."""
+    registered model (a round name serves its policy), the pooling runner for reward/cost models,
+    in ``dtype`` (default ``BEAVER_SERVING_DTYPE``). Then list the model's id → ``http://HOST:PORT``
+    in ``BEAVER_VLLM_URLS``."""
     from models.vllm_engine import vllm_command
 
     round_ = find_round(session, ref)
     model = session.get(Model, round_.policy_model_id) if round_ is not None else _model(session, ref, "model")
     runner = "generate" if model.kind == "policy" else "pooling"
-    return vllm_command(model.path, port, runner, python=python, host=host)
+    return vllm_command(model.path, port, runner, python=python, host=host,
+                        dtype=dtype or get_settings().serving_dtype)

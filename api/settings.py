@@ -12,6 +12,7 @@ import json
 import re
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -38,6 +39,9 @@ class Settings(BaseSettings):
                                         "re-queued once, then failed.")
     max_job_attempts: int = Field(2, description="Runs a job gets before an orphaned one is failed.")
     engine_memory_gb: float = Field(4.0, description="Memory budget of models cached by the serving engine (LRU).")
+    serving_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Precision of served models, in-process and `beaver serve-vllm` (auto: the checkpoint's "
+        "own, as saved in its config.json).")
     guard_rounds: str = Field("", description="Comma-separated round names served with the guard: an answer whose "
                               "cost exceeds the threshold is replaced by a refusal.")
     vllm_python: str = Field("", description="Python of the environment vLLM is installed in, for `beaver serve-vllm` "

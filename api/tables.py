@@ -10,7 +10,7 @@ import os
 import time
 from typing import Any
 
-from sqlalchemy import JSON, Column, Index, Text
+from sqlalchemy import JSON, Column, Index
 from sqlmodel import Field, SQLModel
 
 
@@ -25,6 +25,25 @@ def now() -> int:
 ROLES = ("admin", "trainer", "annotator", "viewer")
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL_STATES = ("succeeded", "failed", "cancelled")
+
+# A failed job's ``error`` is ``{"code": <one of these>, "message": <what happened>}``; the message
+# never starts with an exception's class name, and a traceback, when there is one, is in the job's events.
+JOB_ERROR_CODES = {
+    "invalid_input": "the params or the data cannot work (ValueError, invalid records, bad params)",
+    "model_not_found": "a model reference names nothing loadable, or its files are missing or unreadable",
+    "out_of_memory": "the job ran out of GPU or CPU memory",
+    "worker_lost": "the worker running the job died, and the job had no attempts left",
+    "broker_unavailable": "the job could not be queued: the Celery broker did not answer",
+    "internal_error": "anything else (a bug: the traceback is in the job's events)",
+    "job_failed": "a job that failed before errors had codes (its old text is the message)",
+}
+
+
+def job_error(code: str, message: str) -> dict:
+    """A job's ``error`` object."""
+    if code not in JOB_ERROR_CODES:
+        raise ValueError(f"unknown job error code {code!r}")
+    return {"code": code, "message": message}
 
 
 class ApiKey(SQLModel, table=True):
@@ -57,6 +76,8 @@ class DatasetRecord(SQLModel, table=True):
 
 
 class Job(SQLModel, table=True):
+    """A job row; ``error`` is a ``job_error`` object (codes in ``JOB_ERROR_CODES``) once it failed."""
+
     __tablename__ = "jobs"
     id: str = Field(primary_key=True)
     type: str = Field(index=True)
@@ -65,7 +86,7 @@ class Job(SQLModel, table=True):
     datasets: list = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     queue: str
     metrics: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
-    error: str | None = Field(default=None, sa_column=Column(Text))
+    error: dict | None = Field(default=None, sa_column=Column(JSON(none_as_null=True)))
     result_models: list = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     result_datasets: list = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     cancel_requested: bool = False

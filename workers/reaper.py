@@ -19,7 +19,7 @@ from api.db import get_engine
 from api.queue import send_job
 from api.registry import add_event
 from api.settings import get_settings
-from api.tables import Job, now
+from api.tables import Job, job_error, now
 
 log = logging.getLogger("beaver.reaper")
 
@@ -37,9 +37,9 @@ def reap_orphans(own_hostname: str | None = None) -> list[str]:
             requeue = job.attempts < settings.max_job_attempts and not job.cancel_requested
             values = ({"status": "queued", "worker": None, "heartbeat_at": None} if requeue else
                       {"status": "cancelled" if job.cancel_requested else "failed", "finished_at": now(),
-                       "error": None if job.cancel_requested else
-                       f"worker {job.worker} was lost while running this job (attempt {job.attempts} of "
-                       f"{settings.max_job_attempts})"})
+                       "error": None if job.cancel_requested else job_error(
+                           "worker_lost", f"worker {job.worker} was lost while running this job (attempt "
+                           f"{job.attempts} of {settings.max_job_attempts})")})
             # Guarded on status so two reapers never both act on one job.
             result = session.execute(update(Job).where(Job.id == job.id, Job.status == "running").values(**values))
             session.commit()
@@ -47,7 +47,8 @@ def reap_orphans(own_hostname: str | None = None) -> list[str]:
                 continue
             reaped.append(job.id)
             message = (f"re-queued: worker {job.worker} was lost" if requeue else
-                       values.get("error") or "cancelled: worker lost after a cancel request")
+                       values["error"]["message"] if values.get("error") else
+                       "cancelled: worker lost after a cancel request")
             add_event(session, job.id, message, {"status": values["status"]}, level="warning")
             log.warning("job %s: %s", job.id, message)
             if requeue:

@@ -19,9 +19,10 @@ from sqlmodel import Session
 
 from api.db import get_engine
 from api.queue import RUN_JOB_TASK
-from api.registry import add_event, create_dataset_rows, load_records, register_model, resolve_model_path
+from api.registry import (ModelNotFound, add_event, create_dataset_rows, load_records, register_model,
+                          resolve_model_path)
 from api.settings import get_settings
-from api.tables import Job, now
+from api.tables import Job, job_error, now
 from models.jobs import JOB_TYPES, JobCancelled, JobContext, build_config
 from models.records import check_records
 from workers.celery_app import app
@@ -141,9 +142,10 @@ def execute(job_id: str, hostname: str) -> str:
     except JobCancelled:
         status = "cancelled"
     except Exception as e:  # noqa: BLE001 — any failure becomes a readable job error
-        status, error = "failed", f"{type(e).__name__}: {e}"
+        status, error = "failed", error_object(e)
         with Session(engine) as session:
-            add_event(session, job_id, error, {"traceback": traceback.format_exc(limit=8)[-4000:]}, level="error")
+            add_event(session, job_id, f"{error['code']}: {error['message']}",
+                      {"error": error, "traceback": traceback.format_exc(limit=8)[-4000:]}, level="error")
     finally:
         heartbeat.done.set()
 
@@ -154,10 +156,25 @@ def execute(job_id: str, hostname: str) -> str:
         job.result_models = model_ids
         job.result_datasets = dataset_ids
         session.add(job)
-        add_event(session, job_id, status if not error else f"failed: {error}", {"status": status,
-                                                                                  "result_models": model_ids,
-                                                                                  "result_datasets": dataset_ids})
+        add_event(session, job_id, status if not error else f"failed: {error['message']}",
+                  {"status": status, "result_models": model_ids, "result_datasets": dataset_ids})
     return status
+
+
+def error_object(e: BaseException) -> dict:
+    """A failure as the job's ``error``: a code by what went wrong (``api.tables.JOB_ERROR_CODES``)
+    and the exception's own text, without its class name."""
+    import torch
+
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+        code = "out_of_memory"
+    elif isinstance(e, ValueError):  # also models.records.InvalidRecords and models.jobs.ParamsError
+        code = "invalid_input"
+    elif isinstance(e, (ModelNotFound, OSError)):  # OSError: from_pretrained on missing or unreadable files
+        code = "model_not_found"
+    else:
+        code = "internal_error"
+    return job_error(code, str(e).strip() or f"{type(e).__name__} (no message)")
 
 
 def _jsonable(value):

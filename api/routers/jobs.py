@@ -16,9 +16,9 @@ from api.deps import Reader, SessionDep, Trainer
 from api.errors import ApiError, not_found
 from api.pagination import check_limit, listing, page
 from api.queue import BrokerUnavailable, send_job
-from api.registry import add_event
-from api.tables import TERMINAL_STATES, Dataset, Job, JobEvent, new_id, now, public
-from models.jobs import JOB_TYPES, ParamsError, config_to_dict, parse_params
+from api.registry import ModelNotFound, WrongModelKind, add_event, check_model
+from api.tables import TERMINAL_STATES, Dataset, Job, JobEvent, job_error, new_id, now, public
+from models.jobs import JOB_TYPES, ParamsError, config_to_dict, model_refs, parse_params
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -41,7 +41,8 @@ def job_public(job: Job) -> dict:
 @router.post("", status_code=201)
 def create_job(body: JobCreate, session: SessionDep, key: Trainer,
                idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> dict:
-    """Create a job; its params are checked against the job type's config before anything is queued."""
+    """Create a job. Its params, datasets and every model it names are checked before anything is
+    queued: what cannot work is a 4xx naming the param, not a job that fails later."""
     if idempotency_key:
         existing = session.exec(select(Job).where(Job.created_by == key.id, Job.idempotency_key == idempotency_key)).first()
         if existing is not None:
@@ -52,9 +53,12 @@ def create_job(body: JobCreate, session: SessionDep, key: Trainer,
         config = parse_params(body.type, body.params)
     except ParamsError as e:
         raise ApiError(422 if e.param != "type" else 400, str(e), param=e.param) from None
-    for i, dataset_id in enumerate(body.datasets):
-        if session.get(Dataset, dataset_id) is None:
-            raise ApiError(404, f"dataset {dataset_id!r} not found", param=f"datasets[{i}]")
+    check_datasets(session, body.type, body.datasets)
+    for name, ref, kind in model_refs(body.type, config):
+        try:
+            check_model(session, name, ref, kind)
+        except (ModelNotFound, WrongModelKind) as e:
+            raise ApiError(422, f"params.{name}: {e}", param=f"params.{name}") from None
     queue = JOB_TYPES[body.type].queue
     job = Job(id=new_id("job"), type=body.type, params=config_to_dict(config), datasets=body.datasets, queue=queue,
               created_by=key.id, idempotency_key=idempotency_key)
@@ -64,12 +68,27 @@ def create_job(body: JobCreate, session: SessionDep, key: Trainer,
     try:
         send_job(job.id, queue)
     except BrokerUnavailable as e:
-        job.status, job.error, job.finished_at = "failed", str(e), now()
+        job.status, job.error, job.finished_at = "failed", job_error("broker_unavailable", str(e)), now()
         session.add(job)
         session.commit()
         raise ApiError(503, str(e)) from None
     session.refresh(job)
     return job_public(job)
+
+
+def check_datasets(session: Session, job_type: str, dataset_ids: list[str]) -> None:
+    """Every dataset exists (404) and is of a kind the job type reads (422)."""
+    kinds = JOB_TYPES[job_type].dataset_kinds
+    if kinds and not dataset_ids:
+        raise ApiError(422, f"{job_type} jobs read {' or '.join(kinds)} datasets; give at least one",
+                       param="datasets")
+    for i, dataset_id in enumerate(dataset_ids):
+        dataset = session.get(Dataset, dataset_id)
+        if dataset is None:
+            raise ApiError(404, f"dataset {dataset_id!r} not found", param=f"datasets[{i}]")
+        if kinds and dataset.kind not in kinds:
+            raise ApiError(422, f"dataset {dataset.name!r} ({dataset.id}) has kind {dataset.kind}; {job_type} jobs "
+                           f"read {' or '.join(kinds)} datasets", param=f"datasets[{i}]")
 
 
 @router.get("")

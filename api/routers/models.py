@@ -8,12 +8,12 @@ from typing import Literal
 
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
-from sqlmodel import select
+from sqlmodel import Session, select
 
 from api.deps import Reader, SessionDep, Trainer
 from api.errors import ApiError, not_found
-from api.registry import find_model, register_model
-from api.tables import Model, Round, public
+from api.registry import chat_template_record, find_model, register_model
+from api.tables import Model, Round
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -33,10 +33,11 @@ def model_public(m: Model) -> dict:
             "kind": m.kind, "path": m.path, "job_id": m.job_id, "metrics": m.metrics}
 
 
-def round_as_model(r: Round) -> dict:
+def round_as_model(session: Session, r: Round) -> dict:
     return {"id": r.name, "object": "model", "created": r.created_at, "owned_by": "beaver", "name": r.name,
             "kind": "round", "round_id": r.id, "policy_model_id": r.policy_model_id,
-            "reward_model_id": r.reward_model_id, "cost_model_id": r.cost_model_id, "metrics": r.metrics}
+            "reward_model_id": r.reward_model_id, "cost_model_id": r.cost_model_id, "metrics": r.metrics,
+            "chat_template": chat_template_record(session.get(Model, r.policy_model_id))}
 
 
 @router.post("", status_code=201)
@@ -51,7 +52,8 @@ def create_model(body: ModelCreate, session: SessionDep, _: Trainer) -> dict:
 @router.get("")
 def list_models(session: SessionDep, _: Reader, kind: str | None = None) -> dict:
     """Rounds and registered models, in OpenAI's list shape."""
-    data = [] if kind not in (None, "round") else [round_as_model(r) for r in session.exec(select(Round).order_by(Round.id))]
+    rounds = list(session.exec(select(Round).order_by(Round.id))) if kind in (None, "round") else []
+    data = [round_as_model(session, r) for r in rounds]
     if kind != "round":
         stmt = select(Model).order_by(Model.id)
         if kind:
@@ -68,5 +70,5 @@ def get_model(model_ref: str, session: SessionDep, _: Reader) -> dict:
         return model_public(model)
     round_ = session.exec(select(Round).where(Round.name == model_ref)).first()
     if round_ is not None:
-        return round_as_model(round_)
+        return round_as_model(session, round_)
     raise not_found("model", model_ref)

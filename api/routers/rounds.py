@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
-from sqlmodel import select
+from sqlmodel import Session, select
 
 from api.deps import Reader, SessionDep, Trainer
 from api.errors import ApiError, not_found
 from api.pagination import listing, page
-from api.registry import find_model, find_round
-from api.tables import Round, new_id, public
+from api.registry import chat_template_record, find_model, find_round
+from api.tables import Model, Round, new_id, public
 
 router = APIRouter(prefix="/v1/rounds", tags=["rounds"])
 
@@ -37,6 +37,12 @@ def _model_id(session, ref: str | None, kind: str, param: str) -> str | None:
     return model.id
 
 
+def round_public(session: Session, round_: Round) -> dict:
+    """A round with the chat template its policy was trained with (null for a hand-registered policy)."""
+    policy = session.get(Model, round_.policy_model_id)
+    return public(round_, "round", chat_template=chat_template_record(policy))
+
+
 @router.post("", status_code=201)
 def create_round(body: RoundCreate, session: SessionDep, _: Trainer) -> dict:
     """Register a round."""
@@ -48,14 +54,14 @@ def create_round(body: RoundCreate, session: SessionDep, _: Trainer) -> dict:
     session.add(round_)
     session.commit()
     session.refresh(round_)
-    return public(round_, "round")
+    return round_public(session, round_)
 
 
 @router.get("")
 def list_rounds(session: SessionDep, _: Reader, after: str | None = None, limit: int = 20) -> dict:
     """List rounds, newest first."""
     rows, has_more = page(session, select(Round), Round.id, after, limit)
-    return listing([public(r, "round") for r in rows], has_more)
+    return listing([round_public(session, r) for r in rows], has_more)
 
 
 @router.get("/{round_ref}")
@@ -64,4 +70,4 @@ def get_round(round_ref: str, session: SessionDep, _: Reader) -> dict:
     round_ = find_round(session, round_ref)
     if round_ is None:
         raise not_found("round", round_ref)
-    return public(round_, "round")
+    return round_public(session, round_)

@@ -33,7 +33,7 @@ async def score(body: ScoreRequest, session: SessionDep, _: Reader):
     judges = resolve_judges(session, body.model, body.reward_model, body.cost_model)
     if judges.reward is None and judges.cost is None:
         raise ApiError(400, f"{body.model!r} has neither a reward nor a cost model", param="model")
-    rewards, costs = await score_pairs(judges, [(i.prompt, i.response) for i in body.items])
+    rewards, costs = await score_pairs(judges, [i.pair() for i in body.items])
     data = [ScoreResult(index=k, reward=rewards[k] if rewards else None, cost=costs[k] if costs else None,
                         safe=costs[k] <= 0 if costs else None) for k in range(len(body.items))]
     return ScoreResponse(model=body.model, reward_model=judges.reward.id if judges.reward else None,

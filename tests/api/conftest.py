@@ -47,3 +47,19 @@ def client(keys):
 
 def auth(key: str) -> dict:
     return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture(scope="session")
+def score_model_dir(tiny_llama_dir, tmp_path_factory):
+    """A reward model on the tiny Llama, saved the way Beaver saves one (LlamaForSequenceClassification,
+    its tokenizer and chat template); random head."""
+    import torch
+
+    from models.chat_format import ChatFormat
+    from models.loading import load_score_model
+    from models.score_model import save_score_model
+
+    fmt = ChatFormat.load(tiny_llama_dir)
+    torch.manual_seed(3)
+    return save_score_model(load_score_model(tiny_llama_dir, fmt.tokenizer), fmt,
+                            tmp_path_factory.mktemp("score") / "reward", "reward")

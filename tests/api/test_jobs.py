@@ -70,4 +70,5 @@ def test_unreachable_broker_fails_the_job_with_503(client, keys, monkeypatch):
     message = r.json()["error"]["message"]
     assert "127.0.0.1:1" in message and "hunter2" not in message
     job = client.get("/v1/jobs", headers=auth(keys["trainer"])).json()["data"][0]
-    assert job["status"] == "failed" and "broker" in job["error"]
+    assert job["status"] == "failed" and job["error"]["code"] == "broker_unavailable"
+    assert "broker" in job["error"]["message"] and "hunter2" not in job["error"]["message"]

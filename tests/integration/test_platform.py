@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import random
-import time
+import shutil
 
 import pytest
 
@@ -81,17 +81,32 @@ def test_viewer_cannot_submit_jobs(platform):
     assert r.status_code == 403
 
 
-def test_failing_job_ends_failed_with_readable_error(platform):
-    job = platform.client.post("/v1/jobs", json={"type": "reward", "params": {"base_model": "model-does-not-exist"},
-                                                 "datasets": [upload(platform, preference_records(8))]}).json()
-    done = platform.wait_job(job["id"])
+def test_bad_reference_is_refused_and_a_failing_job_ends_with_an_error_object(platform, tiny_llama_dir, tmp_path):
+    ds = upload(platform, preference_records(8))
+    r = platform.client.post("/v1/jobs", json={"type": "reward", "params": {"model": "model-does-not-exist"},
+                                               "datasets": [ds]})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "params.model"
+    assert "model-does-not-exist" in r.json()["error"]["message"]
+    # A model folder without its weights passes the check (it has a config.json); the worker fails on it.
+    broken = tmp_path / "no-weights"
+    shutil.copytree(tiny_llama_dir, broken)
+    for weights in broken.glob("*.safetensors"):
+        weights.unlink()
+    r = platform.client.post("/v1/jobs", json={"type": "reward", "params": {"model": str(broken)}, "datasets": [ds]})
+    assert r.status_code == 201, r.text
+    done = platform.wait_job(r.json()["id"])
     assert done["status"] == "failed"
-    assert "model-does-not-exist" in done["error"] and "Traceback" not in done["error"]
+    error = done["error"]
+    assert error["code"] == "model_not_found" and str(broken) in error["message"], error
+    assert not error["message"].startswith("OSError") and "Traceback" not in error["message"]
+    events = platform.client.get(f"/v1/jobs/{done['id']}/events?limit=1000").json()["data"]
+    assert any(e["level"] == "error" and "Traceback" in e["data"].get("traceback", "") for e in events)
 
 
 def _slow_reward_job(platform, base_model, epochs: int) -> dict:
     ds = upload(platform, preference_records(120))
-    params = {"base_model": base_model, "epochs": epochs, "batch_size": 8, "log_every": 2, "lr": 1e-3, "eval_split": 0.1}
+    params = {"model": base_model, "epochs": epochs, "batch_size": 8, "log_every": 2, "optim": {"lr": 1e-3},
+              "eval_split": 0.1}
     r = platform.client.post("/v1/jobs", json={"type": "reward", "params": params, "datasets": [ds]})
     assert r.status_code == 201, r.text
     return r.json()
@@ -122,7 +137,8 @@ def test_killed_worker_leaves_no_job_running(platform, base_model):
 
 def test_reward_and_cost_jobs_register_their_models(platform, base_model):
     ds = upload(platform, preference_records(96, seed=3))
-    params = {"base_model": base_model, "epochs": 4, "batch_size": 16, "lr": 2e-3, "log_every": 2, "eval_split": 0.25}
+    params = {"model": base_model, "epochs": 4, "batch_size": 16, "optim": {"lr": 2e-3}, "log_every": 2,
+              "eval_split": 0.25}
     jobs = {t: platform.client.post("/v1/jobs", json={"type": t, "params": params, "datasets": [ds]}).json()
             for t in ("reward", "cost")}
     for score_type, job in jobs.items():
