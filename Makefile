@@ -25,6 +25,7 @@ bench: install
 	$(PIP) install -q --disable-pip-version-check $(TORCH) -e '.[bench]'
 	$(PY) bench/score_training.py
 	$(PY) bench/serving.py
+	$(PY) bench/memory.py
 
 clean:
 	rm -rf .beaver .pytest_cache

@@ -29,7 +29,16 @@ def load_causal_lm(path: str | Path, tokenizer=None, dtype: torch.dtype | str | 
     model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype or torch.float32)
     if tokenizer is not None:
         fit_embeddings(model, tokenizer)
+    # ``logits_to_keep`` hands the LM head a non-contiguous slice of the hidden states; for a head
+    # whose weight needs no gradient (a frozen bf16 model, a LoRA base) torch.matmul then expands
+    # the weight to (B, H, V) and the CPU bf16 path copies it: 1.3 GiB per forward in
+    # bench/memory.py. A contiguous (B, T, H) input costs a few MiB and avoids it.
+    model.get_output_embeddings().register_forward_pre_hook(_contiguous_input)
     return model
+
+
+def _contiguous_input(_module, args):
+    return (args[0].contiguous(), *args[1:])
 
 
 def load_score_model(path: str | Path, tokenizer=None, dtype: torch.dtype | str | None = None):
