@@ -2,22 +2,31 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import re
 from contextlib import asynccontextmanager
+from importlib.resources import files
 from pathlib import Path
 
 from fastapi import FastAPI
-from fastapi.responses import FileResponse
+from fastapi.responses import HTMLResponse
 
-from api.errors import install_error_handlers
+from api.db import size_threadpool
+from api.errors import install_error_handlers, responses
+from api.limits import LIMIT_RESPONSES, RequestLimits
 from api.routers import chat, datasets, health, jobs, keys, models, rounds, scores, votes
 from api.serving import close_pool
 
-WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+WEB_DIR = Path(str(files("api.web")))  # web/ of the repository, installed as package data
 
 
 @asynccontextmanager
-async def lifespan(_app: FastAPI):
+async def lifespan(app: FastAPI):
+    size_threadpool()  # BEAVER_API_THREADS, which BEAVER_DB_POOL_SIZE defaults to (api/db.py)
+    app.state.health = health.HealthMonitor().start()  # /v1/health answers from its snapshot
     yield
+    app.state.health.stop()
     await close_pool()  # stop the serving engines' threads and HTTP clients
 
 
@@ -25,14 +34,29 @@ def create_app() -> FastAPI:
     app = FastAPI(title="Beaver", version="0.1.0", lifespan=lifespan,
                   description="Self-hosted Safe RLHF: preference data, reward/cost models, PPO-Lagrangian rounds, serving.")
     install_error_handlers(app)
+    app.add_middleware(RequestLimits)  # key before body, body size, JSON Beaver can store
     for module in (health, keys, datasets, jobs, models, rounds, chat, scores, votes):
-        app.include_router(module.router)
+        # 429: every route but health (answered from memory) waits for a database session (api/db.py).
+        busy = {} if module is health else responses(429)
+        app.include_router(module.router, responses={**LIMIT_RESPONSES, **busy})
 
     @app.get("/", include_in_schema=False)
     def index():
         page = WEB_DIR / "index.html"
         if page.is_file():
-            return FileResponse(page)
+            html = page.read_text()
+            return HTMLResponse(html, headers=page_headers(html))
         return {"name": "Beaver", "docs": "/docs"}
 
     return app
+
+
+def page_headers(html: str) -> dict:
+    """The arena page runs only its own inline script (by hash), talks only to this API, and is
+    never framed (no clickjacking of a page that holds an API key)."""
+    scripts = " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(s.encode()).digest()).decode()}'"
+                       for s in re.findall(r"<script(?:\s[^>]*)?>(.+?)</script>", html, flags=re.S))
+    csp = (f"default-src 'none'; script-src 'self' {scripts}; style-src 'unsafe-inline'; connect-src 'self'; "
+           "img-src 'self' data:; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+    return {"Content-Security-Policy": csp, "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer"}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import time
 from typing import Optional
@@ -100,16 +99,16 @@ def up(host: Optional[str] = typer.Option(None, help="Bind address (default BEAV
     _check_broker()
     _ensure_admin_key()
     _exit_on_sigterm()
-    worker = subprocess.Popen(worker_command(), start_new_session=True)
-    typer.echo(f"worker started (pid {worker.pid}); API on http://{host or settings.host}:{port or settings.port}")
+    # Restarted when it dies; beaver up also reaps orphaned jobs meanwhile (workers/supervisor.py).
+    from workers.supervisor import WorkerSupervisor
+
+    supervisor = WorkerSupervisor(worker_command(), on_start=lambda pid: typer.echo(f"worker started (pid {pid})"))
+    supervisor.start()
+    typer.echo(f"API on http://{host or settings.host}:{port or settings.port}")
     try:
         _serve(host or settings.host, port or settings.port)
     finally:
-        os.killpg(worker.pid, signal.SIGTERM)
-        try:
-            worker.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
+        supervisor.stop()
 
 
 @cli.command()
@@ -123,7 +122,8 @@ def api(host: Optional[str] = typer.Option(None), port: Optional[int] = typer.Op
 
 @cli.command()
 def worker(queues: str = typer.Option("gpu,cpu", help="Comma-separated Celery queues to consume."),
-           name: str = typer.Option("beaver@%h", help="Worker node name (the reaper knows jobs by it)."),
+           name: str = typer.Option("beaver@%h", help="Worker name, for display (%h: the host); its identity adds "
+                                    "host, pid and a random suffix, so two workers may share a name."),
            pool: Optional[str] = typer.Option(None, help="Celery pool (default BEAVER_WORKER_POOL)."),
            concurrency: int = typer.Option(1, help="Jobs at once (with a prefork pool).")) -> None:
     """Run a Celery worker for training and analysis jobs."""

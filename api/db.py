@@ -1,17 +1,35 @@
-"""Database engine, sessions and migrations (SQLite embedded, PostgreSQL for teams)."""
+"""Database engine, sessions and migrations (SQLite embedded, PostgreSQL for teams).
+
+Sessions under concurrency (issue 12): an API process holds at most ``BEAVER_DB_POOL_SIZE``
+database sessions at once (default ``BEAVER_API_THREADS``, the threadpool that runs sync routes),
+and its connection pool has exactly that many connections, so taking a connection never waits for
+another request. A request waits for a session *before* it takes a thread, in order of arrival, at
+most ``BEAVER_QUEUE_TIMEOUT_SECONDS``; then ``DatabaseBusy`` (429 with Retry-After). Before, the pool
+(5 + 10) was smaller than the threadpool (40): threads blocked on the pool while requests holding
+connections waited for a thread, until the pool's 30 s timeout made 500s. A session is held while a
+route runs; an async route that awaits an engine calls ``release`` first. Connections per process:
+``BEAVER_DB_POOL_SIZE`` + ``BEAVER_DB_MAX_OVERFLOW`` (the overflow: the health snapshot thread, a
+route's second transaction).
+"""
 
 from __future__ import annotations
 
 from functools import lru_cache
+from importlib.resources import files
 from pathlib import Path
+from typing import Any, Callable
 
+import anyio
+import anyio.to_thread
+from anyio.lowlevel import RunVar
 from sqlalchemy import event, text
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlmodel import Session, create_engine
 
 from api.settings import get_settings, mask_url
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+MIGRATIONS_DIR = Path(str(files("api.migrations")))  # migrations/ of the repository, installed as package data
 
 
 class DatabaseUnavailable(RuntimeError):
@@ -22,9 +40,13 @@ class DatabaseUnavailable(RuntimeError):
 def get_engine(url: str | None = None) -> Engine:
     settings = get_settings()
     url = url or settings.resolved_database_url
+    pool = {"pool_size": settings.resolved_db_pool_size, "max_overflow": settings.db_max_overflow,
+            "pool_timeout": settings.queue_timeout_seconds}
     if url.startswith("sqlite"):
         Path(url.split("///", 1)[1]).parent.mkdir(parents=True, exist_ok=True) if "///" in url else None
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        in_memory = "///" not in url or ":memory:" in url  # one connection, no pool to size
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
+                               **({} if in_memory else pool))
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):
@@ -35,7 +57,7 @@ def get_engine(url: str | None = None) -> Engine:
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
     else:
-        engine = create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 5})
+        engine = create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 5}, **pool)
     return engine
 
 
@@ -64,6 +86,86 @@ def upgrade(url: str | None = None) -> None:
     command.upgrade(cfg, "head")
 
 
-def get_session():
-    with Session(get_engine()) as session:
+# --- sessions under concurrency -------------------------------------------------------------------
+
+class DatabaseBusy(RuntimeError):
+    """Every database session of this process stayed in use for the whole queue timeout (→ 429)."""
+
+    retry_after = 1  # seconds, for the Retry-After header
+
+
+class Slot:
+    """One of the process's ``BEAVER_DB_POOL_SIZE`` sessions; ``release`` gives it back, once."""
+
+    def __init__(self, semaphore: anyio.Semaphore):
+        self._semaphore = semaphore
+
+    def release(self) -> None:
+        if self._semaphore is not None:
+            self._semaphore, semaphore = None, self._semaphore
+            semaphore.release()
+
+
+_SLOTS: RunVar[anyio.Semaphore] = RunVar("beaver_db_slots")  # one per event loop (tests run several)
+_SLOT = "beaver.slot"  # where a request's session keeps its slot (``Session.info``)
+
+
+async def acquire_slot() -> Slot:
+    """Wait, in order of arrival, at most ``BEAVER_QUEUE_TIMEOUT_SECONDS`` for a session slot."""
+    settings = get_settings()
+    try:
+        semaphore = _SLOTS.get()
+    except LookupError:
+        semaphore = anyio.Semaphore(settings.resolved_db_pool_size)
+        _SLOTS.set(semaphore)
+    with anyio.move_on_after(settings.queue_timeout_seconds):
+        await semaphore.acquire()
+        return Slot(semaphore)
+    raise DatabaseBusy(f"the server is busy: all {settings.resolved_db_pool_size} database sessions stayed in use "
+                       f"for {settings.queue_timeout_seconds:g} s; retry after {DatabaseBusy.retry_after} s")
+
+
+async def get_session():
+    """A route's session (the ``SessionDep`` dependency), in a slot held until the route returns."""
+    slot = await acquire_slot()
+    session = Session(get_engine())
+    session.info[_SLOT] = slot
+    try:
         yield session
+    finally:
+        await release(session)
+
+
+async def release(session: Session) -> None:
+    """Close a route's session and give its slot back, e.g. before awaiting an engine: a scoring
+    request must not hold a connection while it waits for the model. Don't use the session after."""
+    slot = session.info.pop(_SLOT, None)
+    try:
+        with anyio.CancelScope(shield=True):  # a client that went away must not leak the slot
+            # Its own limiter: giving a connection back never queues behind requests for threads.
+            await anyio.to_thread.run_sync(session.close, limiter=anyio.CapacityLimiter(1))
+    finally:
+        if slot is not None:
+            slot.release()
+
+
+async def run_db(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(session, *args)`` in a worker thread, with a short session of its own in a slot: database
+    work of async code that has no route session (the request limits' key check, event streams)."""
+    slot = await acquire_slot()
+
+    def call():
+        with Session(get_engine()) as session:
+            return fn(session, *args)
+
+    try:
+        return await anyio.to_thread.run_sync(call)
+    except PoolTimeout:  # every connection in use, overflow included: the server is busy all the same
+        raise DatabaseBusy("the server is busy: no database connection came free in time") from None
+    finally:
+        slot.release()
+
+
+def size_threadpool() -> None:
+    """This event loop's threadpool gets ``BEAVER_API_THREADS`` threads (from the app's lifespan)."""
+    anyio.to_thread.current_default_thread_limiter().total_tokens = get_settings().api_threads

@@ -413,6 +413,7 @@ class EmbeddedPlatform:
 
         from api.db import get_engine, upgrade
         from api.deps import create_key
+        from api.settings import get_settings
 
         self.home.mkdir(parents=True, exist_ok=True)
         upgrade()
@@ -421,9 +422,13 @@ class EmbeddedPlatform:
         logs = self.home / "logs"
         logs.mkdir(exist_ok=True)
         cmd = [sys.executable, "-m", "api.cli"]
+        # run_demo registers the base model it builds next to this platform's home: a model root here.
+        roots = [*get_settings().resolved_model_roots, self.home.parent / "base-model"]
+        env = {**os.environ, "BEAVER_MODEL_ROOTS": ":".join(str(r) for r in roots)}
         for name, args in (("api", ["api", "--port", str(self.port)]), ("worker", ["worker", "--name", "demo@%h"])):
             log = open(logs / f"{name}.log", "ab")
-            self.procs.append(subprocess.Popen(cmd + args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+            self.procs.append(subprocess.Popen(cmd + args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                               env=env))
         deadline = time.time() + 90
         while time.time() < deadline:
             try:

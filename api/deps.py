@@ -6,14 +6,17 @@ import hashlib
 import secrets
 from typing import Annotated
 
-from fastapi import Depends, Header
+from fastapi import Depends, Header, Request
 from sqlmodel import Session, select
 
 from api.db import get_session
 from api.errors import ApiError
+from api.limits import KEY_SCOPE
 from api.tables import ROLES, ApiKey, new_id
 
-SessionDep = Annotated[Session, Depends(get_session)]
+# "function": the session (and its slot, api.db) goes back when the route returns, not after a
+# streamed response has been sent.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 KEY_PREFIX = "bvr_"
 
@@ -35,7 +38,8 @@ def create_key(session: Session, name: str, role: str) -> tuple[ApiKey, str]:
     return row, key
 
 
-def current_key(session: SessionDep, authorization: Annotated[str | None, Header()] = None) -> ApiKey:
+def authenticate(session: Session, authorization: str | None) -> ApiKey:
+    """The key of an ``Authorization: Bearer <key>`` header; 401 when it is missing, malformed or not valid."""
     if not authorization:
         raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>'")
     scheme, _, token = authorization.partition(" ")
@@ -45,6 +49,13 @@ def current_key(session: SessionDep, authorization: Annotated[str | None, Header
     if row is None or row.revoked_at is not None:
         raise ApiError(401, "invalid or revoked API key")
     return row
+
+
+def current_key(request: Request, session: SessionDep,
+                authorization: Annotated[str | None, Header()] = None) -> ApiKey:
+    # A request with a body had its key checked by api.limits before the body was read.
+    checked = request.scope.get(KEY_SCOPE)
+    return checked if checked is not None else authenticate(session, authorization)
 
 
 CurrentKey = Annotated[ApiKey, Depends(current_key)]
@@ -61,7 +72,8 @@ def require(*roles: str):
     return Depends(check)
 
 
-# Who may do what. Reading needs any valid key.
+# Who may do what. Reading needs any valid key; only staff see server paths and tracebacks.
+STAFF_ROLES = ("admin", "trainer")
 Reader = Annotated[ApiKey, require("trainer", "annotator", "viewer")]
 Trainer = Annotated[ApiKey, require("trainer")]
 Annotator = Annotated[ApiKey, require("trainer", "annotator")]

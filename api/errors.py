@@ -7,7 +7,11 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api.db import DatabaseBusy
 
 log = logging.getLogger("beaver.api")
 
@@ -18,11 +22,49 @@ _CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_f
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 details: list | None = None):
+                 details: list | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.param = status, message, param
         self.code = code or _CODES.get(status, "error")
         self.details = details
+        self.headers = headers
+
+
+def busy(message: str, retry_after: int = 1) -> ApiError:
+    """429: every database session of the process is in use (``api.db``); come back after ``retry_after`` s."""
+    return ApiError(429, message, headers={"Retry-After": str(retry_after)})
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+    details: list | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error: ``{"error": {"code", "message", "param"}}`` (+ ``details`` listing each problem)."""
+
+    error: ErrorDetail
+
+
+_DESCRIPTIONS = {
+    400: "Bad request: the body is not JSON (code invalid_json), or a parameter Beaver does not support",
+    401: "Missing, malformed, unknown or revoked API key (checked before the body is read)",
+    403: "The key's role may not do this",
+    404: "Not found",
+    409: "Conflict with the current state",
+    413: "The request body is larger than the route's limit (or too many items in one request)",
+    415: "Unsupported content type",
+    422: "A value Beaver cannot accept, named in error.param",
+    429: "Too many requests at once: retry after the Retry-After header's seconds",
+    503: "A service the request needs (broker, model) is unavailable",
+}
+
+
+def responses(*codes: int) -> dict:
+    """OpenAPI ``responses=`` for these statuses, all with the one error shape."""
+    return {code: {"model": ErrorResponse, "description": _DESCRIPTIONS[code]} for code in codes}
 
 
 def error_body(code: str, message: str, param: str | None = None, details: list | None = None) -> dict:
@@ -39,7 +81,18 @@ def not_found(what: str, ident: str, param: str | None = None) -> ApiError:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError):
-        return JSONResponse(error_body(exc.code, exc.message, exc.param, exc.details), status_code=exc.status)
+        return JSONResponse(error_body(exc.code, exc.message, exc.param, exc.details), status_code=exc.status,
+                            headers=exc.headers)
+
+    @app.exception_handler(DatabaseBusy)
+    async def _database_busy(request: Request, exc: DatabaseBusy):
+        return await _api_error(request, busy(str(exc), exc.retry_after))
+
+    @app.exception_handler(PoolTimeout)
+    async def _pool_timeout(request: Request, exc: PoolTimeout):
+        # The pool's own wait ran out: more connections than sessions were needed at once (past
+        # BEAVER_DB_MAX_OVERFLOW). Still the server being busy, not a bug of the request.
+        return await _api_error(request, busy("the server is busy: no database connection came free in time"))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException):
@@ -50,6 +103,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation_error(_: Request, exc: RequestValidationError):
         errors = exc.errors()
         first = errors[0] if errors else {}
+        if first.get("type") == "json_invalid":  # api.limits answers it first; the same answer here
+            reason = first.get("ctx", {}).get("error")
+            return JSONResponse(error_body("invalid_json", f"body is not valid JSON: {reason}"), status_code=400)
         loc = [str(p) for p in first.get("loc", []) if p not in ("body", "query", "path", "header")]
         param = ".".join(loc) or None
         message = f"{param}: {first.get('msg', 'invalid')}" if param else first.get("msg", "invalid request")

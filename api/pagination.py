@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
+from fastapi import Query
 from sqlmodel import Session
 
 from api.errors import ApiError
 
 MAX_LIMIT = 1000
+MAX_INT_ID = 2 ** 31 - 1  # integer ids and indexes are INTEGER (int4) columns on PostgreSQL
+
+# ``?after=``: the last id seen (string ids such as ``job-…``), or the last integer id / index seen.
+IdCursor = Annotated[str | None, Query(max_length=100, description="The last id seen.")]
+IndexCursor = Annotated[int | None, Query(ge=0, le=MAX_INT_ID, description="The last index (or event id) seen.")]
 
 
 def check_limit(limit: int) -> int:

@@ -29,6 +29,7 @@ from api.errors import ApiError
 
 MAX_SCORE_ITEMS = 256  # pairs per /v1/score or /v1/moderations request; more → 413
 MAX_COMPARE_MODELS = 8
+SEED_BOUND = 2 ** 63  # seeds are signed 64-bit integers, as OpenAI's and vLLM's
 
 
 def new_id(prefix: str) -> str:
@@ -93,7 +94,7 @@ class ChatCompletionRequest(_Request):
     model: str = Field(min_length=1, description="A round name (its policy) or a model id.")
     max_completion_tokens: int | None = Field(None, ge=1, description="Alias of max_tokens (OpenAI's newer name).")
     max_tokens: int | None = Field(None, ge=1, description="Default: up to the model's context.")
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-SEED_BOUND, lt=SEED_BOUND, description="A signed 64-bit integer.")
     stop: str | list[str] | None = Field(None, description="Up to 4 strings; the answer ends before the first.")
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -310,7 +311,7 @@ class ChatCompareRequest(_Request):
         description="Round names or policy model ids.")
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-SEED_BOUND, lt=SEED_BOUND, description="A signed 64-bit integer.")
     stop: str | list[str] | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)

@@ -15,9 +15,10 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import (GatedRepoError, HFValidationError, LocalEntryNotFoundError,
                                     RepositoryNotFoundError)
 from huggingface_hub.utils import validate_repo_id
-from sqlalchemy import insert
+from sqlalchemy import insert, text
 from sqlmodel import Session, select
 
+from api.settings import get_settings
 from api.tables import Dataset, DatasetRecord, JobEvent, Model, Round, new_id
 
 
@@ -52,6 +53,44 @@ class WrongModelKind(ValueError):
     """A model reference that names a model of another kind than its param needs."""
 
 
+class OutsideModelRoots(ModelNotFound):
+    """A local path that is relative or resolves outside every model root (``BEAVER_MODEL_ROOTS``)."""
+
+
+def is_path(ref: str) -> bool:
+    """Whether a model reference is meant as a local folder (``org/name`` is a hub id, never a relative path)."""
+    return ref.startswith(("/", "~", "./", "../")) or ref in (".", "..")
+
+
+def local_model_dir(ref: str) -> Path:
+    """``ref`` as an absolute path inside a model root, resolved after symlinks (so neither a symlink
+    nor ``..`` leads out). Raises ``OutsideModelRoots`` with one message whether or not the path
+    exists, so the answer tells nothing about the server's disk outside the roots."""
+    roots = get_settings().resolved_model_roots
+    where = f"the model roots are {':'.join(str(r) for r in roots)} (BEAVER_MODEL_ROOTS)"
+    try:
+        path = Path(ref).expanduser()
+    except RuntimeError:  # ~user of no such user
+        path = Path(ref)
+    if not path.is_absolute():
+        raise OutsideModelRoots(f"{ref!r} is not an absolute path; give a folder under a model root: {where}")
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        resolved = None
+    if resolved is None or not any(resolved.is_relative_to(root) for root in roots):
+        raise OutsideModelRoots(f"{ref!r} is not under a model root: {where}")
+    return resolved
+
+
+def is_model_dir(path: Path) -> bool:
+    """A folder with a config.json (False, not an error, for a name the file system refuses)."""
+    try:
+        return (path / "config.json").is_file()
+    except OSError:
+        return False
+
+
 @dataclass(frozen=True)
 class ModelRef:
     source: str  # "model" (registered) | "round" (its policy) | "local" (a directory) | "hub" (a hub id)
@@ -81,8 +120,9 @@ def hub_cache_dir() -> str:
 
 def locate_model(session: Session, ref: str, download: bool = False) -> ModelRef:
     """What ``ref`` names, first match wins: a registered model id or name, a round name or id (its
-    policy), a local directory with a ``config.json``, a Hugging Face hub id (``org/name`` or
-    ``name``) in the local cache or — unless HF_HUB_OFFLINE — on the hub. ``download`` fetches a hub
+    policy), a local directory with a ``config.json`` (an absolute path under a model root,
+    ``local_model_dir``), a Hugging Face hub id (``org/name`` or ``name``) in the local cache or —
+    unless HF_HUB_OFFLINE — on the hub. ``download`` fetches a hub
     model into the cache (the worker); without it nothing is downloaded (the API's check).
     Raises ``ModelNotFound`` saying what ``ref`` is not."""
     model, source = find_model(session, ref), "model"
@@ -93,11 +133,18 @@ def locate_model(session: Session, ref: str, download: bool = False) -> ModelRef
             raise ModelNotFound(f"{'round' if source == 'round' else 'registered model'} {ref!r} points to "
                                 f"{model.path}, which is no longer a directory")
         return ModelRef(source, model.path, kind=model.kind)
-    path = Path(ref).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
+    if is_path(ref):  # a local folder: only under the model roots
+        path = local_model_dir(ref)
+        if is_model_dir(path):
+            return ModelRef("local", str(path), architectures=_architectures(path / "config.json"))
+        try:
+            folder = path.is_dir()
+        except OSError:
+            folder = False
+        if folder:
             raise ModelNotFound(f"{ref!r} is a directory but not a Hugging Face model: it has no config.json")
-        return ModelRef("local", str(path.resolve()), architectures=_architectures(path / "config.json"))
+        raise ModelNotFound(f"model {ref!r} not found: not a registered model id or name, a round name, a local "
+                            f"directory or a Hugging Face hub id")
     try:
         validate_repo_id(ref)
     except HFValidationError:
@@ -202,12 +249,27 @@ def chat_template_record(policy: Model | None) -> dict | None:
 
 
 def register_model(session: Session, name: str, kind: str, path: str, job_id: str | None = None,
-                   metrics: dict | None = None) -> Model:
+                   metrics: dict | None = None, commit: bool = True) -> Model:
+    """``commit=False`` leaves the row in the caller's transaction (a worker's fenced write)."""
     model = Model(id=new_id("model"), name=name, kind=kind, path=str(path), job_id=job_id, metrics=metrics or {})
     session.add(model)
-    session.commit()
+    session.flush()
+    if commit:
+        session.commit()
     session.refresh(model)
     return model
+
+
+def exclusive(session: Session, lock_key: int) -> None:
+    """Serialize this transaction with every other one that takes ``lock_key``, until it ends (for a
+    read-then-write that must not interleave). ``session`` must not have an open transaction."""
+    conn = session.connection()
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": lock_key})
+    elif conn.dialect.name == "sqlite":
+        # Python's sqlite3 opens a deferred transaction at the first write; take the write lock now,
+        # so what we read is still true when we write (other writers wait, busy timeout).
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def add_event(session: Session, job_id: str, message: str = "", data: dict | None = None, level: str = "info") -> None:
@@ -220,9 +282,10 @@ INSERT_CHUNK = 5000
 
 
 def create_dataset_rows(session: Session, name: str, kind: str, records: list[dict],
-                        created_by: str | None = None) -> Dataset:
+                        created_by: str | None = None, commit: bool = True) -> Dataset:
     """Store already-validated records as a dataset, in one transaction: the dataset row and all
-    its records land together or not at all. Bulk inserts keep 100k records to seconds."""
+    its records land together or not at all. Bulk inserts keep 100k records to seconds.
+    ``commit=False`` leaves them in the caller's transaction."""
     from models.stats import summary
 
     dataset = Dataset(id=new_id("ds"), name=name, kind=kind, num_records=len(records), stats=summary(kind, records),
@@ -234,6 +297,7 @@ def create_dataset_rows(session: Session, name: str, kind: str, records: list[di
         rows = [{"dataset_id": dataset.id, "idx": start + i, "data": r}
                 for i, r in enumerate(records[start:start + INSERT_CHUNK])]
         session.execute(insert(table), rows)
-    session.commit()
+    if commit:
+        session.commit()
     session.refresh(dataset)
     return dataset

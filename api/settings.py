@@ -29,15 +29,29 @@ class Settings(BaseSettings):
     result_backend: str | None = Field(None, description="Celery result backend; default none (job state lives in "
                                        "the database). Teams may set redis://….")
     artifacts_dir: Path | None = Field(None, description="Trained models and reports; default $HOME/artifacts.")
-    max_upload_mb: float = Field(200.0, description="Largest dataset upload accepted (413 above).")
+    max_upload_mb: float = Field(200.0, description="Largest dataset upload accepted, the whole request (413 above).")
+    max_body_mb: float = Field(1.0, description="Largest request body on every other route (413 above).")
+    model_roots: str = Field("", description="Directories, separated by ':', that models may be registered from "
+                             "or loaded from as local folders; default the artifacts dir and $HOME/models.")
+    api_threads: int = Field(40, ge=1, description="Threads an API process runs blocking work in (sync routes, "
+                             "database sessions): AnyIO's threadpool, 40 as by default.")
+    db_pool_size: int | None = Field(None, ge=1, description="Database sessions an API process holds at once, and "
+                                     "its connection pool's size; a request beyond waits for one (default "
+                                     "BEAVER_API_THREADS). PostgreSQL: see the README's connection arithmetic.")
+    db_max_overflow: int = Field(10, ge=0, description="Connections an API process may open beyond the pool, for "
+                                 "work outside a request's session (the health snapshot, a second transaction).")
+    queue_timeout_seconds: float = Field(5.0, gt=0, description="How long a request waits for a database session "
+                                         "when all are in use; then 429 with Retry-After.")
     host: str = Field("127.0.0.1", description="API bind address.")
     port: int = Field(8000, description="API port.")
     worker_pool: str = Field("solo", description="Celery pool for `beaver worker` (solo: one job at a time).")
     torch_threads: int = Field(0, description="CPU threads per worker for torch (0: torch's default).")
     heartbeat_seconds: float = Field(5.0, description="How often a running job refreshes its heartbeat.")
     orphan_after_seconds: float = Field(60.0, description="A running job silent this long is an orphan: "
-                                        "re-queued once, then failed.")
+                                        "re-queued once, then failed; a worker silent this long is no longer alive.")
     max_job_attempts: int = Field(2, description="Runs a job gets before an orphaned one is failed.")
+    health_refresh_seconds: float = Field(2.0, description="How often the API refreshes the snapshot `/v1/health` "
+                                          "answers from (workers alive, queue depth, oldest queued job).")
     engine_memory_gb: float = Field(4.0, description="Memory budget of models cached by the serving engine (LRU).")
     serving_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Precision of served models, in-process and `beaver serve-vllm` (auto: the checkpoint's "
@@ -62,8 +76,23 @@ class Settings(BaseSettings):
         return (self.artifacts_dir or self.home / "artifacts").resolve()
 
     @property
+    def resolved_db_pool_size(self) -> int:
+        return self.db_pool_size or self.api_threads
+
+    @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+    @property
+    def resolved_model_roots(self) -> list[Path]:
+        """The model roots, absolute and with symlinks resolved (so a resolved path can be compared)."""
+        roots = [r for r in self.model_roots.split(":") if r.strip()] or \
+            [self.resolved_artifacts_dir, self.home / "models"]
+        return [Path(r).expanduser().resolve() for r in roots]
 
     @property
     def vllm_url_map(self) -> dict[str, str]:

@@ -91,7 +91,8 @@ class Job(SQLModel, table=True):
     result_datasets: list = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     cancel_requested: bool = False
     attempts: int = 0
-    worker: str | None = None  # hostname of the worker running it
+    worker: str | None = None  # identity of the worker running the current attempt (see Worker)
+    # running: its runner's last beat; queued: when it was re-queued or its message re-sent (workers/reaper.py)
     heartbeat_at: float | None = None
     idempotency_key: str | None = None
     created_by: str | None = None
@@ -100,6 +101,23 @@ class Job(SQLModel, table=True):
     finished_at: int | None = None
 
     __table_args__ = (Index("ix_jobs_idempotency", "created_by", "idempotency_key", unique=True),)
+
+
+class Worker(SQLModel, table=True):
+    """A live worker, as it reports itself every ``heartbeat_seconds``; silent for
+    ``orphan_after_seconds`` it counts as lost (``/v1/health`` lists the live ones).
+
+    ``id`` is the worker's identity, ``<name>/<host>:<pid>:<random hex>``: unique per process even when
+    two workers share a ``--name``, and what ``Job.worker`` holds while it runs a job."""
+
+    __tablename__ = "workers"
+    id: str = Field(primary_key=True)
+    name: str  # the Celery node name given with --name (display only)
+    host: str
+    pid: int
+    queues: str = ""  # comma-separated
+    started_at: float = Field(default_factory=time.time)
+    heartbeat_at: float = Field(default_factory=time.time, index=True)
 
 
 class JobEvent(SQLModel, table=True):

@@ -101,6 +101,8 @@ class SamplingParams:
             raise InvalidRequestError("top_k must be ≥ 0 (0: off)", "top_k")
         if not self.repetition_penalty > 0:
             raise InvalidRequestError("repetition_penalty must be > 0 (1: off)", "repetition_penalty")
+        if self.seed is not None and not -2 ** 63 <= self.seed < 2 ** 63:
+            raise InvalidRequestError("seed must be a signed 64-bit integer", "seed")
 
     def config(self, max_tokens: int) -> SamplingConfig:
         """The sampler's settings for one request (the same logits processing as PPO rollouts)."""

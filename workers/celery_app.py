@@ -3,6 +3,10 @@ Redis for a team. Start a worker with ``beaver worker`` (or ``celery -A workers.
 
 from __future__ import annotations
 
+import os
+import secrets
+import socket
+
 from celery import Celery, signals
 
 from api.settings import celery_config, get_settings
@@ -15,21 +19,50 @@ if settings.resolved_broker_url.startswith("sqla+"):
 
 app = Celery("beaver", include=["workers.tasks"])
 app.conf.update(celery_config(settings))
+# A worker rides out a broker restart of any length (the API, which only sends, gives up after a
+# few tries and answers 503); `beaver worker` still fails fast when the broker is down at start.
+app.conf.broker_connection_max_retries = None
+
+# This worker's identity, set at start-up: what ``jobs.worker`` and the workers table hold. The
+# node name (--name) is for people and may be shared; the identity never is (issue 12: two workers
+# named beaver@%h re-queued each other's running jobs). A prefork pool's children inherit it: one
+# identity per `beaver worker`, whose jobs are told apart by their attempt number (the fence).
+_identity: str | None = None
+
+
+def worker_identity(name: str | None = None) -> str:
+    """``<name>/<host>:<pid>:<random hex>``, made once per worker process."""
+    global _identity
+    if _identity is None:
+        host = socket.gethostname()
+        _identity = f"{name or f'beaver@{host}'}/{host}:{os.getpid()}:{secrets.token_hex(3)}"
+    return _identity
 
 
 @signals.worker_init.connect
-def _on_worker_init(**_):
+def _on_worker_init(sender=None, **_):
     if settings.torch_threads > 0:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
+    worker_identity(getattr(sender, "hostname", None))
 
 
 @signals.worker_ready.connect
 def _on_worker_ready(sender=None, **_):
-    # A job left "running" by a worker that died is re-queued or failed before new work starts.
+    # Jobs whose heartbeat expired (their worker died) are re-queued or failed before new work
+    # starts; then a thread keeps this worker's row in the registry fresh and keeps reaping.
     from workers.reaper import reap_orphans, start_reaper_thread
 
-    hostname = getattr(sender, "hostname", None)
-    reap_orphans(own_hostname=hostname)
-    start_reaper_thread()
+    queues = sorted(app.amqp.queues.consume_from or app.amqp.queues)
+    reap_orphans()
+    start_reaper_thread(worker=worker_identity(), name=getattr(sender, "hostname", None) or "", queues=queues)
+
+
+@signals.worker_shutdown.connect
+def _on_worker_shutdown(**_):
+    # A worker that stops cleanly leaves the registry at once; a killed one ages out of it.
+    from workers.reaper import unregister_worker
+
+    if _identity is not None:
+        unregister_worker(_identity)

@@ -2,20 +2,25 @@
 
 A thin task in Celery's sense: it claims the row, builds a ``JobContext`` (dataset loader, model
 resolver, progress and cancel callbacks), calls the entry point, and records the outcome.
+
+Exactly once: the claim is an atomic ``queued → running`` that bumps ``attempts``; the attempt
+number with this worker's identity is the runner's fence, and every write it makes (events,
+metrics, heartbeats, models, datasets, the outcome) is conditional on still holding it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import socket
+import math
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import update
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from api.db import get_engine
 from api.queue import RUN_JOB_TASK
@@ -25,87 +30,147 @@ from api.settings import get_settings
 from api.tables import Job, job_error, now
 from models.jobs import JOB_TYPES, JobCancelled, JobContext, build_config
 from models.records import check_records
-from workers.celery_app import app
+from workers.celery_app import app, worker_identity
 
 log = logging.getLogger("beaver.worker")
 
 
 @app.task(name=RUN_JOB_TASK, bind=True)
 def run_job(self, job_id: str) -> str:
-    hostname = getattr(self.request, "hostname", None) or socket.gethostname()
-    return execute(job_id, hostname)
+    return execute(job_id, worker_identity(getattr(self.request, "hostname", None)))
 
 
-def claim(job_id: str, hostname: str) -> bool:
-    """queued → running, atomically: a job re-delivered or re-queued twice still runs once."""
+class FenceLost(Exception):
+    """This runner's attempt is no longer the job's current one (the job was re-queued after its
+    heartbeat expired, and maybe claimed again): it must write nothing more and stop."""
+
+
+@dataclass(frozen=True)
+class Fence:
+    """The attempt a runner claimed. Every write it makes goes through ``hold`` inside the write's
+    own transaction, so a stale runner (its job re-queued during a long pause) cannot write status,
+    metrics, events, models or datasets over the attempt that replaced it."""
+
+    job_id: str
+    attempt: int
+    worker: str
+
+    def hold(self, session: Session) -> None:
+        """Start a write that commits only while this attempt is current: the guarded UPDATE also
+        refreshes the heartbeat and holds the row's lock (on SQLite, the write lock) until the
+        caller commits, so no reaper can re-queue the job in between. Raises ``FenceLost``."""
+        result = session.execute(update(Job).where(
+            Job.id == self.job_id, Job.attempts == self.attempt, Job.worker == self.worker, Job.status == "running",
+        ).values(heartbeat_at=time.time()))
+        if result.rowcount != 1:
+            session.rollback()
+            raise FenceLost(f"job {self.job_id}: attempt {self.attempt} on {self.worker} was superseded")
+
+
+def claim(job_id: str, worker: str) -> Fence | None:
+    """queued → running, atomically, with the next attempt number as the fence: a job re-delivered
+    or re-queued twice still runs once. Writes the "running on" event in the same transaction."""
     with Session(get_engine()) as session:
         result = session.execute(
             update(Job).where(Job.id == job_id, Job.status == "queued")
-            .values(status="running", attempts=Job.attempts + 1, worker=hostname, heartbeat_at=time.time(),
+            .values(status="running", attempts=Job.attempts + 1, worker=worker, heartbeat_at=time.time(),
                     started_at=now(), cancel_requested=False))
-        session.commit()
-        return result.rowcount == 1
+        if result.rowcount != 1:
+            session.rollback()
+            return None
+        attempt = session.exec(select(Job.attempts).where(Job.id == job_id)).one()
+        add_event(session, job_id, f"running on {worker} (attempt {attempt})",
+                  {"status": "running", "worker": worker, "attempt": attempt})
+        return Fence(job_id, attempt, worker)
 
 
 class Heartbeat(threading.Thread):
-    """Refreshes the job's heartbeat and picks up cancel requests, so the entry point's cancel
-    check is a flag read, not a query per step."""
+    """Refreshes the job's heartbeat (through the fence) and picks up cancel requests, so the entry
+    point's cancel check is a flag read, not a query per step. A lost fence stops the run like a cancel."""
 
-    def __init__(self, job_id: str, every: float):
-        super().__init__(daemon=True, name=f"heartbeat-{job_id}")
-        self.job_id, self.every = job_id, every
+    def __init__(self, fence: Fence, every: float):
+        super().__init__(daemon=True, name=f"heartbeat-{fence.job_id}")
+        self.fence, self.every = fence, every
         self.cancelled = threading.Event()
+        self.lost = threading.Event()
         self.done = threading.Event()
 
     def run(self) -> None:
-        while not self.done.wait(self.every):
+        while not self.done.wait(self.every) and not self.lost.is_set():
             self.beat()
 
     def beat(self) -> None:
         try:
             with Session(get_engine()) as session:
-                session.execute(update(Job).where(Job.id == self.job_id).values(heartbeat_at=time.time()))
+                self.fence.hold(session)
+                cancel = session.exec(select(Job.cancel_requested).where(Job.id == self.fence.job_id)).one()
                 session.commit()
-                job = session.get(Job, self.job_id)
-                if job is not None and job.cancel_requested:
-                    self.cancelled.set()
+            if cancel:
+                self.cancelled.set()
+        except FenceLost as e:
+            log.warning("%s; stopping this run", e)
+            self.lost.set()
         except Exception:  # noqa: BLE001 — a missed beat is retried; the job must not die of it
             log.exception("heartbeat failed")
 
+    def should_stop(self) -> bool:
+        return self.cancelled.is_set() or self.lost.is_set()
 
-def _latest_checkpoint(output_dir: Path) -> str | None:
-    checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])
-                         if p.name.split("-")[-1].isdigit() else -1)
+
+def _latest_checkpoint(job_dir: Path) -> str | None:
+    """The furthest ``checkpoint-<step>`` any earlier attempt of the job saved."""
+    def step(p: Path) -> int:
+        tail = p.name.split("-")[-1]
+        return int(tail) if tail.isdigit() else -1
+
+    checkpoints = sorted([*job_dir.glob("attempt-*/checkpoint-*"), *job_dir.glob("checkpoint-*")], key=step)
     return str(checkpoints[-1]) if checkpoints else None
 
 
-def execute(job_id: str, hostname: str) -> str:
-    """Run one job to a terminal state; returns that state (or "skipped" if not claimable)."""
+def execute(job_id: str, worker: str) -> str:
+    """Run one job to a terminal state as ``worker`` (its identity); returns that state, "skipped"
+    if the job was not claimable, or "lost" if this attempt was superseded while it ran."""
     settings = get_settings()
-    if not claim(job_id, hostname):
+    fence = claim(job_id, worker)
+    if fence is None:
         log.info("job %s is not queued (cancelled, or run elsewhere); skipping", job_id)
         return "skipped"
-    engine = get_engine()
+    try:
+        return _run(fence, settings)
+    except FenceLost as e:
+        log.warning("%s; this runner stopped without writing", e)
+        return "lost"
+
+
+def _run(fence: Fence, settings) -> str:
+    job_id, engine = fence.job_id, get_engine()
     with Session(engine) as session:
         job = session.get(Job, job_id)
-        add_event(session, job_id, f"running on {hostname} (attempt {job.attempts})", {"status": "running"})
         job_type, params, dataset_ids = job.type, dict(job.params), list(job.datasets)
 
-    output_dir = settings.resolved_artifacts_dir / job_id
+    # Each attempt writes its own folder, so a stale runner never overwrites the files of the
+    # attempt that replaced it; a re-run resumes from the furthest checkpoint of any attempt.
+    job_dir = settings.resolved_artifacts_dir / job_id
+    resume_from = _latest_checkpoint(job_dir)
+    output_dir = job_dir / f"attempt-{fence.attempt}"
     output_dir.mkdir(parents=True, exist_ok=True)
-    heartbeat = Heartbeat(job_id, settings.heartbeat_seconds)
-    heartbeat.beat()
+    heartbeat = Heartbeat(fence, settings.heartbeat_seconds)
     heartbeat.start()
 
     def report(event: dict) -> None:
         message = event.get("message") or ", ".join(
             f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in event.items() if k != "message")
-        numeric = {k: v for k, v in event.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        # A diverged run reports NaN or ±inf: kept in the message, stored as null (PostgreSQL's JSON
+        # refuses NaN, and the API answers strict JSON), so the event is still written and the job
+        # can fail on its own terms.
+        event = _jsonable(event)
+        numeric = {k: v for k, v in event.items()
+                   if (isinstance(v, (int, float)) and not isinstance(v, bool)) or (v is None and k != "message")}
         with Session(engine) as session:  # one transaction per event: this runs every training step
+            fence.hold(session)
             if numeric:
-                job = session.get(Job, job_id)
-                job.metrics = {**job.metrics, **numeric}
-                session.add(job)
+                metrics = session.exec(select(Job.metrics).where(Job.id == job_id)).one()
+                session.execute(update(Job).where(Job.id == job_id).values(metrics={**metrics, **numeric}))
             add_event(session, job_id, message, event)
 
     def load_dataset(dataset_id: str) -> list[dict]:
@@ -117,47 +182,75 @@ def execute(job_id: str, hostname: str) -> str:
             return resolve_model_path(session, ref)
 
     ctx = JobContext(output_dir=output_dir, datasets=dataset_ids, load_dataset=load_dataset,
-                     resolve_model=resolve_model, report=report, should_stop=heartbeat.cancelled.is_set,
-                     resume_from=_latest_checkpoint(output_dir))
-    status, error, metrics, model_ids, dataset_ids = "succeeded", None, {}, [], []
+                     resolve_model=resolve_model, report=report, should_stop=heartbeat.should_stop,
+                     resume_from=resume_from)
+    status, error, metrics, artifacts = "succeeded", None, {}, []
     try:
         spec = JOB_TYPES[job_type]
         config = build_config(spec.config_class(), params)
         result = spec.entry_point()(config, ctx)
-        metrics = result.metrics
-        with Session(engine) as session:
-            for artifact in result.artifacts:
-                if artifact.kind in ("policy", "reward", "cost"):
-                    model = register_model(session, artifact.name or f"{job_type}-{job_id}", artifact.kind,
-                                           str(Path(artifact.path).resolve()), job_id=job_id,
-                                           metrics=artifact.metadata or metrics)
-                    model_ids.append(model.id)
-                elif artifact.kind == "dataset":
-                    kind = artifact.metadata.get("kind", "samples")
-                    records = [json.loads(line) for line in Path(artifact.path).read_text().splitlines() if line.strip()]
-                    check_records(kind, records)
-                    dataset = create_dataset_rows(session, artifact.name or f"{job_type}-{job_id}", kind, records,
-                                                  created_by=f"job:{job_id}")
-                    dataset_ids.append(dataset.id)
+        metrics, artifacts = result.metrics, _read_artifacts(result.artifacts)
     except JobCancelled:
         status = "cancelled"
+    except FenceLost:
+        raise
     except Exception as e:  # noqa: BLE001 — any failure becomes a readable job error
         status, error = "failed", error_object(e)
-        with Session(engine) as session:
-            add_event(session, job_id, f"{error['code']}: {error['message']}",
-                      {"error": error, "traceback": traceback.format_exc(limit=8)[-4000:]}, level="error")
+        if not heartbeat.lost.is_set():
+            with Session(engine) as session:
+                fence.hold(session)
+                add_event(session, job_id, f"{error['code']}: {error['message']}",
+                          {"error": error, "traceback": traceback.format_exc(limit=8)[-4000:]}, level="error")
     finally:
         heartbeat.done.set()
+    if heartbeat.lost.is_set():
+        raise FenceLost(f"job {job_id}: attempt {fence.attempt} on {fence.worker} was superseded")
+    try:
+        return _finish(fence, job_type, status, error, metrics, artifacts)
+    except FenceLost:
+        raise
+    except Exception as e:  # noqa: BLE001 — e.g. a dataset artifact that breaks a constraint
+        error = error_object(e)
+        return _finish(fence, job_type, "failed", error, metrics, [])
 
-    with Session(engine) as session:
+
+def _read_artifacts(artifacts: list) -> list[tuple]:
+    """(artifact, its records or None): dataset files are read and checked before the fenced write."""
+    out = []
+    for artifact in artifacts:
+        records = None
+        if artifact.kind == "dataset":
+            records = [json.loads(line) for line in Path(artifact.path).read_text().splitlines() if line.strip()]
+            check_records(artifact.metadata.get("kind", "samples"), records)
+        out.append((artifact, records))
+    return out
+
+
+def _finish(fence: Fence, job_type: str, status: str, error: dict | None, metrics: dict, artifacts: list) -> str:
+    """Register the artifacts and write the outcome in one fenced transaction: all of it or none."""
+    job_id = fence.job_id
+    with Session(get_engine()) as session:
+        fence.hold(session)
+        model_ids, dataset_ids = [], []
+        for artifact, records in artifacts:
+            if artifact.kind in ("policy", "reward", "cost"):
+                model = register_model(session, artifact.name or f"{job_type}-{job_id}", artifact.kind,
+                                       str(Path(artifact.path).resolve()), job_id=job_id,
+                                       metrics=artifact.metadata or metrics, commit=False)
+                model_ids.append(model.id)
+            elif artifact.kind == "dataset":
+                dataset = create_dataset_rows(session, artifact.name or f"{job_type}-{job_id}",
+                                              artifact.metadata.get("kind", "samples"), records,
+                                              created_by=f"job:{job_id}", commit=False)
+                dataset_ids.append(dataset.id)
         job = session.get(Job, job_id)
         job.status, job.error, job.finished_at = status, error, now()
         job.metrics = {**job.metrics, **_jsonable(metrics)}
-        job.result_models = model_ids
-        job.result_datasets = dataset_ids
+        job.result_models, job.result_datasets = model_ids, dataset_ids
         session.add(job)
         add_event(session, job_id, status if not error else f"failed: {error['message']}",
-                  {"status": status, "result_models": model_ids, "result_datasets": dataset_ids})
+                  {"status": status, "worker": fence.worker, "attempt": fence.attempt,
+                   "result_models": model_ids, "result_datasets": dataset_ids})  # commits it all
     return status
 
 
@@ -182,8 +275,10 @@ def _jsonable(value):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     if hasattr(value, "item"):
-        return value.item()
+        return _jsonable(value.item())
     return str(value)

@@ -9,9 +9,11 @@ import time
 
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
+from api.db import release
 from api.deps import Reader, SessionDep
-from api.errors import ApiError
+from api.errors import ApiError, responses
 from api.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompareRequest, ChatCompareResponse,
                           ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, CompareAnswer,
                           DeltaMessage, Usage, as_prompt, new_id)
@@ -19,7 +21,7 @@ from api.serving import REFUSAL, Judges, engine_errors, get_pool, resolve_judges
 from api.settings import get_settings
 from models.engine import Completion, InvalidRequestError, SamplingParams, collect
 
-router = APIRouter(prefix="/v1/chat", tags=["chat"])
+router = APIRouter(prefix="/v1/chat", tags=["chat"], responses=responses(400, 401, 404, 413, 422, 503))
 
 
 def sampling(body, max_tokens: int | None) -> SamplingParams:
@@ -54,12 +56,13 @@ async def guarded(completion: Completion, prompt: list[dict], judges: Judges, th
 @router.post("/completions", response_model=ChatCompletionResponse, response_model_exclude_none=True)
 async def create_chat_completion(body: ChatCompletionRequest, session: SessionDep, _: Reader):
     """Chat with a round (its policy) or a policy model, in OpenAI's format."""
-    policy, round_ = resolve_policy(session, body.model)
+    policy, round_ = await run_in_threadpool(resolve_policy, session, body.model)
     judges = None
     if body.guard or (body.guard is None and round_ is not None and round_.name in guarded_rounds()):
-        judges = resolve_judges(session, None, round_=round_) if round_ else Judges(None, None)
+        judges = await run_in_threadpool(resolve_judges, session, None, round_=round_) if round_ else Judges(None, None)
         if judges.cost is None:
             raise ApiError(400, f"guard mode needs a round with a cost model; {body.model!r} has none", param="guard")
+    await release(session)  # no database connection held while the engine generates
     prompt = as_prompt(body.messages)
     params = sampling(body, body.token_limit)
     engine = get_pool().engine(policy)
@@ -118,11 +121,17 @@ async def compare(body: ChatCompareRequest, session: SessionDep, _: Reader):
     prompt = as_prompt(body.messages)
     params = sampling(body, body.max_tokens)
     pool = get_pool()
-    targets = []
-    for i, ref in enumerate(body.models):
-        policy, round_ = resolve_policy(session, ref, param=f"models.{i}")
-        judges = resolve_judges(session, None, body.reward_model, body.cost_model, round_=round_)
-        targets.append((ref, policy, judges))
+
+    def resolve() -> list:
+        targets = []
+        for i, ref in enumerate(body.models):
+            policy, round_ = resolve_policy(session, ref, param=f"models.{i}")
+            judges = resolve_judges(session, None, body.reward_model, body.cost_model, round_=round_)
+            targets.append((ref, policy, judges))
+        return targets
+
+    targets = await run_in_threadpool(resolve)
+    await release(session)
 
     async def answer(ref, policy, judges) -> CompareAnswer:
         with engine_errors(ref):

@@ -4,29 +4,34 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
+from sqlalchemy import update
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
-from api.db import get_engine
-from api.deps import Reader, SessionDep, Trainer
-from api.errors import ApiError, not_found
-from api.pagination import check_limit, listing, page
+from api.db import DatabaseBusy, run_db
+from api.deps import STAFF_ROLES, Reader, SessionDep, Trainer
+from api.errors import ApiError, not_found, responses
+from api.pagination import MAX_INT_ID, IdCursor, IndexCursor, check_limit, listing, page
 from api.queue import BrokerUnavailable, send_job
 from api.registry import ModelNotFound, WrongModelKind, add_event, check_model
 from api.tables import TERMINAL_STATES, Dataset, Job, JobEvent, job_error, new_id, now, public
 from models.jobs import JOB_TYPES, ParamsError, config_to_dict, model_refs, parse_params
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=responses(400, 401, 413, 422))
 
 
 class JobCreate(BaseModel):
-    type: str = Field(description="One of the registered job types, e.g. dataset_stats, reward, cost, ppo_lag.")
+    type: str = Field(max_length=100, description="One of the registered job types, e.g. dataset_stats, reward, "
+                      "cost, ppo_lag.")
     params: dict[str, Any] = Field(default_factory=dict, description="The job type's config dataclass fields.")
-    datasets: list[str] = Field(default_factory=list, description="Dataset ids the job reads.")
+    datasets: list[Annotated[str, Field(max_length=100)]] = Field(default_factory=list, max_length=100,
+                                                                  description="Dataset ids the job reads.")
 
     model_config = {"extra": "forbid"}
 
@@ -38,21 +43,20 @@ def job_public(job: Job) -> dict:
     return data
 
 
-@router.post("", status_code=201)
-def create_job(body: JobCreate, session: SessionDep, key: Trainer,
+@router.post("", status_code=201, responses=responses(403, 404, 409, 503))
+def create_job(body: JobCreate, response: Response, session: SessionDep, key: Trainer,
                idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> dict:
     """Create a job. Its params, datasets and every model it names are checked before anything is
-    queued: what cannot work is a 4xx naming the param, not a job that fails later."""
-    if idempotency_key:
-        existing = session.exec(select(Job).where(Job.created_by == key.id, Job.idempotency_key == idempotency_key)).first()
-        if existing is not None:
-            if existing.type != body.type or existing.datasets != body.datasets:
-                raise ApiError(409, "Idempotency-Key was already used for a different job", param="Idempotency-Key")
-            return job_public(existing)
+    queued: what cannot work is a 4xx naming the param, not a job that fails later. With an
+    ``Idempotency-Key``, the same key and body give the same job (a job the broker never got is sent
+    again); the same key with another type, params or datasets is 409."""
     try:
         config = parse_params(body.type, body.params)
     except ParamsError as e:
         raise ApiError(422 if e.param != "type" else 400, str(e), param=e.param) from None
+    params = config_to_dict(config)
+    if idempotency_key and (existing := _find_idempotent(session, key.id, idempotency_key)) is not None:
+        return _replay(session, existing, body.type, params, body.datasets, response)
     check_datasets(session, body.type, body.datasets)
     for name, ref, kind in model_refs(body.type, config):
         try:
@@ -60,18 +64,59 @@ def create_job(body: JobCreate, session: SessionDep, key: Trainer,
         except (ModelNotFound, WrongModelKind) as e:
             raise ApiError(422, f"params.{name}: {e}", param=f"params.{name}") from None
     queue = JOB_TYPES[body.type].queue
-    job = Job(id=new_id("job"), type=body.type, params=config_to_dict(config), datasets=body.datasets, queue=queue,
+    job = Job(id=new_id("job"), type=body.type, params=params, datasets=body.datasets, queue=queue,
               created_by=key.id, idempotency_key=idempotency_key)
     session.add(job)
-    session.commit()
-    add_event(session, job.id, f"queued on {queue}", {"status": "queued"})
     try:
-        send_job(job.id, queue)
+        session.commit()
+    except IntegrityError:
+        # Two requests with one Idempotency-Key raced, and the other one's row landed first.
+        session.rollback()
+        existing = _find_idempotent(session, key.id, idempotency_key) if idempotency_key else None
+        if existing is None:
+            raise
+        return _replay(session, existing, body.type, params, body.datasets, response)
+    add_event(session, job.id, f"queued on {queue}", {"status": "queued"})
+    return _enqueue(session, job)
+
+
+def _find_idempotent(session: Session, key_id: str, idempotency_key: str) -> Job | None:
+    return session.exec(select(Job).where(Job.created_by == key_id, Job.idempotency_key == idempotency_key)).first()
+
+
+def _canonical(value) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def _replay(session: Session, job: Job, job_type: str, params: dict, datasets: list[str], response: Response) -> dict:
+    """The job an Idempotency-Key already made, as its first request got it (the payments APIs' contract)."""
+    if (job.type, _canonical(job.params), job.datasets) != (job_type, _canonical(params), datasets):
+        raise ApiError(409, f"Idempotency-Key was already used for a different job ({job.id}: another type, params "
+                       f"or datasets); use a new key for a new job", param="Idempotency-Key")
+    response.headers["Idempotent-Replayed"] = "true"
+    if job.status == "failed" and (job.error or {}).get("code") == "broker_unavailable":
+        # The first try never reached the broker: this retry sends the job again. The conditional
+        # update lets one of several concurrent retries do it.
+        claimed = session.execute(update(Job).where(Job.id == job.id, Job.status == "failed")
+                                  .values(status="queued", error=None, finished_at=None)).rowcount
+        session.commit()
+        session.refresh(job)
+        if claimed:
+            add_event(session, job.id, f"queued on {job.queue} again: a retry with the same Idempotency-Key",
+                      {"status": "queued"})
+            return _enqueue(session, job)
+    return job_public(job)
+
+
+def _enqueue(session: Session, job: Job) -> dict:
+    try:
+        send_job(job.id, job.queue)
     except BrokerUnavailable as e:
         job.status, job.error, job.finished_at = "failed", job_error("broker_unavailable", str(e)), now()
         session.add(job)
         session.commit()
-        raise ApiError(503, str(e)) from None
+        hint = "; retry with the same Idempotency-Key to send it again" if job.idempotency_key else ""
+        raise ApiError(503, f"{e}{hint}") from None
     session.refresh(job)
     return job_public(job)
 
@@ -92,7 +137,7 @@ def check_datasets(session: Session, job_type: str, dataset_ids: list[str]) -> N
 
 
 @router.get("")
-def list_jobs(session: SessionDep, _: Reader, after: str | None = None, limit: int = 20,
+def list_jobs(session: SessionDep, _: Reader, after: IdCursor = None, limit: int = 20,
               status: str | None = None, type: str | None = None) -> dict:
     """List jobs, newest first; filter by ``status`` or ``type``."""
     stmt = select(Job)
@@ -111,13 +156,13 @@ def _get_job(session: Session, job_id: str) -> Job:
     return job
 
 
-@router.get("/{job_id}")
+@router.get("/{job_id}", responses=responses(404))
 def get_job(job_id: str, session: SessionDep, _: Reader) -> dict:
     """One job with its status, metrics and error."""
     return job_public(_get_job(session, job_id))
 
 
-@router.post("/{job_id}/cancel")
+@router.post("/{job_id}/cancel", responses=responses(403, 404, 409))
 def cancel_job(job_id: str, session: SessionDep, _: Trainer) -> dict:
     """Cancel a job: a queued one at once, a running one at its next step."""
     job = _get_job(session, job_id)
@@ -136,37 +181,67 @@ def cancel_job(job_id: str, session: SessionDep, _: Trainer) -> dict:
     return job_public(job)
 
 
-def event_public(e: JobEvent) -> dict:
+def event_public(e: JobEvent, staff: bool = True) -> dict:
+    """A job event; its ``data.traceback`` only for admins and trainers (it shows the server's code and paths)."""
+    data = e.data
+    if not staff and "traceback" in (data or {}):
+        data = {k: v for k, v in data.items() if k != "traceback"}
     return {"object": "job.event", "id": e.id, "created_at": e.created_at, "level": e.level, "message": e.message,
-            "data": e.data}
+            "data": data}
 
 
-@router.get("/{job_id}/events", response_model=None)
-def job_events(job_id: str, request: Request, session: SessionDep, _: Reader, after: int | None = None,
-               limit: int = 100) -> dict | StreamingResponse:
-    """A job's events, oldest first; ``Accept: text/event-stream`` streams them live until the job ends."""
+def event_cursor(last_event_id: str | None, after: int | None) -> int:
+    """Where a stream starts: the browser's ``Last-Event-ID`` on a reconnect, else ``after``."""
+    if last_event_id is None or not last_event_id.strip():
+        return after or 0
+    value = last_event_id.strip()
+    if not re.fullmatch(r"[0-9]{1,10}", value) or int(value) > MAX_INT_ID:
+        raise ApiError(422, f"Last-Event-ID must be an event id (an integer from 0 to {MAX_INT_ID})",
+                       param="Last-Event-ID")
+    return int(value)
+
+
+EVENTS_RESPONSES = {**responses(404), 200: {"description": "A list of events, or with ``Accept: text/event-stream`` "
+                                                 "a stream of them", "content": {"text/event-stream": {}}}}
+
+
+@router.get("/{job_id}/events", response_model=None, responses=EVENTS_RESPONSES)
+def job_events(job_id: str, request: Request, session: SessionDep, key: Reader, after: IndexCursor = None,
+               limit: int = 100, last_event_id: Annotated[str | None, Header()] = None) -> dict | StreamingResponse:
+    """A job's events, oldest first; ``Accept: text/event-stream`` streams them live until the job ends
+    (resuming after ``Last-Event-ID``)."""
     _get_job(session, job_id)
+    staff = key.role in STAFF_ROLES
     if "text/event-stream" in request.headers.get("accept", ""):
-        last = request.headers.get("last-event-id")
-        start = int(last) if last and last.isdigit() else (after or 0)
-        return StreamingResponse(_stream_events(job_id, start), media_type="text/event-stream",
+        start = event_cursor(last_event_id, after)
+        return StreamingResponse(_stream_events(job_id, start, staff), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     check_limit(limit)
     stmt = select(JobEvent).where(JobEvent.job_id == job_id)
     rows, has_more = page(session, stmt, JobEvent.id, after, limit, descending=False)
-    return listing([event_public(e) for e in rows], has_more)
+    return listing([event_public(e, staff) for e in rows], has_more)
 
 
-async def _stream_events(job_id: str, after: int, poll_seconds: float = 0.5):
+def _read_events(session: Session, job_id: str, after: int) -> tuple[str, list[JobEvent]]:
+    # Status first: the final event commits with the final status, so events read after a
+    # terminal status include it (the other order can end a stream one event short).
+    status = session.get(Job, job_id).status
+    events = list(session.exec(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after)
+                               .order_by(JobEvent.id).limit(500)))
+    return status, events
+
+
+async def _stream_events(job_id: str, after: int, staff: bool, poll_seconds: float = 0.5):
     """Server-sent events: each job event as it is written, then ``event: end`` once the job is over."""
     while True:
-        with Session(get_engine()) as session:
-            events = list(session.exec(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after)
-                                       .order_by(JobEvent.id).limit(500)))
-            status = session.get(Job, job_id).status
+        try:  # each poll: a short session in a worker thread, never on the event loop (api.db)
+            status, events = await run_db(_read_events, job_id, after)
+        except DatabaseBusy:  # the server is saturated: an open stream just polls again later
+            await asyncio.sleep(poll_seconds)
+            continue
         for e in events:
             after = e.id
-            yield f"id: {e.id}\nevent: job.event\ndata: {json.dumps(event_public(e))}\n\n"
+            yield f"id: {e.id}\nevent: job.event\ndata: {json.dumps(event_public(e, staff))}\n\n"
         if not events and status in TERMINAL_STATES:
             yield f"event: end\ndata: {json.dumps({'status': status})}\n\n"
             return

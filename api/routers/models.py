@@ -3,34 +3,39 @@ is also the OpenAI-compatible list that chat clients read (rounds first, then mo
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 from sqlmodel import Session, select
 
-from api.deps import Reader, SessionDep, Trainer
-from api.errors import ApiError, not_found
-from api.registry import chat_template_record, find_model, register_model
+from api.deps import STAFF_ROLES, Reader, SessionDep, Trainer
+from api.errors import ApiError, not_found, responses
+from api.registry import (OutsideModelRoots, chat_template_record, find_model, is_model_dir, local_model_dir,
+                          register_model)
 from api.tables import Model, Round
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = APIRouter(prefix="/v1/models", tags=["models"], responses=responses(400, 401, 413, 422))
 
 
 class ModelCreate(BaseModel):
-    name: str = Field(min_length=1, description="A name people will recognise, e.g. 'llama-tiny-base'.")
+    name: str = Field(min_length=1, max_length=200, description="A name people will recognise, e.g. 'llama-tiny-base'.")
     kind: Literal["policy", "reward", "cost"] = Field(description="policy (a causal LM) or a score model.")
-    path: str = Field(min_length=1, description="A local directory in Hugging Face format, readable by the workers.")
+    path: str = Field(min_length=1, max_length=4096, description="A directory in Hugging Face format, readable by the "
+                      "workers: an absolute path under a model root (BEAVER_MODEL_ROOTS).")
     metrics: dict = Field(default_factory=dict)
 
     model_config = {"extra": "forbid"}
 
 
-def model_public(m: Model) -> dict:
-    # OpenAI's model object (id, object, created, owned_by) with Beaver's registry fields.
-    return {"id": m.id, "object": "model", "created": m.created_at, "owned_by": "beaver", "name": m.name,
+def model_public(m: Model, staff: bool = True) -> dict:
+    """OpenAI's model object (id, object, created, owned_by) with Beaver's registry fields; the
+    server ``path`` only for admins and trainers."""
+    data = {"id": m.id, "object": "model", "created": m.created_at, "owned_by": "beaver", "name": m.name,
             "kind": m.kind, "path": m.path, "job_id": m.job_id, "metrics": m.metrics}
+    if not staff:
+        del data["path"]
+    return data
 
 
 def round_as_model(session: Session, r: Round) -> dict:
@@ -40,17 +45,21 @@ def round_as_model(session: Session, r: Round) -> dict:
             "chat_template": chat_template_record(session.get(Model, r.policy_model_id))}
 
 
-@router.post("", status_code=201)
+@router.post("", status_code=201, responses=responses(403))
 def create_model(body: ModelCreate, session: SessionDep, _: Trainer) -> dict:
-    """Register a model directory (for example a base model to train from)."""
-    path = Path(body.path)
-    if not (path / "config.json").is_file():
+    """Register a model directory (for example a base model to train from); it must lie under a
+    model root, after symlinks are resolved."""
+    try:
+        path = local_model_dir(body.path)
+    except OutsideModelRoots as e:
+        raise ApiError(422, str(e), param="path") from None
+    if not is_model_dir(path):
         raise ApiError(422, f"{body.path!r} is not a Hugging Face model directory (no config.json)", param="path")
-    return model_public(register_model(session, body.name, body.kind, str(path.resolve()), metrics=body.metrics))
+    return model_public(register_model(session, body.name, body.kind, str(path), metrics=body.metrics))
 
 
 @router.get("")
-def list_models(session: SessionDep, _: Reader, kind: str | None = None) -> dict:
+def list_models(session: SessionDep, key: Reader, kind: str | None = None) -> dict:
     """Rounds and registered models, in OpenAI's list shape."""
     rounds = list(session.exec(select(Round).order_by(Round.id))) if kind in (None, "round") else []
     data = [round_as_model(session, r) for r in rounds]
@@ -58,16 +67,16 @@ def list_models(session: SessionDep, _: Reader, kind: str | None = None) -> dict
         stmt = select(Model).order_by(Model.id)
         if kind:
             stmt = stmt.where(Model.kind == kind)
-        data += [model_public(m) for m in session.exec(stmt)]
+        data += [model_public(m, key.role in STAFF_ROLES) for m in session.exec(stmt)]
     return {"object": "list", "data": data, "has_more": False}
 
 
-@router.get("/{model_ref}")
-def get_model(model_ref: str, session: SessionDep, _: Reader) -> dict:
+@router.get("/{model_ref}", responses=responses(404))
+def get_model(model_ref: str, session: SessionDep, key: Reader) -> dict:
     """One model by id or name, or a round by name."""
     model = find_model(session, model_ref)
     if model is not None:
-        return model_public(model)
+        return model_public(model, key.role in STAFF_ROLES)
     round_ = session.exec(select(Round).where(Round.name == model_ref)).first()
     if round_ is not None:
         return round_as_model(session, round_)

@@ -7,20 +7,20 @@ from pydantic import BaseModel, Field
 from sqlmodel import Session, select
 
 from api.deps import Reader, SessionDep, Trainer
-from api.errors import ApiError, not_found
-from api.pagination import listing, page
+from api.errors import ApiError, not_found, responses
+from api.pagination import IdCursor, listing, page
 from api.registry import chat_template_record, find_model, find_round
 from api.tables import Model, Round, new_id, public
 
-router = APIRouter(prefix="/v1/rounds", tags=["rounds"])
+router = APIRouter(prefix="/v1/rounds", tags=["rounds"], responses=responses(400, 401, 413, 422))
 
 
 class RoundCreate(BaseModel):
     name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
                       description="Unique, usable as a chat model name, e.g. 'beaver-v1'.")
-    policy: str = Field(description="Model id or name of the policy.")
-    reward_model: str | None = Field(None, description="Model id or name of the reward model.")
-    cost_model: str | None = Field(None, description="Model id or name of the cost model.")
+    policy: str = Field(max_length=200, description="Model id or name of the policy.")
+    reward_model: str | None = Field(None, max_length=200, description="Model id or name of the reward model.")
+    cost_model: str | None = Field(None, max_length=200, description="Model id or name of the cost model.")
     metrics: dict = Field(default_factory=dict, description="Evaluation results to keep with the round.")
 
     model_config = {"extra": "forbid"}
@@ -43,7 +43,7 @@ def round_public(session: Session, round_: Round) -> dict:
     return public(round_, "round", chat_template=chat_template_record(policy))
 
 
-@router.post("", status_code=201)
+@router.post("", status_code=201, responses=responses(403, 404, 409))
 def create_round(body: RoundCreate, session: SessionDep, _: Trainer) -> dict:
     """Register a round."""
     if find_round(session, body.name) is not None:
@@ -58,13 +58,13 @@ def create_round(body: RoundCreate, session: SessionDep, _: Trainer) -> dict:
 
 
 @router.get("")
-def list_rounds(session: SessionDep, _: Reader, after: str | None = None, limit: int = 20) -> dict:
+def list_rounds(session: SessionDep, _: Reader, after: IdCursor = None, limit: int = 20) -> dict:
     """List rounds, newest first."""
     rows, has_more = page(session, select(Round), Round.id, after, limit)
     return listing([round_public(session, r) for r in rows], has_more)
 
 
-@router.get("/{round_ref}")
+@router.get("/{round_ref}", responses=responses(404))
 def get_round(round_ref: str, session: SessionDep, _: Reader) -> dict:
     """One round by name or id."""
     round_ = find_round(session, round_ref)

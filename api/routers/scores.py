@@ -7,14 +7,16 @@ from __future__ import annotations
 import math
 
 from fastapi import APIRouter
+from starlette.concurrency import run_in_threadpool
 
+from api.db import release
 from api.deps import Reader, SessionDep
-from api.errors import ApiError
+from api.errors import ApiError, responses
 from api.protocol import (MAX_SCORE_ITEMS, ModerationRequest, ModerationResponse, ModerationResult, ScoreRequest,
                           ScoreResponse, ScoreResult)
 from api.serving import resolve_judges, score_pairs
 
-router = APIRouter(prefix="/v1", tags=["scores"])
+router = APIRouter(prefix="/v1", tags=["scores"], responses=responses(400, 401, 404, 413, 422, 503))
 
 
 def check_size(n: int, param: str) -> None:
@@ -30,7 +32,8 @@ def sigmoid(x: float) -> float:
 async def score(body: ScoreRequest, session: SessionDep, _: Reader):
     """Reward and cost end scores of (prompt, response) pairs."""
     check_size(len(body.items), "items")
-    judges = resolve_judges(session, body.model, body.reward_model, body.cost_model)
+    judges = await run_in_threadpool(resolve_judges, session, body.model, body.reward_model, body.cost_model)
+    await release(session)  # no database connection held while the engine scores
     if judges.reward is None and judges.cost is None:
         raise ApiError(400, f"{body.model!r} has neither a reward nor a cost model", param="model")
     rewards, costs = await score_pairs(judges, [i.pair() for i in body.items])
@@ -47,7 +50,8 @@ async def moderations(body: ModerationRequest, session: SessionDep, _: Reader):
     check_size(len(pairs), "input")
     if not pairs:
         raise ApiError(422, "input is empty", param="input")
-    judges = resolve_judges(session, body.model)
+    judges = await run_in_threadpool(resolve_judges, session, body.model)
+    await release(session)
     if judges.cost is None:
         raise ApiError(400, f"{body.model!r} has no cost model to moderate with", param="model")
     rewards, costs = await score_pairs(judges, pairs)

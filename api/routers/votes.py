@@ -7,17 +7,17 @@ from typing import Annotated
 
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import func, insert, text
+from sqlalchemy import func, insert
 from sqlmodel import Session, select
 
 from api.deps import Annotator, Reader, SessionDep
-from api.errors import ApiError
-from api.registry import load_records
+from api.errors import ApiError, responses
+from api.registry import exclusive, load_records
 from api.tables import Dataset, DatasetRecord, new_id, public
 from models.records import validate_records
 from models.stats import summary
 
-router = APIRouter(prefix="/v1/votes", tags=["votes"])
+router = APIRouter(prefix="/v1/votes", tags=["votes"], responses=responses(400, 401, 413, 422))
 
 ARENA_DATASET = "arena-votes"
 ARENA_LOCK = 0x62766F7465  # pg_advisory_xact_lock key ("bvote"): one appender at a time
@@ -53,18 +53,6 @@ class VoteCreate(BaseModel):
 _BODY_FIELD = {"better_response_id": "better", "safer_response_id": "safer"}
 
 
-def _lock_arena(session: Session) -> None:
-    """Serialize appends until this transaction ends: two votes must not take the same idx, and
-    two first votes must not create two arena datasets (``datasets.name`` is not unique)."""
-    conn = session.connection()
-    if conn.dialect.name == "postgresql":
-        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": ARENA_LOCK})
-    elif conn.dialect.name == "sqlite":
-        # Python's sqlite3 opens a deferred transaction at the first write; take the write lock now,
-        # so the last idx we read is still the last when we insert (other writers wait, busy timeout).
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
-
-
 def arena_dataset(session: Session) -> Dataset | None:
     stmt = select(Dataset).where(Dataset.name == ARENA_DATASET, Dataset.kind == "preference").order_by(Dataset.id)
     return session.exec(stmt).first()
@@ -73,7 +61,9 @@ def arena_dataset(session: Session) -> Dataset | None:
 def append_vote(session: Session, record: dict, created_by: str | None) -> tuple[Dataset, int]:
     """Append one validated record to the arena dataset (created on the first vote) and refresh
     its count and stats, in one transaction. ``session`` must not have an open transaction."""
-    _lock_arena(session)
+    # Two votes must not take the same idx, and two first votes must not create two arena datasets
+    # (``datasets.name`` is not unique).
+    exclusive(session, ARENA_LOCK)
     dataset = arena_dataset(session)
     if dataset is None:
         dataset = Dataset(id=new_id("ds"), name=ARENA_DATASET, kind="preference", created_by=created_by)
@@ -91,7 +81,7 @@ def append_vote(session: Session, record: dict, created_by: str | None) -> tuple
     return dataset, idx
 
 
-@router.post("", status_code=201)
+@router.post("", status_code=201, responses=responses(403))
 def create_vote(body: VoteCreate, session: SessionDep, key: Annotator) -> dict:
     """Record an arena vote as a preference record in the ``arena-votes`` dataset."""
     record = body.record()
@@ -109,7 +99,7 @@ def create_vote(body: VoteCreate, session: SessionDep, key: Annotator) -> dict:
                 "dataset": public(dataset, "dataset")}
 
 
-@router.get("/dataset")
+@router.get("/dataset", responses=responses(404))
 def get_vote_dataset(session: SessionDep, _: Reader) -> dict:
     """The ``arena-votes`` preference dataset with its statistics (404 before the first vote)."""
     dataset = arena_dataset(session)

@@ -7,7 +7,8 @@ from tests.api.conftest import auth
 
 def test_health_needs_no_key(client):
     r = client.get("/v1/health")
-    assert r.status_code == 200 and r.json()["status"] == "ok"
+    assert r.status_code == 200 and r.json()["database"] == "ok"
+    assert r.json()["status"] == "degraded" and r.json()["problems"] == ["no worker alive"]  # none runs here
 
 
 def test_missing_wrong_and_malformed_keys_get_401(client):

@@ -53,10 +53,13 @@ def test_invalid_data_fails_the_job_with_invalid_input(client, keys, tiny_llama_
     assert set(error) == {"code", "message"} and error["code"] == "invalid_input"
     assert dataset in error["message"] and "line 2" in error["message"]
     assert not error["message"].startswith(("ValueError", "InvalidRecords")) and "Traceback" not in error["message"]
-    events = client.get(f"/v1/jobs/{job['id']}/events", headers=auth(keys["viewer"])).json()["data"]
+    events = client.get(f"/v1/jobs/{job['id']}/events", headers=auth(keys["trainer"])).json()["data"]
     failure = next(e for e in events if e["level"] == "error")
     assert failure["data"]["error"] == error and "Traceback" in failure["data"]["traceback"]
     assert events[-1]["data"]["status"] == "failed"
+    # Tracebacks show the server's code and paths: trainers and admins see them, viewers do not.
+    seen_by_viewer = client.get(f"/v1/jobs/{job['id']}/events", headers=auth(keys["viewer"])).json()["data"]
+    assert next(e for e in seen_by_viewer if e["level"] == "error")["data"] == {"error": error}
 
 
 def test_a_model_folder_gone_before_the_run_fails_with_model_not_found(client, keys, tiny_llama_dir, tmp_path):

@@ -22,7 +22,7 @@ def test_round_shows_the_chat_template_of_its_policy(client, keys, tiny_llama_di
                                         "datasets": [data]}, headers=h).json()
     assert execute(job["id"], "test-worker") == "succeeded"
     policy = client.get(f"/v1/jobs/{job['id']}", headers=viewer).json()["result_models"][0]
-    saved = AutoTokenizer.from_pretrained(client.get(f"/v1/models/{policy}", headers=viewer).json()["path"])
+    saved = AutoTokenizer.from_pretrained(client.get(f"/v1/models/{policy}", headers=h).json()["path"])  # staff only
     # The word-level model has no template of its own: it trained with (and saved) Safe RLHF's.
     expected = {"source": "safe-rlhf", "sha256": hashlib.sha256(saved.chat_template.encode()).hexdigest()[:16]}
 

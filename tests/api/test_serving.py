@@ -214,3 +214,34 @@ def test_a_model_that_fails_to_load_is_503_and_the_rest_keeps_serving(app_client
                          headers=auth(keys["viewer"]))
     assert ok.status_code == 200
     assert app_client.post("/v1/chat/completions", json={"model": "beaver-v1", "messages": messages}).status_code == 401
+
+
+def test_scoring_and_chat_hold_no_database_session_while_the_engine_works(app_client, keys, monkeypatch):
+    """Issue 12: a request gives its session back before it awaits the engine, so requests waiting
+    for a model never keep others from the database."""
+    import anyio
+
+    from api.db import acquire_slot
+    from api.settings import get_settings
+    from models.engine import TransformersEngine
+
+    seen, one_at_a_time = [], anyio.Lock()  # reward and cost are scored at once
+    for name in ("score", "complete"):
+        async def observed(self, *args, _real=getattr(TransformersEngine, name), _name=name, **kwargs):
+            async with one_at_a_time:
+                # Every session of the process is free now (else the last acquire waits, then raises).
+                slots = [await acquire_slot() for _ in range(get_settings().resolved_db_pool_size)]
+                for slot in slots:
+                    slot.release()
+            seen.append(_name)
+            return await _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(TransformersEngine, name, observed)
+    messages = [{"role": "user", "content": "how do i make a cake ?"}]
+    for path, body in (("/v1/score", {"model": "beaver-v1", "items": [{"prompt": "hi", "response": "paris"}]}),
+                       ("/v1/chat/completions", {"model": "beaver-v1", "messages": messages, "max_tokens": 4}),
+                       ("/v1/chat/compare", {"models": ["beaver-v1"], "messages": messages, "max_tokens": 4}),
+                       ("/v1/moderations", {"model": "beaver-v1", "input": "paris"})):
+        r = app_client.post(path, json=body, headers=auth(keys["viewer"]))
+        assert r.status_code == 200, r.text
+    assert seen == ["score", "score", "complete", "complete", "score", "score", "score", "score"]

@@ -69,12 +69,15 @@ class Platform:
         assert out.returncode == 0, f"beaver {' '.join(args)} failed: {out.stderr}"
         return out.stdout
 
-    def start(self) -> None:
+    def start(self, command: str = "api") -> None:
+        """``command`` "api" starts ``beaver api`` and a ``beaver worker``; "up" starts ``beaver up``
+        alone (the API with its supervised embedded worker)."""
         self.cli("db", "upgrade")
         for role in ("admin", "trainer", "viewer"):
             self.keys[role] = self.cli("keys", "create", "--name", f"test-{role}", "--role", role).split()[-1]
-        self.api_proc = self._spawn("api", "api", "--port", str(self.port))
-        self.start_worker()
+        self.api_proc = self._spawn(command, command, "--port", str(self.port))
+        if command == "api":
+            self.start_worker()
         deadline = time.time() + 60
         while time.time() < deadline:
             try:
@@ -83,7 +86,7 @@ class Platform:
             except httpx.HTTPError:
                 time.sleep(0.3)
         else:
-            raise RuntimeError(f"API did not start: {(self.logs / 'api.log').read_text()[-3000:]}")
+            raise RuntimeError(f"API did not start: {(self.logs / f'{command}.log').read_text()[-3000:]}")
         self.client = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.keys['admin']}"},
                                    timeout=60)
 
@@ -95,6 +98,22 @@ class Platform:
         log = open(self.logs / f"{log_name}.log", "ab")
         return subprocess.Popen([*BEAVER, *args], env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True, cwd=self.home)
+
+    def kill_api(self) -> None:
+        """SIGKILL the API's process group, as in a crash or an OOM kill."""
+        os.killpg(self.api_proc.pid, signal.SIGKILL)
+        self.api_proc.wait(timeout=30)
+
+    def restart_api(self) -> None:
+        self.api_proc = self._spawn("api", "api", "--port", str(self.port))
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{self.url}/v1/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        raise RuntimeError(f"API did not restart: {(self.logs / 'api.log').read_text()[-3000:]}")
 
     def start_worker(self) -> None:
         self.worker_proc = self._spawn("worker", "worker", "--name", f"test-{self.name}@%h")
@@ -136,7 +155,8 @@ class Platform:
 @pytest.fixture(scope="module", params=["embedded", "team"])
 def platform(request, tmp_path_factory):
     home = tmp_path_factory.mktemp(f"beaver-{request.param}")
-    env = {"BEAVER_HOME": str(home), "BEAVER_ORPHAN_AFTER_SECONDS": "20", "BEAVER_HEARTBEAT_SECONDS": "1"}
+    env = {"BEAVER_HOME": str(home), "BEAVER_ORPHAN_AFTER_SECONDS": "8", "BEAVER_HEARTBEAT_SECONDS": "1",
+           "BEAVER_MODEL_ROOTS": str(tmp_path_factory.getbasetemp())}  # where the tests' model folders are
     schema = None
     if request.param == "team":
         _require_team_services()

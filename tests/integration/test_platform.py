@@ -126,7 +126,7 @@ def test_killed_worker_leaves_no_job_running(platform, base_model):
     platform.wait_event(job["id"], lambda e: "step" in e["data"] and e["data"]["step"] >= 2)
     platform.kill_worker()
     assert platform.client.get(f"/v1/jobs/{job['id']}").json()["status"] == "running"
-    platform.start_worker()  # same node name: its start-up reaper knows the job was its own
+    platform.start_worker()  # its reaper re-queues the job once the heartbeat has expired
     platform.wait_event(job["id"], lambda e: e["message"].startswith("re-queued"), timeout=90)
     done = platform.wait_job(job["id"], timeout=240)
     assert done["status"] == "succeeded", done

@@ -1,0 +1,1 @@
+"""Alembic migrations, installed as ``api.migrations`` (``api.db.upgrade`` runs them)."""

@@ -1,0 +1,1 @@
+"""The arena page, installed as ``api.web`` and served by ``api.app`` at ``/``."""
