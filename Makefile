@@ -26,6 +26,7 @@ bench: install
 	$(PY) bench/score_training.py
 	$(PY) bench/serving.py
 	$(PY) bench/memory.py
+	$(PY) bench/load.py
 
 clean:
 	rm -rf .beaver .pytest_cache
