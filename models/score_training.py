@@ -12,10 +12,8 @@ framework. ``deepspeed`` (ZeRO stage 1–3) is imported only when a job asks for
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -24,6 +22,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from models import distributed
 from models.chat_format import ChatFormat
 from models.evaluation import evaluate
 from models.jobs import Artifact, JobCancelled, JobContext, JobResult
@@ -32,7 +31,7 @@ from models.preference import collate_pairs, length_grouped_batches, preference_
 from models.records import InvalidRecords, check_records
 from models.score_model import end_scores, save_score_model
 from models.training import (OptimConfig, Stepper, TrainingConfig, autocast, compute_dtype, get_device,
-                             load_trainable, micro_batches, unwrap)
+                             load_trainable, micro_batches)
 
 
 @dataclass
@@ -51,16 +50,13 @@ class ScoreTrainingConfig(TrainingConfig):
     log_every: int = 10
     """Optimizer steps between two progress events."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-5, weight_decay=0.1))
-    zero_stage: int = 0
-    """DeepSpeed ZeRO stage (1–3) for multi-GPU training; 0 trains with plain PyTorch."""
 
     def __post_init__(self):
         super().__post_init__()
         checks = [(self.epochs >= 1, "epochs must be ≥ 1"), (self.batch_size >= 1, "batch_size must be ≥ 1"),
                   (self.regularization >= 0, "regularization must be ≥ 0"),
                   (0 <= self.eval_split < 1, "eval_split must be in [0, 1)"),
-                  (self.log_every >= 1, "log_every must be ≥ 1"),
-                  (self.zero_stage in (0, 1, 2, 3), "zero_stage must be 0 (off), 1, 2 or 3")]
+                  (self.log_every >= 1, "log_every must be ≥ 1")]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
@@ -110,9 +106,7 @@ def train(config: ScoreTrainingConfig, score_type: str, records: Sequence[dict],
 
     fmt = ChatFormat.load(config.model, config.chat_template)
     fmt.score_padding()  # the pad id must not be a conversation's last id (where the score is read)
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if config.zero_stage else get_device()
-    if config.zero_stage:  # one process per GPU; the launcher says which one is ours
-        torch.cuda.set_device(device)
+    device, ranks = get_device(), distributed.current()
     dtype = compute_dtype(config.dtype, device)
     model = load_trainable(config.model, "score", fmt, config, device)
     train_tok = tokenize_pairs(fmt, train_pairs, config.max_length)
@@ -120,21 +114,20 @@ def train(config: ScoreTrainingConfig, score_type: str, records: Sequence[dict],
     pad_id = fmt.tokenizer.pad_token_id
 
     # --- optimizer and schedule ------------------------------------------------------------------
-    world, rank = (int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))) if config.zero_stage else (1, 0)
     lengths = [p.length for p in train_tok]
 
     def epoch_batches(epoch: int) -> list[list[int]]:
-        """This rank's batches: every world-th one, the same count on every rank (else a
-        collective waits forever); a new length-grouped order each epoch."""
-        batches = length_grouped_batches(lengths, config.batch_size, config.seed + epoch)
-        return batches[: len(batches) // world * world][rank::world]
+        """This rank's batches: global batches of ``batch_size × world_size`` pairs in a new
+        length-grouped order each epoch (the same on every rank), each cut to a multiple of the world
+        size and dealt out, so ranks see different pairs and run the same number of micro-batches."""
+        batches = length_grouped_batches(lengths, config.batch_size * ranks.world_size, config.seed + epoch)
+        batches = [b[: len(b) - len(b) % ranks.world_size] for b in batches]
+        return [distributed.shard(b, ranks) for b in batches if b]
 
     steps_per_epoch = len(epoch_batches(0))
     total_steps = steps_per_epoch * config.epochs
-    stepper = Stepper(model, config.optim, total_steps, dtype, device)
-    if config.zero_stage:
-        model = _deepspeed(model, stepper, config, dtype)
-    net = unwrap(model)  # the HF module (DeepSpeed or PEFT wrap it)
+    stepper = Stepper(model, config.optim, total_steps, dtype, device, config.zero_stage,
+                      config.zero_offload)
 
     # --- the loop ----------------------------------------------------------------------------------
     step, pairs_seen, train_seconds = 0, 0, 0.0
@@ -147,7 +140,9 @@ def train(config: ScoreTrainingConfig, score_type: str, records: Sequence[dict],
             if should_stop():
                 raise JobCancelled(f"cancelled at step {step}/{total_steps}")
             started = time.perf_counter()
-            for micro in micro_batches(indices, config.micro_batch_size):
+            scale = distributed.global_scale(len(indices))  # 1 / pairs in the global batch, × world size
+            micros = list(micro_batches(indices, config.micro_batch_size))
+            for k, micro in enumerate(micros):
                 batch = collate_pairs([train_tok[i] for i in micro], pad_id)
                 input_ids = batch["input_ids"].to(device, non_blocking=True)  # (2b, T)
                 attention_mask = batch["attention_mask"].to(device, non_blocking=True)  # (2b, T)
@@ -155,20 +150,15 @@ def train(config: ScoreTrainingConfig, score_type: str, records: Sequence[dict],
                     scores = end_scores(model, input_ids, attention_mask)  # (2b,)
                 better, worse = scores.float().chunk(2)  # (b,), (b,)
                 loss = pair_loss(score_type, better, worse, batch, config.regularization)
-                if config.zero_stage:
-                    model.backward(loss * len(micro) / len(indices))
-                else:
-                    stepper.backward(loss * len(micro) / len(indices))  # the batch's mean loss
+                stepper.backward(loss * len(micro) * scale, last=k == len(micros) - 1)  # the global batch's mean
                 window["loss"].append(loss.detach())  # tensors: no device sync until we log
                 _batch_accuracy(window, score_type, better.detach(), worse.detach(), batch)
                 pairs_seen += len(micro)
-            if config.zero_stage:
-                model.step()
-            else:
-                stepper.step()
+            stepper.step()
             step += 1
             if step % config.log_every == 0 or step == total_steps:
-                last_train = {f"train/{k}": torch.stack(v).float().mean().item() for k, v in window.items() if v}
+                last_train = distributed.all_mean(
+                    {f"train/{k}": torch.stack(v).float().mean().item() for k, v in window.items() if v})
                 last_train["train/lr"] = stepper.lr
                 report({"step": step, "total_steps": total_steps, "epoch": epoch + 1,
                         "message": f"step {step}/{total_steps} loss {last_train['train/loss']:.4f}", **last_train})
@@ -177,7 +167,8 @@ def train(config: ScoreTrainingConfig, score_type: str, records: Sequence[dict],
 
         # --- evaluation after each epoch (and the histogram after the last) ----------------------
         last_epoch = epoch == config.epochs - 1
-        histogram = output_dir / f"{score_type}_scores.png" if last_epoch and rank == 0 else None
+        # Every rank evaluates the whole set (the same forwards on each: ZeRO-3 gathers in each one).
+        histogram = output_dir / f"{score_type}_scores.png" if last_epoch and ranks.main else None
         metrics = evaluate(model, eval_tok, eval_pairs, score_type, pad_id,
                            batch_size=2 * (config.micro_batch_size or config.batch_size),
                            histogram_path=histogram, prefix=eval_prefix,
@@ -190,15 +181,11 @@ def train(config: ScoreTrainingConfig, score_type: str, records: Sequence[dict],
     metrics = {**last_train, **metrics, "train/steps": step, "train/pairs": len(train_pairs),
                f"{eval_prefix}/pairs": len(eval_pairs), "train/runtime_s": train_seconds,
                "train/pairs_per_second": pairs_seen / train_seconds if train_seconds else 0.0, **fmt.info()}
-    gather = contextlib.nullcontext()
-    if config.zero_stage == 3:  # ZeRO-3 shards every parameter; all ranks gather, rank 0 writes
-        import deepspeed
-
-        gather = deepspeed.zero.GatheredParameters(list(net.parameters()), modifier_rank=None)
-    with gather:
-        if rank == 0:
-            save_score_model(getattr(model, "module", model), fmt, output_dir / "model", score_type, dataset_ids,
-                             metrics, dtype=dtype)
+    metrics["train/pairs_per_second"] = distributed.all_sum(metrics["train/pairs_per_second"])  # every rank's
+    with distributed.gathered(model):  # ZeRO-3: whole weights on every rank; rank 0 writes
+        if ranks.main:
+            save_score_model(model, fmt, output_dir / "model", score_type, dataset_ids, metrics, dtype=dtype)
+    distributed.barrier()
     return metrics
 
 
@@ -210,29 +197,6 @@ def _batch_accuracy(window: dict, score_type: str, better: torch.Tensor, worse: 
     window["accuracy"].append((worse > better).float().mean())
     unsafe = torch.cat([~batch["better_is_safe"], ~batch["worse_is_safe"]]).to(better.device)  # (2B,)
     window["sign_accuracy"].append(((torch.cat([better, worse]) > 0) == unsafe).float().mean())
-
-
-def _deepspeed(model, stepper: Stepper, config: ScoreTrainingConfig, dtype: torch.dtype):
-    """Wrap model, optimizer and schedule in a DeepSpeed ZeRO engine (run under the ``deepspeed``
-    or ``torchrun`` launcher); the engine then owns accumulation, clipping and stepping."""
-    try:
-        import deepspeed
-    except ImportError as e:  # the optional "gpu" extra
-        raise RuntimeError("zero_stage > 0 needs DeepSpeed: pip install 'beaver[gpu]'") from e
-
-    deepspeed.init_distributed()
-    micro = config.micro_batch_size or config.batch_size
-    ds_config = {
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": max(1, config.batch_size // micro),
-        "gradient_clipping": config.optim.max_grad_norm,
-        "zero_optimization": {"stage": config.zero_stage},
-        "bf16": {"enabled": dtype == torch.bfloat16},
-        "fp16": {"enabled": dtype == torch.float16},
-    }
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=stepper.optimizer, lr_scheduler=stepper.scheduler,
-                                           config=ds_config)
-    return engine
 
 
 def _run(config: ScoreTrainingConfig, ctx: JobContext, score_type: str) -> JobResult:

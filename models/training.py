@@ -25,6 +25,7 @@ from typing import Iterator, Literal, Sequence
 
 import torch
 
+from models import distributed
 from models.chat_format import ChatFormat
 from models.loading import load_causal_lm, load_score_model
 
@@ -98,6 +99,12 @@ class TrainingConfig:
     """Seeds initialisation, data order and sampling."""
     checkpoint_every: int = 0
     """Save a checkpoint every this many optimizer steps (0: never); a re-queued job resumes from the last one."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage of a job on several ranks (`world_size`): 0 plain data parallelism (every rank holds
+    everything), 1 Adam's moments sharded over the ranks, 2 the gradients too, 3 the weights too (frozen models
+    under ZeRO-3 inference; whole weights gathered on save)."""
+    zero_offload: bool = False
+    """With `zero_stage` ≥ 1: keep Adam's states in CPU memory (stage 3: the weights and the frozen models too)."""
 
     def __post_init__(self):
         if not self.model:
@@ -108,13 +115,18 @@ class TrainingConfig:
             raise ValueError("micro_batch_size must be ≥ 1")
         if self.checkpoint_every < 0:
             raise ValueError("checkpoint_every must be ≥ 0")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError("zero_stage must be 0, 1, 2 or 3")
+        if self.zero_offload and not self.zero_stage:
+            raise ValueError("zero_offload needs zero_stage ≥ 1")
 
 
 # --- device and precision ---------------------------------------------------------------------------
 
 
 def get_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """This rank's device: the GPU of ``LOCAL_RANK`` (one process per GPU), or the CPU."""
+    return distributed.device(distributed.current())
 
 
 def compute_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
@@ -233,13 +245,17 @@ def adapters_disabled(model):
 
 def save_artifact(model, fmt: ChatFormat, path: str | Path, dtype: torch.dtype) -> Path:
     """Save ``model`` as a plain Hugging Face folder in ``dtype`` (LoRA merged in) with its tokenizer,
-    chat template and eos ids."""
+    chat template and eos ids. On several ranks every rank calls it (under ZeRO-3 the whole weights
+    are gathered first) and rank 0 writes. The model is not for training after this."""
     path = Path(path)
-    model = merged(model)
-    model.config.use_cache = True
-    model.to(dtype)
-    model.save_pretrained(path, safe_serialization=True)
-    fmt.save(path)
+    with distributed.gathered(model):
+        if distributed.current().main:
+            model = merged(model)
+            model.config.use_cache = True
+            model.to(dtype)
+            model.save_pretrained(path, safe_serialization=True)
+            fmt.save(path)
+    distributed.barrier()
     return path
 
 
@@ -275,18 +291,45 @@ def make_scheduler(optimizer, optim: OptimConfig, total_steps: int):
 
 
 class Stepper:
-    """One model's optimiser step: backward (loss-scaled in float16), clip, step, schedule."""
+    """One model's optimiser step: backward (loss-scaled in float16), clip, step, schedule.
 
-    def __init__(self, model, optim: OptimConfig, total_steps: int, dtype: torch.dtype, device: torch.device):
-        self.model, self.optim = model, optim
+    On several ranks, or with ``zero_stage`` > 0, DeepSpeed's engine owns the gradients: averaged
+    over the ranks at the step's last micro-batch, partitioned by ZeRO stage 1–3 (stage 0: plain
+    data parallelism), clipped, stepped. ``backward(loss, last=)`` says which micro-batch is the last:
+    the loop knows, the engine must (it reduces there). ``step`` then ends the step either way.
+    Forward passes call the model itself (its ZeRO hooks gather what is sharded), not the engine."""
+
+    def __init__(self, model, optim: OptimConfig, total_steps: int, dtype: torch.dtype, device: torch.device,
+                 zero_stage: int = 0, cpu_offload: bool = False):
+        self.model, self.optim, self.zero_stage = model, optim, zero_stage
         self.optimizer = make_optimizer(model, optim)
         self.scheduler = make_scheduler(self.optimizer, optim, total_steps)
         self.scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+        self.engine = None
+        if distributed.current().distributed or zero_stage:
+            if dtype == torch.float16:
+                raise ValueError("dtype float16 is not supported on several ranks or with zero_stage: use bfloat16")
+            deepspeed = distributed.import_deepspeed()
+            self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=model, optimizer=self.optimizer, lr_scheduler=self.scheduler,
+                config=distributed.deepspeed_config(zero_stage, optim.max_grad_norm, cpu_offload))
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, *, last: bool) -> None:
+        """Accumulate ``loss``'s gradients; ``last``: this is the step's final micro-batch."""
+        if self.engine is not None:
+            # What the engine's forward would do: count a micro-batch, so ZeRO-3 adds this one's
+            # gradients to the step's instead of overwriting them.
+            if hasattr(self.engine.optimizer, "clear_backward_seen_flag"):
+                self.engine.optimizer.clear_backward_seen_flag()
+            self.engine.set_gradient_accumulation_boundary(last)
+            self.engine.backward(loss, scale_wrt_gas=False)  # the loop already weights micro-batches
+            self.engine.step()  # at the boundary: reduce, clip, step, schedule; else only counts
+            return
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
     def step(self) -> None:
+        if self.engine is not None:
+            return  # stepped in backward(last=True)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         if self.optim.max_grad_norm:
@@ -305,13 +348,16 @@ class Stepper:
         return self.scheduler.get_last_lr()[0]
 
     def state_dict(self) -> dict:
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        state = {"scheduler": self.scheduler.state_dict()}
+        if not self.zero_stage:  # ZeRO partitions the moments over ranks: a resume restarts them
+            state["optimizer"] = self.optimizer.state_dict()
         if self.scaler:
             state["scaler"] = self.scaler.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state and not self.zero_stage:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
@@ -390,13 +436,16 @@ def write_checkpoint(output_dir: str | Path, step: int, models: dict, fmt: ChatF
     mid-write never leaves a half checkpoint for a resume to pick up."""
     final = Path(output_dir) / f"checkpoint-{step}"
     tmp = Path(output_dir) / f".tmp-checkpoint-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    for name, model in models.items():
-        getattr(model, "module", model).save_pretrained(tmp / name)
-        fmt.tokenizer.save_pretrained(tmp / name)
-    torch.save({"step": step, **state}, tmp / "trainer_state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    with distributed.gathered(*models.values()):  # on several ranks: every rank calls, rank 0 writes
+        if distributed.current().main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            for name, model in models.items():
+                getattr(model, "module", model).save_pretrained(tmp / name)
+                fmt.tokenizer.save_pretrained(tmp / name)
+            torch.save({"step": step, **state}, tmp / "trainer_state.pt")
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+    distributed.barrier()
     return final
 
 

@@ -1,0 +1,76 @@
+"""Jobs on several ranks (issue 10), at the trainer level: two CPU ranks (gloo, under torchrun, with
+DeepSpeed) train what one rank trains on a batch twice as large — the same losses step by step and
+the same final weights — and ZeRO-3 saves whole weights that plain transformers loads."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from models import distributed
+from tests.ranks import run_on_ranks
+
+pytestmark = pytest.mark.slow
+
+
+def preference_records(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    records = []
+    for i in range(n):
+        good = " ".join(rng.choice(["good", "safe", "yes"]) for _ in range(rng.randint(2, 6)))
+        bad = " ".join(rng.choice(["bad", "unsafe", "no"]) for _ in range(rng.randint(2, 6)))
+        flip = i % 2 == 1
+        records.append({"prompt": f"question {i % 7} ?", "response_0": bad if flip else good,
+                        "response_1": good if flip else bad, "is_response_0_safe": not flip,
+                        "is_response_1_safe": flip, "better_response_id": 1 if flip else 0,
+                        "safer_response_id": 1 if flip else 0})
+    return records
+
+
+def train_reward(model_dir: str, output_dir: str, batch_size: int, zero_stage: int = 0, epochs: int = 2,
+                 micro_batch_size: int | None = 2, zero_offload: bool = False) -> dict:
+    """A reward model on 32 pairs; every step's loss and the final metrics (run on each rank)."""
+    from models.score_training import ScoreTrainingConfig, train
+
+    events = []
+    config = ScoreTrainingConfig(model=model_dir, epochs=epochs, batch_size=batch_size, eval_split=0.0, log_every=1,
+                                 micro_batch_size=micro_batch_size, zero_stage=zero_stage, zero_offload=zero_offload)
+    config.optim.lr, config.optim.warmup_ratio = 1e-3, 0.0
+    metrics = train(config, "reward", preference_records(32), output_dir, report=events.append)
+    return {"losses": [e["train/loss"] for e in events if "train/loss" in e and "train/accuracy" in e],
+            "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+            "rank": distributed.current().rank}
+
+
+def load_weights(path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_shards_are_disjoint_and_cover_the_global_batch():
+    batch = list(range(10))
+    parts = [distributed.shard(batch, distributed.Ranks(r, 2)) for r in range(2)]
+    assert parts == [[0, 2, 4, 6, 8], [1, 3, 5, 7, 9]]
+    assert distributed.global_scale(5) == 1 / 5  # one process: no ranks to sum over
+
+
+@pytest.mark.parametrize("zero_stage, zero_offload", [(0, False), (2, True)])  # 3: tests/integration/test_ranks.py
+def test_two_ranks_train_what_one_rank_trains_on_the_global_batch(tiny_llama_dir, tmp_path, zero_stage, zero_offload):
+    torch.set_num_threads(1)
+    one = train_reward(str(tiny_llama_dir), str(tmp_path / "one"), batch_size=8)
+    two = run_on_ranks(2, f"{__name__}:train_reward", {"model_dir": str(tiny_llama_dir),
+                                                       "output_dir": str(tmp_path / "two"), "batch_size": 4,
+                                                       "zero_stage": zero_stage, "zero_offload": zero_offload},
+                       tmp_path / "ranks")
+    assert [r["rank"] for r in two] == [0, 1]
+    assert len(one["losses"]) == len(two[0]["losses"]) == 8  # 32 pairs / global batch 8 × 2 epochs
+    assert two[0]["losses"] == two[1]["losses"]  # averaged over ranks: the same numbers on both
+    assert one["losses"] == pytest.approx(two[0]["losses"], abs=1e-5)
+    assert one["metrics"]["train_eval/accuracy"] == two[0]["metrics"]["train_eval/accuracy"]
+    a, b = load_weights(tmp_path / "one" / "model"), load_weights(tmp_path / "two" / "model")
+    assert a.keys() == b.keys()
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-5
+    assert all(b[k].numel() == a[k].numel() > 0 for k in a)
