@@ -9,13 +9,13 @@ the policy with its adapters switched off (no second copy of the model).
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from models import distributed
 from models.chat_format import ChatFormat
 from models.jobs import Artifact, JobCancelled, JobContext, JobResult
 from models.losses import dpo_loss
@@ -38,7 +38,7 @@ class DPOConfig(TrainingConfig):
     epochs: int = 2
     """Passes over the preference pairs."""
     batch_size: int = 16
-    """Preference pairs per optimizer step."""
+    """Preference pairs per optimizer step per rank (the global batch is ``batch_size × world_size``)."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, weight_decay=0.05))
 
     def __post_init__(self):
@@ -110,13 +110,31 @@ def run(config: DPOConfig, ctx: JobContext) -> JobResult:
     # With LoRA and no separate reference, the reference is the policy's own base (adapters off).
     reference = None if config.lora and not config.reference else load_frozen(
         ctx.resolve_model(config.reference or config.model), "causal", fmt, dtype, device)
+    if reference is not None:  # replicated, or sharded under ZeRO-3 inference at stage 3
+        reference = distributed.frozen_model(reference, config.zero_stage, config.zero_offload)
     without_dropout(policy)  # π and π_ref must agree at the start (margin 0)
 
     pairs = tokenize_dpo_pairs(fmt, records, config.max_length)
     pad_id = fmt.tokenizer.pad_token_id
-    steps_per_epoch = math.ceil(len(pairs) / config.batch_size)
+    ranks = distributed.current()
+
+    def epoch_batches(epoch: int) -> list[list[int]]:
+        """This rank's batches: global batches of ``batch_size × world_size`` pairs in the epoch's
+        seeded order (the same on every rank, and on a resumed run), each cut to a multiple of the world
+        size and dealt out, so ranks see different pairs and run the same number of forward passes."""
+        order = list(range(len(pairs)))
+        random.Random(config.seed + epoch).shuffle(order)
+        size = config.batch_size * ranks.world_size
+        batches = [order[start:start + size] for start in range(0, len(order), size)]
+        batches = [b[: len(b) - len(b) % ranks.world_size] for b in batches]
+        return [distributed.shard(b, ranks) for b in batches if b]
+
+    steps_per_epoch = len(epoch_batches(0))  # the same on every rank (and in every epoch)
+    if not steps_per_epoch:
+        raise ValueError(f"dpo needs at least {ranks.world_size} preference pairs on {ranks.world_size} ranks")
     total_steps = steps_per_epoch * config.epochs
-    stepper = Stepper(policy, config.optim, total_steps, dtype, device)
+    stepper = Stepper(policy, config.optim, total_steps, dtype, device, config.zero_stage,
+                      config.zero_offload)
     step = 0
     if ctx.resume_from:
         state = read_checkpoint(ctx.resume_from)
@@ -125,32 +143,35 @@ def run(config: DPOConfig, ctx: JobContext) -> JobResult:
 
     metrics: dict = {}
     for epoch in range(step // steps_per_epoch, config.epochs):
-        order = list(range(len(pairs)))
-        random.Random(config.seed + epoch).shuffle(order)
+        batches = epoch_batches(epoch)  # the same order on a resumed run
         for b in range(step - epoch * steps_per_epoch, steps_per_epoch):
             if ctx.should_stop():
                 raise JobCancelled("cancelled")
-            chunk = [pairs[i] for i in order[b * config.batch_size:(b + 1) * config.batch_size]]
+            chunk = [pairs[i] for i in batches[b]]
+            scale = distributed.global_scale(len(chunk))  # world size / pairs in the global batch
+            micros = list(micro_batches(range(len(chunk)), config.micro_batch_size))
             logs = {"loss": 0.0, "margins": [], "better": [], "worse": []}
-            for micro in micro_batches(range(len(chunk)), config.micro_batch_size):
+            for k, micro in enumerate(micros):
                 batch = pair_batch([chunk[i] for i in micro], pad_id)
                 n = len(micro)
                 with autocast(device, dtype):
                     logps = sequence_log_probs(policy, batch)  # (2n,) log π: better, then worse
                     ref_logps = reference_log_probs(policy, reference, batch)  # (2n,) log π_ref
                 loss, margins = dpo_loss(logps[:n], logps[n:], ref_logps[:n], ref_logps[n:], config.beta)
-                stepper.backward(loss * n / len(chunk))
-                logs["loss"] += loss.item() * n / len(chunk)
+                stepper.backward(loss * n * scale, last=k == len(micros) - 1)  # the global batch's pair mean
+                logs["loss"] += loss.item() * n * scale
                 logs["margins"].append(margins)
                 logs["better"].append(logps[:n].detach())
                 logs["worse"].append(logps[n:].detach())
             stepper.step()
             step += 1
             margins = torch.cat(logs["margins"])
-            metrics = {"train/loss": logs["loss"], "train/reward_margin": margins.mean().item(),
-                       "train/reward_accuracy": float((margins > 0).float().mean()),
-                       "train/better_log_prob": torch.cat(logs["better"]).mean().item(),
-                       "train/worse_log_prob": torch.cat(logs["worse"]).mean().item()}
+            # Every rank holds as many pairs, so the mean over ranks of each rank's mean is the global one.
+            metrics = distributed.all_mean({
+                "train/loss": logs["loss"], "train/reward_margin": margins.mean().item(),
+                "train/reward_accuracy": float((margins > 0).float().mean()),
+                "train/better_log_prob": torch.cat(logs["better"]).mean().item(),
+                "train/worse_log_prob": torch.cat(logs["worse"]).mean().item()})
             event = {"step": step, "total_steps": total_steps, "message": f"epoch {epoch + 1}", **metrics}
             if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total_steps:
                 event["checkpoint"] = str(write_checkpoint(ctx.output_dir, step, {"": policy}, fmt,

@@ -9,19 +9,20 @@ masked (label −100). The same ids are what PPO rollouts continue and what the 
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from models import distributed
 from models.chat_format import ChatFormat
 from models.jobs import Artifact, JobCancelled, JobContext, JobResult
 from models.records import check_records
 from models.training import (OptimConfig, Stepper, TrainingConfig, autocast, collate_labelled, labelled_conversation,
                              micro_batches, read_checkpoint, save_artifact, start_policy, target_count, token_losses,
                              write_checkpoint)
+
 
 @dataclass
 class SFTConfig(TrainingConfig):
@@ -30,7 +31,7 @@ class SFTConfig(TrainingConfig):
     epochs: int = 3
     """Passes over the training records."""
     batch_size: int = 16
-    """Conversations per optimizer step."""
+    """Conversations per optimizer step per rank (the global batch is ``batch_size × world_size``)."""
     eval_fraction: float = 0.0
     """Held-out share of the records; its loss is reported as ``eval/loss`` after each epoch."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-5))
@@ -45,7 +46,8 @@ class SFTConfig(TrainingConfig):
 
 @torch.no_grad()
 def evaluate_loss(model, fmt: ChatFormat, records: list[dict], batch_size: int = 16, max_length: int = 512) -> float:
-    """Token-weighted mean loss on ``records`` (the held-out loss SFT should lower)."""
+    """Token-weighted mean loss on ``records`` (the held-out loss SFT should lower). On several ranks
+    every rank evaluates all of ``records`` (the same forwards on each: ZeRO-3 gathers in each one)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -73,9 +75,26 @@ def run(config: SFTConfig, ctx: JobContext) -> JobResult:
     model.train()
     examples = [labelled_conversation(fmt, r, config.max_length) for r in train_records]
     pad_id = fmt.tokenizer.pad_token_id
-    steps_per_epoch = math.ceil(len(examples) / config.batch_size)
+    ranks = distributed.current()
+
+    def epoch_batches(epoch: int) -> list[list[int]]:
+        """This rank's batches: global batches of ``batch_size × world_size`` conversations in the
+        epoch's seeded order (the same on every rank, and on a resumed run), each cut to a multiple of
+        the world size and dealt out, so ranks see different conversations and run the same number of
+        micro-batches."""
+        order = list(range(len(examples)))
+        random.Random(config.seed + epoch).shuffle(order)
+        size = config.batch_size * ranks.world_size
+        batches = [order[start:start + size] for start in range(0, len(order), size)]
+        batches = [b[: len(b) - len(b) % ranks.world_size] for b in batches]
+        return [distributed.shard(b, ranks) for b in batches if b]
+
+    steps_per_epoch = len(epoch_batches(0))  # the same on every rank (and in every epoch)
+    if not steps_per_epoch:
+        raise ValueError(f"sft needs at least {ranks.world_size} training records on {ranks.world_size} ranks")
     total_steps = steps_per_epoch * config.epochs
-    stepper = Stepper(model, config.optim, total_steps, dtype, device)
+    stepper = Stepper(model, config.optim, total_steps, dtype, device, config.zero_stage,
+                      config.zero_offload)
     step = 0
     if ctx.resume_from:
         state = read_checkpoint(ctx.resume_from)
@@ -86,22 +105,23 @@ def run(config: SFTConfig, ctx: JobContext) -> JobResult:
     if eval_records:
         metrics["eval/loss_initial"] = evaluate_loss(model, fmt, eval_records, config.batch_size, config.max_length)
     for epoch in range(step // steps_per_epoch, config.epochs):
-        order = list(range(len(examples)))
-        random.Random(config.seed + epoch).shuffle(order)  # the same order on a resumed run
+        batches = epoch_batches(epoch)  # the same order on a resumed run
         for b in range(step - epoch * steps_per_epoch, steps_per_epoch):
             if ctx.should_stop():
                 raise JobCancelled("cancelled")
-            batch = [examples[i] for i in order[b * config.batch_size:(b + 1) * config.batch_size]]
-            targets = target_count(batch)
+            batch = [examples[i] for i in batches[b]]
+            # world size / target tokens of the global batch: the loss is its token mean, however split
+            scale = distributed.global_scale(target_count(batch))
+            micros = list(micro_batches(range(len(batch)), config.micro_batch_size))
             total = 0.0
-            for micro in micro_batches(range(len(batch)), config.micro_batch_size):
+            for k, micro in enumerate(micros):
                 with autocast(device, dtype):
                     loss, _ = token_losses(model, collate_labelled([batch[i] for i in micro], pad_id))
-                stepper.backward(loss / max(targets, 1))  # the batch's token-mean, however it is split
+                stepper.backward(loss * scale, last=k == len(micros) - 1)
                 total += loss.item()
             stepper.step()
             step += 1
-            metrics["train/loss"] = total / max(targets, 1)
+            metrics["train/loss"] = distributed.all_mean({"loss": total * scale})["loss"]  # the global batch's
             event = {"step": step, "total_steps": total_steps, "message": f"epoch {epoch + 1}",
                      "train/loss": metrics["train/loss"], "train/lr": stepper.lr, "train/epoch": epoch + 1}
             if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total_steps:
