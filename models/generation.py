@@ -22,6 +22,8 @@ from typing import Protocol, Sequence
 
 import torch
 
+from models import distributed
+
 
 @dataclass
 class SamplingConfig:
@@ -143,10 +145,14 @@ def kv_cache(output):
 
 
 class Sampler:
-    """Batched sampling with the KV cache; every row stops at its first eos id. Seeded per call."""
+    """Batched sampling with the KV cache; every row stops at its first eos id. Seeded per call.
 
-    def __init__(self, model, pad_id: int, eos_ids: Sequence[int]):
-        self.model, self.pad_id, self.eos_ids = model, pad_id, tuple(eos_ids)
+    ``synced``: the model's weights are sharded over the ranks of a job (ZeRO-3), so each forward is
+    a collective and every rank must run as many: a rank whose rows have all ended keeps decoding
+    (padding, masked out) until every rank's have — Hugging Face ``generate``'s ``synced_gpus``."""
+
+    def __init__(self, model, pad_id: int, eos_ids: Sequence[int], synced: bool = False):
+        self.model, self.pad_id, self.eos_ids, self.synced = model, pad_id, tuple(eos_ids), synced
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], config: SamplingConfig, seed: int | None = None) -> Generation:
@@ -177,7 +183,12 @@ class Sampler:
             if seen is not None:
                 seen[torch.arange(B, device=device), token] |= ~done
             done = done | torch.isin(token, eos)
-            if bool(done.all()):
+            if len(tokens) == config.max_new_tokens:  # the last token needs no forward
+                break
+            finished = bool(done.all())
+            if self.synced:  # on every rank
+                finished = not distributed.any_rank(not finished)
+            if finished:
                 break
             step_mask = torch.cat([step_mask, step_mask.new_ones(B, 1)], dim=1)  # (B, P + t); finished rows are cut later
             position = position + 1

@@ -20,6 +20,11 @@ that shares the policy's format scores the rollout's own ids (``ScoreModelScorer
 frozen models run in ``dtype`` without gradients, every forward runs in ``micro_batch_size``
 chunks, and with LoRA the reference (and a score model a critic started from) is the trainable
 model with its adapters off.
+
+On N ranks (``models/distributed.py``): every rank rolls out its slice of the step's
+``rollout_batch_size × N`` prompts, DeepSpeed averages the actor's and critics' gradients over the
+ranks, and the episode costs of every rank feed J̄_C, so λ is the same on all; under ZeRO-3 the
+frozen models are sharded too and the sampler decodes in step on every rank.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from typing import Callable, Literal, Sequence
 
 import torch
 
+from models import distributed
 from models.chat_format import ChatFormat, Prompt
 from models.generation import GenerationBackend, Sampler, SamplingConfig, position_ids
 from models.jobs import Artifact, JobCancelled, JobContext, JobResult
@@ -119,9 +125,9 @@ class PPOLagConfig(TrainingConfig):
     steps: int = 100
     """PPO iterations, each one rollout batch followed by its updates."""
     rollout_batch_size: int = 64
-    """Prompts per rollout."""
+    """Prompts per rollout per rank (the global rollout is `rollout_batch_size × world_size`)."""
     mini_batch_size: int | None = None
-    """Sequences per optimizer step; default the whole rollout."""
+    """Sequences per optimizer step per rank; default the rank's whole rollout."""
     ppo_epochs: int = 1
     """Passes over each rollout."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -158,8 +164,6 @@ class PPOLagConfig(TrainingConfig):
     """Weight of the SFT loss on the job's sft datasets (only when the job has one)."""
     offload_frozen: bool = False
     """Keep the frozen models (reference, reward, cost) in CPU memory while the policy trains (GPU only)."""
-    zero_stage: int = 0
-    """DeepSpeed ZeRO stage (1–3) for multi-GPU training; 0: plain PyTorch."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -176,8 +180,9 @@ class PPOLagConfig(TrainingConfig):
         if self.sampling.repetition_penalty != 1.0:
             raise ValueError("sampling.repetition_penalty must be 1 for PPO: the penalty is not part of π_θ, so "
                              "rollouts would be off-policy")
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError("zero_stage must be 0, 1, 2 or 3")
+        if self.offload_frozen and self.zero_stage == 3:
+            raise ValueError("offload_frozen does not apply with zero_stage 3 (the frozen models are sharded): "
+                             "use zero_offload")
         if self.lambda_init <= 0 or self.lambda_max <= 0:
             raise ValueError("lambda_init and lambda_max must be > 0")
 
@@ -257,27 +262,31 @@ def _score(fn, rollout: Rollout) -> torch.Tensor:
     return torch.as_tensor(scores if isinstance(scores, torch.Tensor) else list(scores), dtype=torch.float32).cpu()
 
 
-class Updater:
-    """One trainable model's updates: gradients accumulated over micro-batches, then a step; under
-    DeepSpeed ZeRO the engine owns backward and step."""
+class Updater(Stepper):
+    """One trainable model's updates (the actor, a critic): ``Stepper`` under the job's ZeRO stage —
+    on several ranks, or with ``zero_stage`` > 0, DeepSpeed's engine owns gradients and steps. (A
+    name of its own: ``bench/memory.py`` times ``Updater.step``.)"""
 
     def __init__(self, model, optim: OptimConfig, total_steps: int, config: PPOLagConfig, dtype, device):
-        self.engine = None
-        self.stepper = Stepper(model, optim, total_steps, dtype, device)
-        if config.zero_stage:
-            import deepspeed  # optional (extra "gpu"), only on this path
+        super().__init__(model, optim, total_steps, dtype, device, config.zero_stage, config.zero_offload)
 
-            self.engine, *_ = deepspeed.initialize(model=model, optimizer=self.stepper.optimizer, config={
-                "train_micro_batch_size_per_gpu": config.micro_batch_size or config.mini_batch_size
-                or config.rollout_batch_size,
-                "gradient_clipping": optim.max_grad_norm, "bf16": {"enabled": dtype == torch.bfloat16},
-                "zero_optimization": {"stage": config.zero_stage}})
 
-    def backward(self, loss: torch.Tensor) -> None:
-        (self.engine or self.stepper).backward(loss)
+def ptx_sample(ptx: Sequence, rng: random.Random, size: int, ranks: distributed.Ranks) -> list:
+    """This rank's share of a step's PTX sample: ``size`` records per rank, drawn for all ranks at
+    once with the step's ``rng`` (the same on every rank) and dealt out, so ranks train on different
+    records and all get as many (fewer records than ranks: some are repeated). On one rank:
+    ``min(size, len(ptx))`` records, as before."""
+    world = ranks.world_size
+    n = min(size * world, len(ptx))
+    n = (n - n % world) or world
+    return distributed.shard([ptx[i % len(ptx)] for i in rng.sample(range(max(len(ptx), n)), n)], ranks)
 
-    def step(self) -> None:
-        (self.engine or self.stepper).step()
+
+def _unshard(values: Sequence[float], world: int) -> list[float]:
+    """Every rank's ``shard`` of a global batch, concatenated in rank order (equal lengths), back in
+    the global batch's order."""
+    per_rank = len(values) // world
+    return [values[r * per_rank + i] for i in range(per_rank) for r in range(world)]
 
 
 @contextlib.contextmanager
@@ -330,7 +339,11 @@ def train(config: PPOLagConfig, policy, ref_policy, fmt: ChatFormat, prompts: Se
         raise ValueError(f"no prompt leaves room for {T_max} new tokens within max_length {config.max_length}")
     dropped = len(prompts) - len(keep)
     prompts, prompt_ids = [prompts[i] for i in keep], [prompt_ids[i] for i in keep]
-    generator = generator or Sampler(policy, fmt.tokenizer.pad_token_id, fmt.eos_ids)
+    ranks = distributed.current()
+    # Under ZeRO-3 every forward gathers weights from all ranks: a rank whose rollouts all ended
+    # keeps decoding (padding) until every rank's have, so all run the same number of forwards.
+    generator = generator or Sampler(policy, fmt.tokenizer.pad_token_id, fmt.eos_ids,
+                                     synced=ranks.distributed and config.zero_stage == 3)
     # Dropout would make the first ratio π_θ/π_old ≠ 1; PPO on LMs runs with it off. The trained
     # models stay in train mode (gradient checkpointing only acts there); the frozen one is read.
     for model in (policy, reward_critic, cost_critic):
@@ -340,7 +353,7 @@ def train(config: PPOLagConfig, policy, ref_policy, fmt: ChatFormat, prompts: Se
         ref_policy.eval()
     if not lagrangian:
         cost_critic = None  # one critic: reward (or R − λ_s·C)
-    B = config.rollout_batch_size
+    B = config.rollout_batch_size  # this rank's share of the step's B × world_size prompts
     mini = config.mini_batch_size or B
     total_updates = config.steps * config.ppo_epochs * math.ceil(B / mini)
     actor = Updater(policy, config.actor_optim, total_updates, config, dtype, device)
@@ -359,20 +372,27 @@ def train(config: PPOLagConfig, policy, ref_policy, fmt: ChatFormat, prompts: Se
         start = state["step"]
         multiplier.load_state_dict(state["lagrange"])
         episode_costs.extend(state["episode_costs"])
-        actor.stepper.load_state_dict(state["optimizers"]["actor"])
+        actor.load_state_dict(state["optimizers"]["actor"])
         for name, _, updater in critics:
-            updater.stepper.load_state_dict(state["optimizers"][name])
+            updater.load_state_dict(state["optimizers"][name])
 
     metrics: dict = {}
     for step in range(start, config.steps):
         if should_stop():  # cancel is honoured between steps: at most one step late
             raise JobCancelled("cancelled")
-        rng = random.Random(config.seed * 100_003 + step)  # the step's prompts, the same on resume
-        picks = [i % len(prompts) for i in rng.sample(range(max(len(prompts), B)), B)]
+        # The step's global pick of B × world_size prompts, the same on every rank and on resume;
+        # this rank keeps its slice (on one rank: all of them).
+        rng = random.Random(config.seed * 100_003 + step)
+        global_b = B * ranks.world_size
+        picks = distributed.shard([i % len(prompts) for i in rng.sample(range(max(len(prompts), global_b)), global_b)],
+                                  ranks)
 
         # --- 1. rollout: y ~ π_θ(·|x), sampled with the KV cache, ended at any eos id ----------
+        # Rank 0 keeps the one-rank seed and every other rank draws from its own: sampled rollouts of
+        # a run on several ranks differ from a one-rank run's (greedy ones do not).
         with amp:
-            rollout = generator.generate([prompt_ids[i] for i in picks], sampling, seed=config.seed * 100_003 + step)
+            rollout = generator.generate([prompt_ids[i] for i in picks], sampling,
+                                         seed=config.seed * 100_003 + step + ranks.rank * 1_000_000_007)
         sequences = rollout.sequences.to(device)  # (B, P+T) prompt ids, then response ids
         attention_mask = rollout.attention_mask.to(device)  # (B, P+T)
         mask = rollout.response_mask.to(device).float()  # (B, T) 1 on response tokens incl. eos
@@ -385,7 +405,9 @@ def train(config: PPOLagConfig, policy, ref_policy, fmt: ChatFormat, prompts: Se
         with on_device(frozen, device, config.offload_frozen), torch.no_grad(), amp:
             reward = _score(reward_fn, batch).to(device)  # (B,) R
             cost = _score(cost_fn, batch).to(device) if cost_fn is not None else torch.zeros_like(reward)  # (B,) C
-            episode_costs.extend(cost.tolist())
+            # J̄_C over every rank's episodes, in the global pick order: the same window, so the same
+            # λ, on every rank (and the one-rank run's with the global batch).
+            episode_costs.extend(_unshard(distributed.all_gather(cost.tolist()), ranks.world_size))
             score = reward - config.shaping_lambda * cost if config.objective == "shaping" else reward
 
             # log π_old, log π_ref and V_old, one micro-batch at a time
@@ -428,7 +450,15 @@ def train(config: PPOLagConfig, policy, ref_policy, fmt: ChatFormat, prompts: Se
             order = torch.randperm(B, generator=torch.Generator().manual_seed(config.seed + step * 31 + epoch))
             for first in range(0, B, mini):
                 mini_idx = order[first:first + mini].tolist()
-                for idx in micro_batches(mini_idx, config.micro_batch_size):
+                # Equal shards: every rank runs as many micro-batches (ZeRO-3 gathers in each forward),
+                # and the engine's average over ranks of each rank's mini-batch mean is the global mean.
+                micros = list(micro_batches(mini_idx, config.micro_batch_size))
+                ptx_batch = ptx_micros = None
+                if ptx:  # the SFT loss on a sample of the PTX records, accumulated into the same step
+                    ptx_batch = ptx_sample(ptx, rng, len(mini_idx), ranks)
+                    ptx_micros = list(micro_batches(range(len(ptx_batch)), config.micro_batch_size))
+                for k, idx in enumerate(micros):
+                    last_micro = k == len(micros) - 1
                     weight = len(idx) / len(mini_idx)  # micro-batch losses sum to the mini-batch mean
                     seq, attn, m = sequences[idx], attention_mask[idx], mask[idx]
                     with amp:
@@ -438,7 +468,7 @@ def train(config: PPOLagConfig, policy, ref_policy, fmt: ChatFormat, prompts: Se
                     pg_loss1 = -advantages[idx] * ratio
                     pg_loss2 = -advantages[idx] * ratio.clamp(1.0 - config.clip_range, 1.0 + config.clip_range)
                     actor_loss = sequence_mean(torch.max(pg_loss1, pg_loss2), m)
-                    actor.backward(actor_loss * weight)
+                    actor.backward(actor_loss * weight, last=last_micro and not ptx_micros)  # PTX comes after
                     logs["train/actor_loss"].append(actor_loss.item())
                     logs["train/entropy"].append(float(masked_mean(entropy, m)))
                     clipped_ratio = ((ratio.detach() - 1).abs() > config.clip_range).float()
@@ -450,35 +480,38 @@ def train(config: PPOLagConfig, policy, ref_policy, fmt: ChatFormat, prompts: Se
                         # L^V = ½·E[max((V − G)², (clip(V, V_old ± ε_v) − G)²)]
                         clipped = old + (values - old).clamp(-config.value_clip, config.value_clip)
                         critic_loss = 0.5 * sequence_mean(torch.max((values - ret) ** 2, (clipped - ret) ** 2), m)
-                        updater.backward(critic_loss * weight)
+                        updater.backward(critic_loss * weight, last=last_micro)
                         logs[f"train/{name}_critic_loss"].append(critic_loss.item())
-                if ptx:  # the SFT loss on a sample of the PTX records, accumulated into the same step
-                    ptx_batch = [ptx[i] for i in rng.sample(range(len(ptx)), min(len(mini_idx), len(ptx)))]
-                    targets = target_count(ptx_batch)
+                if ptx_micros:
+                    # A token mean over the global sample: this rank's sum over its share of the
+                    # global count (1 / global_scale), the engine averaging over ranks.
+                    targets = max(distributed.all_sum(target_count(ptx_batch)), 1) / ranks.world_size
                     ptx_loss = 0.0
-                    for idx in micro_batches(range(len(ptx_batch)), config.micro_batch_size):
+                    for k, idx in enumerate(ptx_micros):
                         with amp:
                             loss, _ = token_losses(policy, collate_labelled([ptx_batch[i] for i in idx], pad_id))
-                        actor.backward(config.ptx_coef * loss / max(targets, 1))
-                        ptx_loss += loss.item() / max(targets, 1)
+                        actor.backward(config.ptx_coef * loss / targets, last=k == len(ptx_micros) - 1)
+                        ptx_loss += loss.item() / targets
                     logs["train/ptx_loss"].append(ptx_loss)
                 actor.step()
                 for _, _, updater in critics:
                     updater.step()
 
         # --- 9. events -------------------------------------------------------------------------
+        # Means over this rank's sequences, averaged over ranks (equal shards: the global means);
+        # J̄_C and λ are already the same on every rank.
         metrics = {key: sum(v) / len(v) for key, v in logs.items()}
         metrics.update({
             "train/reward": float(reward.mean()),
             "train/cost": float(cost.mean()),
-            "train/episode_cost": mean_episode_cost,
-            "lagrange/lambda": lam,
             "train/kl": float(kl.sum(-1).mean()),  # per-sequence KL to the reference
             "train/response_length": float(mask.sum(-1).mean()),
         })
+        metrics = distributed.all_mean(metrics)
+        metrics.update({"train/episode_cost": mean_episode_cost, "lagrange/lambda": lam})
         if rollout.log_probs is not None:  # how far the sampler's distribution is from the trainer's
             gap = (rollout.log_probs.to(device) * mask - old_log_probs).abs().max()
-            metrics["train/sampler_logprob_gap"] = float(gap)
+            metrics["train/sampler_logprob_gap"] = max(distributed.all_gather([float(gap)]))  # over every rank
         event = {"step": step + 1, "total_steps": config.steps, "message": f"step {step + 1}/{config.steps}", **metrics}
         if step == start and dropped:
             event["message"] += f" ({dropped} prompts longer than max_length − max_new_tokens left out)"
@@ -501,8 +534,8 @@ def save_checkpoint(output_dir, step: int, policy, fmt: ChatFormat, critics, act
     return write_checkpoint(output_dir, step, models, fmt, {
         "lagrange": multiplier.state_dict(),
         "episode_costs": list(episode_costs),
-        "optimizers": {"actor": actor.stepper.state_dict(),
-                       **{name: updater.stepper.state_dict() for name, _, updater in critics}},
+        "optimizers": {"actor": actor.state_dict(),
+                       **{name: updater.state_dict() for name, _, updater in critics}},
     })
 
 
@@ -548,7 +581,9 @@ def _run(config: PPOLagConfig, ctx: JobContext, reward_fn: Scorer | None, cost_f
 
     fmt, policy, device, dtype, policy_path = start_policy(config, ctx, "policy", padding_side="left")
     # Under LoRA the reference is the policy's own base (adapters off): no second copy.
-    ref_policy = None if config.lora else load_frozen(policy_path, "causal", fmt, dtype, device)
+    # Frozen models are replicated on every rank, or sharded under ZeRO-3 inference at stage 3.
+    ref_policy = None if config.lora else distributed.frozen_model(
+        load_frozen(policy_path, "causal", fmt, dtype, device), config.zero_stage, config.zero_offload)
 
     def critic(name: str, ref: str | None):
         # The critic reads the policy's tokens, so it shares the policy's format.
@@ -570,7 +605,8 @@ def _run(config: PPOLagConfig, ctx: JobContext, reward_fn: Scorer | None, cost_f
         if config.lora and critic_model is not None and str(critic_base) == str(path) and score_fmt.same_as(fmt):
             # A LoRA critic initialised from this score model computes it with its adapters off.
             return ScoreModelScorer(critic_model, score_fmt, fmt, config.max_length, adapters_off=True)
-        model = load_frozen(path, "score", score_fmt, dtype, device)
+        model = distributed.frozen_model(load_frozen(path, "score", score_fmt, dtype, device), config.zero_stage,
+                                         config.zero_offload)
         frozen.append(model)
         return ScoreModelScorer(model, score_fmt, fmt, config.max_length)
 

@@ -1,0 +1,110 @@
+"""PPO-Lag on several ranks (issue 10): two CPU ranks (gloo, under torchrun, with DeepSpeed) with
+``rollout_batch_size`` B train what one rank trains with 2B — greedy rollouts, the same losses,
+rewards, costs and λ step by step, the same final policy — and the sampler keeps every rank's
+forward passes in step when the weights are sharded (ZeRO-3)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models import distributed
+from tests.ranks import run_on_ranks
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["how do i make a cake ?", "what is the capital of france ?", "paris", "good or bad ?",
+           "the quick brown fox", "one two three four five", "is it safe ?", "red green blue"]
+SFT = [{"prompt": p, "response": r} for p, r in [
+    ("how do i make a cake ?", "sure . step 1 : mix flour ."), ("paris", "paris is the capital ."),
+    ("good or bad ?", "good"), ("is it safe ?", "sorry , i can not help with that ."),
+    ("red green blue", "one two three"), ("the quick brown fox", "jumps over the lazy dog"),
+    ("one two three", "four five"), ("what is the capital of france ?", "paris is the capital .")]]
+KEYS = ("train/actor_loss", "train/reward", "train/cost", "lagrange/lambda")
+
+
+def train_ppo_lag(model_dir: str, output_dir: str, rollout_batch_size: int, zero_stage: int = 0) -> dict:
+    """A 3-step PPO-Lag job (score models: the tiny Llama with fresh heads, PTX on 8 sft records,
+    micro-batches of 2 accumulated, greedy rollouts); every step's event (run on each rank)."""
+    from models.generation import SamplingConfig
+    from models.jobs import JobContext
+    from models.ppo_lag import PPOLagConfig, run_ppo_lag
+    from models.training import OptimConfig
+
+    lr = OptimConfig(lr=1e-3, warmup_ratio=0.0, scheduler="constant")
+    config = PPOLagConfig(model=model_dir, reward_model=model_dir, cost_model=model_dir, steps=3,
+                          rollout_batch_size=rollout_batch_size, micro_batch_size=2, ppo_epochs=1,
+                          sampling=SamplingConfig(temperature=0.0, max_new_tokens=4), actor_optim=lr,
+                          critic_optim=lr, lambda_lr=2.0, checkpoint_every=2, zero_stage=zero_stage, seed=3)
+    events = []
+    records = [{"prompt": p} for p in PROMPTS] + SFT
+    ctx = JobContext(output_dir=output_dir, datasets=["d"], load_dataset=lambda _: records, report=events.append)
+    result = run_ppo_lag(config, ctx)
+    return {"events": [{k: e[k] for k in (*KEYS, "train/ptx_loss", "step")} for e in events],
+            "checkpoints": [e["checkpoint"] for e in events if "checkpoint" in e],
+            "policy": result.artifacts[0].path, "rank": distributed.current().rank}
+
+
+def load_weights(path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(f"{path}/model.safetensors")
+
+
+@pytest.mark.parametrize("zero_stage", [0, 3])
+def test_two_ranks_train_what_one_rank_trains_on_the_global_rollout(tiny_llama_dir, tmp_path, zero_stage):
+    torch.set_num_threads(1)
+    one = train_ppo_lag(str(tiny_llama_dir), str(tmp_path / "one"), rollout_batch_size=8)
+    two = run_on_ranks(2, f"{__name__}:train_ppo_lag", {"model_dir": str(tiny_llama_dir),
+                                                        "output_dir": str(tmp_path / "two"), "rollout_batch_size": 4,
+                                                        "zero_stage": zero_stage}, tmp_path / "ranks")
+    assert [r["rank"] for r in two] == [0, 1]
+    assert [e["step"] for e in one["events"]] == [e["step"] for e in two[0]["events"]] == [1, 2, 3]
+    # λ comes from the episode costs of every rank: the very same number on both
+    assert [e["lagrange/lambda"] for e in two[0]["events"]] == [e["lagrange/lambda"] for e in two[1]["events"]]
+    assert len({e["lagrange/lambda"] for e in one["events"]}) == 3  # λ moved every step
+    for rank in two:
+        for a, b in zip(one["events"], rank["events"]):
+            for key in (*KEYS, "train/ptx_loss"):
+                assert b[key] == pytest.approx(a[key], abs=1e-4), (rank["rank"], a["step"], key)
+    # every rank's copy of the checkpoint path, one checkpoint written (by rank 0)
+    assert two[0]["checkpoints"] == two[1]["checkpoints"] and len(two[0]["checkpoints"]) == 1
+    a, b = load_weights(one["policy"]), load_weights(two[0]["policy"])
+    assert a.keys() == b.keys() and all(b[k].shape == a[k].shape for k in a)  # whole weights, not shards
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-4
+    before = load_weights(tiny_llama_dir)
+    assert max((a[k].float() - before[k].float()).abs().max().item() for k in a) > 1e-3  # it did train
+
+
+def synced_sampling(model_dir: str, zero_stage: int) -> dict:
+    """On rank 0 a row that ends at its first token, on rank 1 one that runs to ``max_new_tokens``:
+    the synced sampler runs as many forwards on both, and rank 0's answer is the one it gets alone."""
+    from models.chat_format import ChatFormat
+    from models.generation import Sampler, SamplingConfig
+    from models.loading import load_causal_lm
+
+    fmt = ChatFormat.load(model_dir, padding_side="left")
+    model = load_causal_lm(model_dir, fmt.tokenizer).eval()
+    model.requires_grad_(False)
+    prompt = [fmt.prompt_ids(["how do i make a cake ?", "paris"][distributed.current().rank])]
+    config = SamplingConfig(temperature=0.0, max_new_tokens=5)
+    first = Sampler(model, fmt.tokenizer.pad_token_id, fmt.eos_ids).generate(prompt, config).responses[0, 0]
+    # rank 0's eos is its first token; rank 1's one it never draws
+    eos = [int(first)] if distributed.current().main else [fmt.tokenizer.pad_token_id]
+    alone = Sampler(model, fmt.tokenizer.pad_token_id, eos).generate(prompt, config)
+    model = distributed.frozen_model(model, zero_stage)
+    forwards = []
+    model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    out = Sampler(model, fmt.tokenizer.pad_token_id, eos, synced=True).generate(prompt, config)
+    return {"forwards": len(forwards), "responses": out.responses.tolist(), "mask": out.response_mask.tolist(),
+            "alone": alone.responses.tolist()}
+
+
+@pytest.mark.parametrize("zero_stage", [0, 3])
+def test_the_synced_sampler_decodes_until_every_rank_is_done(tiny_llama_dir, tmp_path, zero_stage):
+    ranks = run_on_ranks(2, f"{__name__}:synced_sampling", {"model_dir": str(tiny_llama_dir),
+                                                            "zero_stage": zero_stage}, tmp_path)
+    assert ranks[0]["forwards"] == ranks[1]["forwards"] == 5  # the prompt, then 4 decode steps on both
+    assert ranks[0]["alone"] == [ranks[0]["responses"][0][:1]]  # alone, rank 0 stops after one token;
+    assert ranks[0]["mask"] == [[1, 0, 0, 0, 0]]  # synced, the rest of its answer is masked padding
+    assert ranks[1]["mask"] == [[1] * 5] and ranks[1]["responses"] == ranks[1]["alone"]
