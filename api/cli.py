@@ -81,16 +81,23 @@ def _exit_on_sigterm() -> None:
 
 
 def worker_command(queues: str = "gpu,cpu", name: str = "beaver@%h", pool: str | None = None,
-                   concurrency: int = 1) -> list[str]:
+                   concurrency: int = 1, ranks: int | None = None) -> list[str]:
+    from api.queue import default_ranks, worker_queues
     from api.settings import get_settings
 
+    queues = worker_queues(queues, ranks or default_ranks())
     return [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q", queues, "-n", name,
             "--pool", pool or get_settings().worker_pool, "--concurrency", str(concurrency), "--loglevel", "INFO"]
 
 
+RANKS_HELP = ("The largest job (world_size) this worker runs, one process per rank: default the GPUs it sees, "
+              "or 1 on a CPU host (CPU ranks: set it to run multi-rank jobs on CPU).")
+
+
 @cli.command()
 def up(host: Optional[str] = typer.Option(None, help="Bind address (default BEAVER_HOST)."),
-       port: Optional[int] = typer.Option(None, help="Port (default BEAVER_PORT).")) -> None:
+       port: Optional[int] = typer.Option(None, help="Port (default BEAVER_PORT)."),
+       ranks: Optional[int] = typer.Option(None, min=1, help=RANKS_HELP)) -> None:
     """Run everything on this machine: migrations, the API and one embedded worker."""
     from api.settings import get_settings
 
@@ -102,7 +109,7 @@ def up(host: Optional[str] = typer.Option(None, help="Bind address (default BEAV
     # Restarted when it dies; beaver up also reaps orphaned jobs meanwhile (workers/supervisor.py).
     from workers.supervisor import WorkerSupervisor
 
-    supervisor = WorkerSupervisor(worker_command(), on_start=lambda pid: typer.echo(f"worker started (pid {pid})"))
+    supervisor = WorkerSupervisor(worker_command(ranks=ranks), on_start=lambda pid: typer.echo(f"worker started (pid {pid})"))
     supervisor.start()
     typer.echo(f"API on http://{host or settings.host}:{port or settings.port}")
     try:
@@ -125,11 +132,12 @@ def worker(queues: str = typer.Option("gpu,cpu", help="Comma-separated Celery qu
            name: str = typer.Option("beaver@%h", help="Worker name, for display (%h: the host); its identity adds "
                                     "host, pid and a random suffix, so two workers may share a name."),
            pool: Optional[str] = typer.Option(None, help="Celery pool (default BEAVER_WORKER_POOL)."),
-           concurrency: int = typer.Option(1, help="Jobs at once (with a prefork pool).")) -> None:
+           concurrency: int = typer.Option(1, help="Jobs at once (with a prefork pool)."),
+           ranks: Optional[int] = typer.Option(None, min=1, help=RANKS_HELP)) -> None:
     """Run a Celery worker for training and analysis jobs."""
     _prepare_database()
     _check_broker()
-    os.execv(sys.executable, worker_command(queues, name, pool, concurrency))
+    os.execv(sys.executable, worker_command(queues, name, pool, concurrency, ranks))
 
 
 @db_cli.command("upgrade")

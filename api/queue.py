@@ -30,6 +30,30 @@ def embedded_broker_tuning() -> None:
     sqla_transport.Transport.polling_interval = 0.2
 
 
+def job_queue(queue: str, world_size: int) -> str:
+    """The queue of a job on ``world_size`` ranks: its type's queue, with the rank count when > 1
+    (``gpu-4``), so only a worker that can hold 4 ranks ever receives it."""
+    return queue if world_size == 1 else f"{queue}-{world_size}"
+
+
+def worker_queues(queues: str, ranks: int) -> str:
+    """What a worker with ``ranks`` ranks consumes: each of ``queues`` (comma-separated) and, for
+    training queues, the queues of every job size up to ``ranks`` (gpu, gpu-2, …, gpu-N)."""
+    out = []
+    for queue in (q.strip() for q in queues.split(",") if q.strip()):
+        out.append(queue)
+        if queue != "cpu":
+            out += [job_queue(queue, n) for n in range(2, ranks + 1)]
+    return ",".join(out)
+
+
+def default_ranks() -> int:
+    """Ranks a worker offers by default: the GPUs it sees, or 1 on a CPU host."""
+    import torch
+
+    return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
+
+
 def send_job(job_id: str, queue: str) -> None:
     try:
         celery_client().send_task(RUN_JOB_TASK, args=[job_id], queue=queue, retry=True,

@@ -33,6 +33,7 @@ JOB_ERROR_CODES = {
     "model_not_found": "a model reference names nothing loadable, or its files are missing or unreadable",
     "out_of_memory": "the job ran out of GPU or CPU memory",
     "worker_lost": "the worker running the job died, and the job had no attempts left",
+    "rank_failed": "a rank of a multi-rank job died without an error of its own (killed, e.g. out of host memory)",
     "broker_unavailable": "the job could not be queued: the Celery broker did not answer",
     "internal_error": "anything else (a bug: the traceback is in the job's events)",
     "job_failed": "a job that failed before errors had codes (its old text is the message)",
@@ -85,6 +86,7 @@ class Job(SQLModel, table=True):
     params: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     datasets: list = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     queue: str
+    world_size: int = 1  # ranks the job runs on (models/distributed.py); > 1 only for training jobs
     metrics: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     error: dict | None = Field(default=None, sa_column=Column(JSON(none_as_null=True)))
     result_models: list = Field(default_factory=list, sa_column=Column(JSON, nullable=False))

@@ -80,6 +80,7 @@ class JobType:
     # params the job type sets itself (not accepted from users).
     fixed: tuple[tuple[str, object], ...] = ()
     summary: str = ""  # one line for the params reference
+    multi_rank: bool = False  # runs on world_size > 1 ranks (the training jobs; models/distributed.py)
 
     def config_class(self) -> type:
         return _load(self.config)
@@ -106,22 +107,27 @@ JOB_TYPES: dict[str, JobType] = {
                         summary="a policy's sampled answers to every prompt, as a new `samples` dataset."),
     "reward": JobType("models.score_training:ScoreTrainingConfig", "models.score_training:run_reward", "gpu",
                       (("model", "any"),), ("preference",),
+                      multi_rank=True,
                       summary="a reward model on the helpfulness preference (`better_response_id`)."),
     "cost": JobType("models.score_training:ScoreTrainingConfig", "models.score_training:run_cost", "gpu",
                     (("model", "any"),), ("preference",),
+                    multi_rank=True,
                     summary="a cost model on the harmlessness preference and the safety labels (cost > 0 ⇔ unsafe)."),
     "sft": JobType("models.sft:SFTConfig", "models.sft:run", "gpu", (("model", "causal"),), ("sft",),
-                   summary="supervised fine-tuning on every assistant turn of sft conversations."),
+                   multi_rank=True, summary="supervised fine-tuning on every assistant turn of sft conversations."),
     "dpo": JobType("models.dpo:DPOConfig", "models.dpo:run", "gpu", (("model", "causal"), ("reference", "causal")),
-                   ("preference",), summary="DPO on the helpfulness preference (the paper's reward-free baseline)."),
+                   ("preference",), multi_rank=True,
+                   summary="DPO on the helpfulness preference (the paper's reward-free baseline)."),
     "ppo_lag": JobType("models.ppo_lag:PPOLagConfig", "models.ppo_lag:run_ppo_lag", "gpu", _PPO_MODELS, _PPO_DATA,
                        (("objective", "lagrangian"),),
+                       multi_rank=True,
                        summary="a Safe RLHF round: PPO-Lagrangian, reward maximised while J̄_C ≤ `threshold`, λ learned."),
     "ppo": JobType("models.ppo_lag:PPOLagConfig", "models.ppo_lag:run_ppo", "gpu", _PPO_MODELS, _PPO_DATA,
-                   (("objective", "reward"),), summary="baseline: PPO on the reward alone (the cost is scored for telemetry)."),
+                   (("objective", "reward"),), multi_rank=True,
+                   summary="baseline: PPO on the reward alone (the cost is scored for telemetry)."),
     "ppo_shaping": JobType("models.ppo_lag:PPOLagConfig", "models.ppo_lag:run_ppo_shaping", "gpu", _PPO_MODELS,
                            _PPO_DATA, (("objective", "shaping"),),
-                           summary="baseline: PPO on a fixed `R − shaping_lambda·C`."),
+                           multi_rank=True, summary="baseline: PPO on a fixed `R − shaping_lambda·C`."),
 }
 
 

@@ -31,6 +31,7 @@ from api.tables import Job, job_error, now
 from models.jobs import JOB_TYPES, JobCancelled, JobContext, build_config
 from models.records import check_records
 from workers.celery_app import app, worker_identity
+from workers.ranks import RankFailed, run_on_ranks
 
 log = logging.getLogger("beaver.worker")
 
@@ -142,11 +143,30 @@ def execute(job_id: str, worker: str) -> str:
         return "lost"
 
 
+def record_event(fence: Fence, event: dict) -> None:
+    """One progress event of the running attempt, and its numbers merged into the job's metrics, in
+    one fenced transaction (this runs every training step; on several ranks, on rank 0 only)."""
+    message = event.get("message") or ", ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in event.items() if k != "message")
+    # A diverged run reports NaN or ±inf: kept in the message, stored as null (PostgreSQL's JSON
+    # refuses NaN, and the API answers strict JSON), so the event is still written and the job
+    # can fail on its own terms.
+    event = _jsonable(event)
+    numeric = {k: v for k, v in event.items()
+               if (isinstance(v, (int, float)) and not isinstance(v, bool)) or (v is None and k != "message")}
+    with Session(get_engine()) as session:
+        fence.hold(session)
+        if numeric:
+            metrics = session.exec(select(Job.metrics).where(Job.id == fence.job_id)).one()
+            session.execute(update(Job).where(Job.id == fence.job_id).values(metrics={**metrics, **numeric}))
+        add_event(session, fence.job_id, message, event)
+
+
 def _run(fence: Fence, settings) -> str:
     job_id, engine = fence.job_id, get_engine()
     with Session(engine) as session:
         job = session.get(Job, job_id)
-        job_type, params, dataset_ids = job.type, dict(job.params), list(job.datasets)
+        job_type, params, dataset_ids, world_size = job.type, dict(job.params), list(job.datasets), job.world_size
 
     # Each attempt writes its own folder, so a stale runner never overwrites the files of the
     # attempt that replaced it; a re-run resumes from the furthest checkpoint of any attempt.
@@ -158,20 +178,7 @@ def _run(fence: Fence, settings) -> str:
     heartbeat.start()
 
     def report(event: dict) -> None:
-        message = event.get("message") or ", ".join(
-            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in event.items() if k != "message")
-        # A diverged run reports NaN or ±inf: kept in the message, stored as null (PostgreSQL's JSON
-        # refuses NaN, and the API answers strict JSON), so the event is still written and the job
-        # can fail on its own terms.
-        event = _jsonable(event)
-        numeric = {k: v for k, v in event.items()
-                   if (isinstance(v, (int, float)) and not isinstance(v, bool)) or (v is None and k != "message")}
-        with Session(engine) as session:  # one transaction per event: this runs every training step
-            fence.hold(session)
-            if numeric:
-                metrics = session.exec(select(Job.metrics).where(Job.id == job_id)).one()
-                session.execute(update(Job).where(Job.id == job_id).values(metrics={**metrics, **numeric}))
-            add_event(session, job_id, message, event)
+        record_event(fence, event)
 
     def load_dataset(dataset_id: str) -> list[dict]:
         with Session(engine) as session:
@@ -188,19 +195,24 @@ def _run(fence: Fence, settings) -> str:
     try:
         spec = JOB_TYPES[job_type]
         config = build_config(spec.config_class(), params)
-        result = spec.entry_point()(config, ctx)
+        if world_size > 1:  # N rank processes under torchrun; this worker keeps the heartbeat and the fence
+            result = run_on_ranks(job_id, fence.attempt, fence.worker, world_size, output_dir, resume_from,
+                                  heartbeat.should_stop, settings.torch_threads)
+        else:
+            result = spec.entry_point()(config, ctx)
         metrics, artifacts = result.metrics, _read_artifacts(result.artifacts)
     except JobCancelled:
         status = "cancelled"
     except FenceLost:
         raise
     except Exception as e:  # noqa: BLE001 — any failure becomes a readable job error
-        status, error = "failed", error_object(e)
+        status, error = "failed", e.error if isinstance(e, RankFailed) else error_object(e)
+        trace = e.traceback if isinstance(e, RankFailed) else traceback.format_exc(limit=8)[-4000:]
         if not heartbeat.lost.is_set():
             with Session(engine) as session:
                 fence.hold(session)
                 add_event(session, job_id, f"{error['code']}: {error['message']}",
-                          {"error": error, "traceback": traceback.format_exc(limit=8)[-4000:]}, level="error")
+                          {"error": error, "traceback": trace}, level="error")
     finally:
         heartbeat.done.set()
     if heartbeat.lost.is_set():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request, Response
@@ -18,9 +19,10 @@ from api.db import DatabaseBusy, run_db
 from api.deps import STAFF_ROLES, Reader, SessionDep, Trainer
 from api.errors import ApiError, not_found, responses
 from api.pagination import MAX_INT_ID, IdCursor, IndexCursor, check_limit, listing, page
-from api.queue import BrokerUnavailable, send_job
+from api.queue import BrokerUnavailable, job_queue, send_job
 from api.registry import ModelNotFound, WrongModelKind, add_event, check_model
-from api.tables import TERMINAL_STATES, Dataset, Job, JobEvent, job_error, new_id, now, public
+from api.settings import get_settings
+from api.tables import TERMINAL_STATES, Dataset, Job, JobEvent, Worker, job_error, new_id, now, public
 from models.jobs import JOB_TYPES, ParamsError, config_to_dict, model_refs, parse_params
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=responses(400, 401, 413, 422))
@@ -32,6 +34,9 @@ class JobCreate(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict, description="The job type's config dataclass fields.")
     datasets: list[Annotated[str, Field(max_length=100)]] = Field(default_factory=list, max_length=100,
                                                                   description="Dataset ids the job reads.")
+    world_size: int = Field(1, ge=1, le=1024, description="Ranks the job runs on, one process each (one per GPU; "
+                            "CPU ranks on a CPU worker started with --ranks). Training jobs only; their "
+                            "batch_size is per rank.")
 
     model_config = {"extra": "forbid"}
 
@@ -55,17 +60,21 @@ def create_job(body: JobCreate, response: Response, session: SessionDep, key: Tr
     except ParamsError as e:
         raise ApiError(422 if e.param != "type" else 400, str(e), param=e.param) from None
     params = config_to_dict(config)
+    if body.world_size > 1 and not JOB_TYPES[body.type].multi_rank:
+        runs = ", ".join(name for name, spec in JOB_TYPES.items() if spec.multi_rank)
+        raise ApiError(422, f"world_size: a {body.type} job runs on one rank; several ranks run {runs}",
+                       param="world_size")
     if idempotency_key and (existing := _find_idempotent(session, key.id, idempotency_key)) is not None:
-        return _replay(session, existing, body.type, params, body.datasets, response)
+        return _replay(session, existing, body, params, response)
     check_datasets(session, body.type, body.datasets)
     for name, ref, kind in model_refs(body.type, config):
         try:
             check_model(session, name, ref, kind)
         except (ModelNotFound, WrongModelKind) as e:
             raise ApiError(422, f"params.{name}: {e}", param=f"params.{name}") from None
-    queue = JOB_TYPES[body.type].queue
+    queue = job_queue(JOB_TYPES[body.type].queue, body.world_size)
     job = Job(id=new_id("job"), type=body.type, params=params, datasets=body.datasets, queue=queue,
-              created_by=key.id, idempotency_key=idempotency_key)
+              world_size=body.world_size, created_by=key.id, idempotency_key=idempotency_key)
     session.add(job)
     try:
         session.commit()
@@ -75,9 +84,21 @@ def create_job(body: JobCreate, response: Response, session: SessionDep, key: Tr
         existing = _find_idempotent(session, key.id, idempotency_key) if idempotency_key else None
         if existing is None:
             raise
-        return _replay(session, existing, body.type, params, body.datasets, response)
-    add_event(session, job.id, f"queued on {queue}", {"status": "queued"})
+        return _replay(session, existing, body, params, response)
+    add_event(session, job.id, f"queued on {queue}{_no_taker(session, queue, body.world_size)}", {"status": "queued"})
     return _enqueue(session, job)
+
+
+def _no_taker(session: Session, queue: str, world_size: int) -> str:
+    """Why a job may wait: no live worker consumes its queue (the job stays queued until one does)."""
+    alive = time.time() - get_settings().orphan_after_seconds
+    workers = session.exec(select(Worker.queues).where(Worker.heartbeat_at >= alive)).all()
+    if any(queue in w.split(",") for w in workers):
+        return ""
+    if world_size > 1:
+        return (f"; no live worker takes {world_size}-rank jobs: it waits for one started with "
+                f"`beaver worker --ranks {world_size}` (or more)")
+    return f"; no live worker consumes {queue} yet: it waits for one"
 
 
 def _find_idempotent(session: Session, key_id: str, idempotency_key: str) -> Job | None:
@@ -88,11 +109,12 @@ def _canonical(value) -> str:
     return json.dumps(value, sort_keys=True)
 
 
-def _replay(session: Session, job: Job, job_type: str, params: dict, datasets: list[str], response: Response) -> dict:
+def _replay(session: Session, job: Job, body: JobCreate, params: dict, response: Response) -> dict:
     """The job an Idempotency-Key already made, as its first request got it (the payments APIs' contract)."""
-    if (job.type, _canonical(job.params), job.datasets) != (job_type, _canonical(params), datasets):
-        raise ApiError(409, f"Idempotency-Key was already used for a different job ({job.id}: another type, params "
-                       f"or datasets); use a new key for a new job", param="Idempotency-Key")
+    if (job.type, _canonical(job.params), job.datasets, job.world_size) != \
+            (body.type, _canonical(params), body.datasets, body.world_size):
+        raise ApiError(409, f"Idempotency-Key was already used for a different job ({job.id}: another type, params, "
+                       f"datasets or world_size); use a new key for a new job", param="Idempotency-Key")
     response.headers["Idempotent-Replayed"] = "true"
     if job.status == "failed" and (job.error or {}).get("code") == "broker_unavailable":
         # The first try never reached the broker: this retry sends the job again. The conditional
