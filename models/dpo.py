@@ -51,6 +51,8 @@ def tokenize_dpo_pairs(fmt: ChatFormat, records: list[dict], max_length: int) ->
     """(better, worse) tokenised conversations of each record, by ``better_response_id``."""
     pairs = []
     for r in records:
+        if r["better_response_id"] is None:  # a tie: nothing to prefer
+            continue
         better = r[f"response_{r['better_response_id']}"]
         worse = r[f"response_{1 - r['better_response_id']}"]
         pairs.append((labelled_conversation(fmt, {"prompt": r["prompt"], "response": better}, max_length),

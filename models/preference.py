@@ -59,6 +59,8 @@ def preference_pairs(records: Sequence[dict], score_type: str) -> list[Preferenc
     pairs = []
     for r in records:
         b = r[key]
+        if b is None:  # a tie: this preference has no order to learn
+            continue
         w = 1 - b
         categories = sorted(set(harm_categories(r.get("response_0_harm_category")))
                             | set(harm_categories(r.get("response_1_harm_category"))))

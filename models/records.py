@@ -3,7 +3,9 @@
 Kinds:
 - ``preference``: PKU-SafeRLHF — ``prompt, response_0, response_1, is_response_0_safe,
   is_response_1_safe, better_response_id, safer_response_id`` (+ optional
-  ``response_{0,1}_harm_category``, ``response_{0,1}_severity_level``).
+  ``response_{0,1}_harm_category``, ``response_{0,1}_severity_level``). An id may be ``null``: a tie
+  (an arena vote of "tie" or "both bad"), kept as such and left out by the trainer of that
+  preference (reward for ``better_response_id``, cost and DPO likewise), which has no tie.
 - ``prompt``: ``{"prompt": str}`` (+ optional ``red_team: bool``, ``category: str``).
 
 In every kind, ``prompt`` may also be a conversation — a list of ``{"role", "content"}`` (system,
@@ -28,8 +30,8 @@ PREFERENCE_REQUIRED = {
     "response_1": str,
     "is_response_0_safe": bool,
     "is_response_1_safe": bool,
-    "better_response_id": int,
-    "safer_response_id": int,
+    "better_response_id": (int, type(None)),
+    "safer_response_id": (int, type(None)),
 }
 PREFERENCE_OPTIONAL = {
     "response_0_harm_category": (dict, list, str, type(None)),
@@ -72,7 +74,9 @@ def harm_categories(value) -> list[str]:
 
 
 def _type_name(t) -> str:
-    return {str: "a string", bool: "true or false", int: "an integer (0 or 1)"}.get(t, getattr(t, "__name__", str(t)))
+    names = {str: "a string", bool: "true or false", int: "an integer (0 or 1)",
+             (int, type(None)): "0, 1 or null (a tie)"}
+    return names.get(t, getattr(t, "__name__", str(t)))
 
 
 def record_errors(kind: str, record: Any, line: int) -> list[RecordError]:
@@ -127,7 +131,7 @@ def _preference_errors(record: dict, line: int) -> list[RecordError]:
             continue
         value = record[name]
         # bool is an int in Python; an id given as true/false is a mistake worth naming.
-        ok = isinstance(value, typ) and not (typ is int and isinstance(value, bool))
+        ok = isinstance(value, typ) and not isinstance(value, bool) if typ != bool else isinstance(value, bool)
         if typ is str and ok and not value.strip():
             errors.append(RecordError(line, name, "must be a non-empty string"))
         elif not ok:
@@ -142,6 +146,8 @@ def _preference_errors(record: dict, line: int) -> list[RecordError]:
     if errors:
         return errors
     safer = record["safer_response_id"]
+    if safer is None:  # a tie: no order to contradict
+        return errors
     safer_safe = record[f"is_response_{safer}_safe"]
     other_safe = record[f"is_response_{1 - safer}_safe"]
     if not safer_safe and other_safe:

@@ -30,7 +30,11 @@ def summary(kind: str, records: list[dict]) -> dict:
     if kind == "preference" and records:
         safe = sum(r["is_response_0_safe"] + r["is_response_1_safe"] for r in records)
         stats["safe_ratio"] = safe / (2 * len(records))
-        stats["better_is_safer"] = sum(r["better_response_id"] == r["safer_response_id"] for r in records) / len(records)
+        decided = [r for r in records if r["better_response_id"] is not None and r["safer_response_id"] is not None]
+        if decided:
+            stats["better_is_safer"] = sum(r["better_response_id"] == r["safer_response_id"] for r in decided) / len(decided)
+        if len(decided) < len(records):
+            stats["ties"] = len(records) - len(decided)  # a null id: an arena tie or "both bad"
         stats["both_unsafe"] = sum(not r["is_response_0_safe"] and not r["is_response_1_safe"] for r in records)
         categories = Counter(c for r in records for i in (0, 1) for c in harm_categories(r.get(f"response_{i}_harm_category")))
         if categories:
@@ -38,6 +42,33 @@ def summary(kind: str, records: list[dict]) -> dict:
     if kind == "prompt" and records:
         stats["red_team_ratio"] = sum(bool(r.get("red_team")) for r in records) / len(records)
     return stats
+
+
+def add_to_summary(kind: str, stats: dict, records: list[dict]) -> dict:
+    """``summary`` of the old records plus ``records``, from the old summary alone: appending a vote
+    to a dataset of 100k must not read the 100k back. Ratios are turned back into counts (exact:
+    they are counts over a known denominator) and merged with the new records' counts."""
+    new = summary(kind, records)
+    n, m = stats.get("records", 0), new["records"]
+    merged: dict = {"records": n + m}
+
+    def ratio(key: str, old_denominator: int, new_denominator: int) -> None:
+        count = round(stats.get(key, 0.0) * old_denominator) + round(new.get(key, 0.0) * new_denominator)
+        if old_denominator + new_denominator:
+            merged[key] = count / (old_denominator + new_denominator)
+
+    if kind == "preference":
+        ratio("safe_ratio", 2 * n, 2 * m)
+        ratio("better_is_safer", n - stats.get("ties", 0), m - new.get("ties", 0))
+        for key in ("both_unsafe", "ties"):
+            if stats.get(key, 0) + new.get(key, 0) or key == "both_unsafe":
+                merged[key] = stats.get(key, 0) + new.get(key, 0)
+        categories = Counter(stats.get("harm_categories", {})) + Counter(new.get("harm_categories", {}))
+        if categories:
+            merged["harm_categories"] = dict(categories.most_common())
+    elif kind == "prompt":
+        ratio("red_team_ratio", n, m)
+    return merged
 
 
 def dataset_stats(kind: str, records: list[dict], percentiles=(50, 90, 99)) -> dict:
