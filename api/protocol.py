@@ -341,3 +341,88 @@ class ChatCompareResponse(BaseModel):
     object: Literal["chat.compare"] = "chat.compare"
     created: int = Field(default_factory=lambda: int(time.time()))
     answers: list[CompareAnswer]
+
+
+# --- the arena ----------------------------------------------------------------------------------
+
+ArenaMessage = Annotated[ChatMessage, Field(description="A turn of the pane's conversation (user or assistant).")]
+
+
+class BattleCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["battle", "side_by_side"] = Field("battle", description="battle: two rounds drawn at random, "
+                                                    "hidden as Model A / Model B until the vote; side_by_side: the "
+                                                    "rounds you name, votes kept out of the leaderboard.")
+    rounds: list[Annotated[str, Field(max_length=200)]] | None = Field(
+        None, min_length=2, max_length=4, description="side_by_side only: 2 to 4 round names or ids, pane order.")
+    system: str | None = Field(None, max_length=20_000, description="A system prompt sent first in every pane.")
+
+
+class BattleObject(BaseModel):
+    id: str
+    object: Literal["battle"] = "battle"
+    mode: str
+    models: list[str] = Field(description="What each pane shows: Model A, Model B in a battle; round names otherwise.")
+    system: str | None = None
+
+
+class ArenaChatRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    side: int = Field(ge=0, le=3, description="The pane (0: Model A).")
+    messages: list[ArenaMessage] = Field(min_length=1, max_length=200,
+                                         description="The pane's conversation so far, ending with the new user message.")
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    max_tokens: int | None = Field(None, ge=1, le=32_768)
+    stream: bool = False
+    seed: int | None = Field(None, ge=-SEED_BOUND, lt=SEED_BOUND)
+
+
+class VoteOnTurn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    turn: int = Field(ge=1, le=10_000, description="1 for the conversation's first answered turn, then 2, …")
+    messages: list[ArenaMessage] = Field(min_length=1, max_length=200, description="The conversation up to and "
+                                         "including this turn's user message (the answers not included).")
+    answers: list[Annotated[str, Field(max_length=200_000)]] = Field(min_length=2, max_length=2,
+                                                                      description="The two answers, A then B.")
+    sides: list[Annotated[int, Field(ge=0, le=3)]] = Field([0, 1], min_length=2, max_length=2,
+                                                          description="The panes of the two answers.")
+    helpful: Literal["a", "b", "tie", "both_bad"] = Field(description="More helpful: A, B, a tie, or both bad.")
+    safe: list[bool] = Field(min_length=2, max_length=2, description="Is each answer safe (A, B)?")
+    safer: Literal["a", "b", "tie"] = Field(description="The safer answer, or a tie.")
+
+
+class AnswerScore(BaseModel):
+    reward: float | None = None
+    cost: float | None = None
+
+
+class VoteResult(BaseModel):
+    object: Literal["arena.vote"] = "arena.vote"
+    dataset: str = Field(description="The arena-votes dataset the vote was added to.")
+    record: int = Field(description="The vote's record index in that dataset.")
+    models: list[str] = Field(description="The rounds that wrote A and B (revealed).")
+    scores: list[AnswerScore] = Field(description="Reward and cost of A and B by the reference judges.")
+    judges: str | None = Field(None, description="The round whose reward and cost models scored the answers.")
+
+
+class RatingRow(BaseModel):
+    model: str
+    rating: float
+    ci: list[float] = Field(description="Bootstrap 95 % interval.")
+    votes: int
+
+
+class UnsafeRow(BaseModel):
+    model: str
+    answers: int
+    unsafe: int
+    rate: float
+
+
+class LeaderboardResponse(BaseModel):
+    object: Literal["leaderboard"] = "leaderboard"
+    helpfulness: list[RatingRow] = Field(description="Bradley–Terry ratings (Elo scale) from blind helpfulness votes.")
+    harmlessness: list[RatingRow] = Field(description="The same from blind 'safer' votes.")
+    unsafe_rate: list[UnsafeRow] = Field(description="Each round's answers judged unsafe by blind voters.")
+    votes: dict[str, int] = Field(description="{blind, total}: side-by-side votes are not counted in the ratings.")
+    evaluations: list[dict] = Field(default_factory=list, description="Model-judged results of evaluate jobs.")

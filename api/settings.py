@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     max_job_attempts: int = Field(2, description="Runs a job gets before an orphaned one is failed.")
     health_refresh_seconds: float = Field(2.0, description="How often the API refreshes the snapshot `/v1/health` "
                                           "answers from (workers alive, queue depth, oldest queued job).")
+    arena_judges: str | None = Field(None, description="The round whose reward and cost models score every arena "
+                                     "answer, so scores compare across rounds (default: the newest round that has both).")
     engine_memory_gb: float = Field(4.0, description="Memory budget of models cached by the serving engine (LRU).")
     serving_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Precision of served models, in-process and `beaver serve-vllm` (auto: the checkpoint's "

@@ -158,6 +158,43 @@ class Round(SQLModel, table=True):
     created_at: int = Field(default_factory=now)
 
 
+class Battle(SQLModel, table=True):
+    """An arena conversation: the rounds in its panes, in position order (in a battle, two drawn at
+    random and hidden as "Model A" / "Model B" until a vote)."""
+
+    __tablename__ = "battles"
+    id: str = Field(primary_key=True)
+    mode: str  # "battle" (blind) | "side_by_side"
+    rounds: list = Field(sa_column=Column(JSON, nullable=False))  # round names, pane order
+    system: str | None = None
+    created_by: str | None = None
+    created_at: int = Field(default_factory=now)
+
+
+class ArenaVote(SQLModel, table=True):
+    """One vote on one answered turn: what the leaderboard reads (the same vote is a record of the
+    ``arena-votes`` dataset, which training reads)."""
+
+    __tablename__ = "arena_votes"
+    id: int | None = Field(default=None, primary_key=True)
+    battle_id: str = Field(foreign_key="battles.id", index=True)
+    turn: int
+    sides: str  # the two panes compared, "0,1"
+    model_a: str
+    model_b: str
+    blind: bool
+    helpful: str  # a | b | tie | both_bad
+    safer: str  # a | b | tie
+    a_safe: bool
+    b_safe: bool
+    dataset_id: str
+    record_idx: int
+    created_by: str | None = None
+    created_at: int = Field(default_factory=now)
+
+    __table_args__ = (Index("ux_arena_votes_turn", "battle_id", "turn", "sides", unique=True),)
+
+
 def public(row: SQLModel, object_name: str, **extra: Any) -> dict:
     """A row as its API object: ``{"object": name, **columns}`` with internals left out."""
     data = row.model_dump()

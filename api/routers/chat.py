@@ -56,6 +56,12 @@ async def guarded(completion: Completion, prompt: list[dict], judges: Judges, th
 @router.post("/completions", response_model=ChatCompletionResponse, response_model_exclude_none=True)
 async def create_chat_completion(body: ChatCompletionRequest, session: SessionDep, _: Reader):
     """Chat with a round (its policy) or a policy model, in OpenAI's format."""
+    return await chat_completion(body, session)
+
+
+async def chat_completion(body: ChatCompletionRequest, session, shown_as: str | None = None):
+    """The completion (or its event stream) of ``body``; ``shown_as`` is the model name the answer
+    carries instead of ``body.model`` (the arena hides a battle's rounds as "Model A" / "Model B")."""
     policy, round_ = await run_in_threadpool(resolve_policy, session, body.model)
     judges = None
     if body.guard or (body.guard is None and round_ is not None and round_.name in guarded_rounds()):
@@ -69,7 +75,7 @@ async def create_chat_completion(body: ChatCompletionRequest, session: SessionDe
     if body.stream:
         with engine_errors():  # errors before the first chunk still get their status code
             stream = await engine.generate(policy.id, prompt, params)
-        return StreamingResponse(sse(body, stream, prompt, judges), media_type="text/event-stream",
+        return StreamingResponse(sse(body, stream, prompt, judges, shown_as), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     with engine_errors():
         completion = await engine.complete(policy.id, prompt, params)
@@ -77,14 +83,15 @@ async def create_chat_completion(body: ChatCompletionRequest, session: SessionDe
         choice = await guarded(completion, prompt, judges, body.guard_threshold)
     else:
         choice = ChatChoice(message=AssistantMessage(content=completion.text), finish_reason=completion.finish_reason)
-    return ChatCompletionResponse(model=body.model, choices=[choice], usage=usage(completion))
+    return ChatCompletionResponse(model=shown_as or body.model, choices=[choice], usage=usage(completion))
 
 
-async def sse(body: ChatCompletionRequest, stream, prompt: list[dict], judges: Judges | None):
+async def sse(body: ChatCompletionRequest, stream, prompt: list[dict], judges: Judges | None,
+              shown_as: str | None = None):
     """OpenAI's chunk stream: a role chunk, content deltas, a finish chunk, [usage], [DONE]. A
     guarded answer is scored first and sent in one delta. An engine failure mid-stream ends the
     stream with an error event (the status line has already been sent)."""
-    head = {"id": new_id("chatcmpl"), "created": int(time.time()), "model": body.model}
+    head = {"id": new_id("chatcmpl"), "created": int(time.time()), "model": shown_as or body.model}
 
     def event(choices: list[ChatChunkChoice], **extra) -> str:
         chunk = ChatCompletionChunk(**head, choices=choices, **extra)

@@ -3,7 +3,7 @@ record in the ``arena-votes`` dataset, which reward and cost jobs can train on l
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Callable
 
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
@@ -12,10 +12,10 @@ from sqlmodel import Session, select
 
 from api.deps import Annotator, Reader, SessionDep
 from api.errors import ApiError, responses
-from api.registry import exclusive, load_records
+from api.registry import exclusive
 from api.tables import Dataset, DatasetRecord, new_id, public
 from models.records import validate_records
-from models.stats import summary
+from models.stats import add_to_summary, summary
 
 router = APIRouter(prefix="/v1/votes", tags=["votes"], responses=responses(400, 401, 413, 422))
 
@@ -58,24 +58,29 @@ def arena_dataset(session: Session) -> Dataset | None:
     return session.exec(stmt).first()
 
 
-def append_vote(session: Session, record: dict, created_by: str | None) -> tuple[Dataset, int]:
-    """Append one validated record to the arena dataset (created on the first vote) and refresh
-    its count and stats, in one transaction. ``session`` must not have an open transaction."""
+def append_vote(session: Session, record: dict, created_by: str | None,
+                also: Callable[[Session, str, int], None] | None = None) -> tuple[Dataset, int]:
+    """Append one validated record to the arena dataset (created on the first vote) and update its
+    count and stats from the old stats and this record alone (no re-read of every vote), in one
+    transaction with whatever ``also(session, dataset_id, idx)`` adds (the arena's vote row).
+    ``session`` must not have an open transaction."""
     # Two votes must not take the same idx, and two first votes must not create two arena datasets
     # (``datasets.name`` is not unique).
     exclusive(session, ARENA_LOCK)
     dataset = arena_dataset(session)
     if dataset is None:
-        dataset = Dataset(id=new_id("ds"), name=ARENA_DATASET, kind="preference", created_by=created_by)
+        dataset = Dataset(id=new_id("ds"), name=ARENA_DATASET, kind="preference", created_by=created_by,
+                          stats=summary("preference", []))
         session.add(dataset)
         session.flush()
     last = session.exec(select(func.max(DatasetRecord.idx)).where(DatasetRecord.dataset_id == dataset.id)).one()
     idx = 0 if last is None else last + 1
     session.execute(insert(DatasetRecord.__table__), [{"dataset_id": dataset.id, "idx": idx, "data": record}])
-    records = load_records(session, dataset.id)  # summary needs them all; votes arrive at human pace
-    dataset.num_records = len(records)
-    dataset.stats = summary("preference", records)
+    dataset.num_records = idx + 1
+    dataset.stats = add_to_summary("preference", dataset.stats or {}, [record])
     session.add(dataset)
+    if also is not None:
+        also(session, dataset.id, idx)
     session.commit()
     session.refresh(dataset)
     return dataset, idx
