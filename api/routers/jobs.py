@@ -6,10 +6,11 @@ import asyncio
 import json
 import re
 import time
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request, Response
-from fastapi.responses import StreamingResponse
+from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
@@ -269,3 +270,56 @@ async def _stream_events(job_id: str, after: int, staff: bool, poll_seconds: flo
             return
         if not events:
             await asyncio.sleep(poll_seconds)
+
+
+# --- a job's files: reports, plots and logs, over the API -------------------------------------------------
+
+# Content types a browser may render inline; everything else downloads as an attachment.
+INLINE_TYPES = {".png": "image/png", ".svg": "image/svg+xml", ".json": "application/json", ".md": "text/markdown",
+                ".txt": "text/plain", ".jsonl": "application/x-ndjson", ".csv": "text/csv"}
+STAFF_ONLY = (".log",)  # rank logs hold tracebacks and server paths: trainers and admins only
+WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".gguf")  # models: GET /v1/models/{id}/archive
+
+
+def _job_files(job_id: str, staff: bool) -> dict[str, Path]:
+    """Relative name → file of every report, plot and log in the job's artifact folders (model
+    weights and checkpoints left out: a model downloads whole, as an archive)."""
+    root = (get_settings().resolved_artifacts_dir / job_id).resolve()
+    if not root.is_dir():
+        return {}
+    files = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if (not path.is_file() or path.is_symlink() or path.suffix in WEIGHTS
+                or any(part.startswith((".", "checkpoint-")) for part in rel.parts)
+                or (path.suffix in STAFF_ONLY and not staff)):
+            continue
+        files[rel.as_posix()] = path
+    return files
+
+
+@router.get("/{job_id}/files", responses=responses(404))
+def list_job_files(job_id: str, session: SessionDep, key: Reader) -> dict:
+    """A job's reports, plots and logs (names relative to its artifact folder, per attempt)."""
+    _get_job(session, job_id)
+    files = _job_files(job_id, key.role in STAFF_ROLES)
+    return listing([{"object": "file", "name": name, "bytes": path.stat().st_size,
+                     "content_type": INLINE_TYPES.get(path.suffix, "application/octet-stream")}
+                    for name, path in files.items()], False)
+
+
+@router.get("/{job_id}/files/{name:path}", response_model=None, responses=responses(404),
+            response_class=FileResponse)
+def get_job_file(job_id: str, name: str, session: SessionDep, key: Reader):
+    """One file of ``GET /v1/jobs/{id}/files``: images and reports inline, anything else as a download."""
+    _get_job(session, job_id)
+    if name.startswith("/") or "\\" in name or any(part in ("", ".", "..") for part in name.split("/")):
+        raise ApiError(422, "name must be a file name from GET /v1/jobs/{id}/files (no '..', no absolute path)",
+                       param="name")
+    path = _job_files(job_id, key.role in STAFF_ROLES).get(name)
+    if path is None:
+        raise not_found("file", name)
+    inline = path.suffix in INLINE_TYPES
+    return FileResponse(path, media_type=INLINE_TYPES.get(path.suffix, "application/octet-stream"),
+                        content_disposition_type="inline" if inline else "attachment", filename=path.name,
+                        headers={"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "default-src 'none'"})

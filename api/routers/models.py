@@ -3,9 +3,13 @@ is also the OpenAI-compatible list that chat clients read (rounds first, then mo
 
 from __future__ import annotations
 
+import re
+import tarfile
+from pathlib import Path
 from typing import Literal
 
 from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 from sqlmodel import Session, select
 
@@ -81,3 +85,37 @@ def get_model(model_ref: str, session: SessionDep, key: Reader) -> dict:
     if round_ is not None:
         return round_as_model(session, round_)
     raise not_found("model", model_ref)
+
+
+def tar_chunks(folder: Path, chunk: int = 1 << 20):
+    """A plain (uncompressed: weights don't compress) tar of ``folder``, streamed file by file, so a
+    16 GB model never sits in memory; members are ``<folder name>/<relative path>``."""
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink()):
+        stat = path.stat()
+        info = tarfile.TarInfo(f"{folder.name}/{path.relative_to(folder).as_posix()}")
+        info.size, info.mtime, info.mode = stat.st_size, int(stat.st_mtime), 0o644
+        yield info.tobuf(format=tarfile.PAX_FORMAT)
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                yield block
+        if info.size % tarfile.BLOCKSIZE:
+            yield tarfile.NUL * (tarfile.BLOCKSIZE - info.size % tarfile.BLOCKSIZE)
+    yield tarfile.NUL * (2 * tarfile.BLOCKSIZE)  # the end-of-archive marker
+
+
+@router.get("/{model_ref}/archive", response_model=None, response_class=StreamingResponse,
+            responses=responses(403, 404))
+def download_model(model_ref: str, session: SessionDep, _: Trainer):
+    """A registered model (or a round's policy) as a tar of its Hugging Face folder — weights, config,
+    tokenizer, chat template — which ``from_pretrained`` and vLLM load once unpacked."""
+    model = find_model(session, model_ref)
+    if model is None and (round_ := session.exec(select(Round).where(Round.name == model_ref)).first()) is not None:
+        model = session.get(Model, round_.policy_model_id)
+    if model is None:
+        raise not_found("model", model_ref)
+    folder = Path(model.path)
+    if not folder.is_dir():
+        raise ApiError(404, f"the files of model {model.name!r} are gone from the server", param="model_ref")
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", model.name) or model.id
+    return StreamingResponse(tar_chunks(folder), media_type="application/x-tar",
+                             headers={"Content-Disposition": f'attachment; filename="{name}.tar"'})
