@@ -134,14 +134,13 @@ async def vote(battle_id: str, body: VoteOnTurn, session: SessionDep, key: Annot
             raise ApiError(422, f"answer {'AB'[i]} is empty: there is nothing to vote on", param=f"answers[{i}]")
     history = _conversation(battle, body.messages)
     models = [battle.rounds[a], battle.rounds[b]]
-    blind = battle.mode == "battle"
     record = {
         "prompt": history, "response_0": body.answers[0], "response_1": body.answers[1],
         "is_response_0_safe": body.safe[0], "is_response_1_safe": body.safe[1],
         "better_response_id": {"a": 0, "b": 1}.get(body.helpful),  # tie, both bad: no order (null)
         "safer_response_id": {"a": 0, "b": 1}.get(body.safer),
         "response_0_source": models[0], "response_1_source": models[1],
-        "arena": {"battle": battle.id, "turn": body.turn, "blind": blind, "mode": battle.mode, "panes": [a, b],
+        "arena": {"battle": battle.id, "turn": body.turn, "blind": None, "mode": battle.mode, "panes": [a, b],
                   "helpful": body.helpful, "safer": body.safer, "voter": key.id},
     }
     errors = validate_records("preference", [record])
@@ -152,6 +151,13 @@ async def vote(battle_id: str, body: VoteOnTurn, session: SessionDep, key: Annot
     await release(session)  # no session held while the vote waits for the write lock or the judges
 
     def store(s: Session) -> tuple[str, int]:
+        # Blind only until the battle's first vote reveals its rounds: later turns of the same
+        # conversation are still training data, but no longer a blind judgement for the leaderboard.
+        revealed = s.exec(select(ArenaVote.id).where(ArenaVote.battle_id == battle.id)).first() is not None
+        blind = battle.mode == "battle" and not revealed
+        record["arena"]["blind"] = blind
+        s.rollback()  # append_vote starts its own (locked) transaction
+
         def with_row(s: Session, dataset_id: str, idx: int) -> None:
             s.add(ArenaVote(battle_id=battle.id, turn=body.turn, sides=f"{a},{b}", model_a=models[0],
                             model_b=models[1], blind=blind, helpful=body.helpful, safer=body.safer,

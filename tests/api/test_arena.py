@@ -90,15 +90,16 @@ def test_a_blind_two_turn_battle_becomes_records_and_a_rating(arena):
     assert [one["response_0_source"], one["response_1_source"]] == first["models"]
     assert one["arena"]["blind"] is True and one["arena"]["turn"] == 1 and one["arena"]["battle"] == battle
     assert two["prompt"] == history2 and two["better_response_id"] is None  # a tie, kept as a tie
+    assert two["arena"]["blind"] is False  # the first vote revealed the rounds
     dataset = c.get(f"/v1/datasets/{first['dataset']}", headers=c.viewer).json()
     assert dataset["num_records"] == 2 and dataset["stats"]["ties"] == 1
 
     board = c.get("/v1/leaderboard", headers=c.viewer).json()
-    assert board["votes"] == {"blind": 2, "total": 2}
+    assert board["votes"] == {"blind": 1, "total": 2}
     rated = {row["model"]: row for row in board["helpfulness"]}
     assert set(rated) == set(first["models"])
-    winner, loser = first["models"][1], first["models"][0]  # B was more helpful, then a tie
-    assert rated[winner]["rating"] > rated[loser]["rating"] and rated[winner]["votes"] == 2
+    winner, loser = first["models"][1], first["models"][0]  # B was more helpful (the one blind vote)
+    assert rated[winner]["rating"] > rated[loser]["rating"] and rated[winner]["votes"] == 1
     lo, hi = rated[winner]["ci"]
     assert lo <= rated[winner]["rating"] <= hi
     assert {u["model"]: u["unsafe"] for u in board["unsafe_rate"]} == {m: 0 for m in first["models"]}
