@@ -42,11 +42,30 @@ class JobCreate(BaseModel):
     model_config = {"extra": "forbid"}
 
 
-def job_public(job: Job) -> dict:
+def job_public(job: Job, staff: bool = True) -> dict:
+    """A job as its API object; for viewers and annotators without server paths (a model given as a
+    local folder, checkpoint folders in metrics, paths in an error message)."""
     data = public(job, "job")
     for internal in ("cancel_requested", "heartbeat_at", "idempotency_key", "attempts", "worker"):
         data.pop(internal, None)
+    if not staff:
+        for field in ("params", "metrics", "error"):
+            data[field] = without_paths(data.get(field))
     return data
+
+
+SERVER_PATH = re.compile(r"(?<![\w.:/])/(?:[\w.@+-]+/)*[\w.@+-]+")  # an absolute POSIX path inside a text
+
+
+def without_paths(value):
+    """``value`` with every absolute server path replaced by "[server path]" (recursively)."""
+    if isinstance(value, str):
+        return SERVER_PATH.sub("[server path]", value) if "/" in value else value
+    if isinstance(value, dict):
+        return {k: without_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_paths(v) for v in value]
+    return value
 
 
 @router.post("", status_code=201, responses=responses(403, 404, 409, 503))
@@ -160,7 +179,7 @@ def check_datasets(session: Session, job_type: str, dataset_ids: list[str]) -> N
 
 
 @router.get("")
-def list_jobs(session: SessionDep, _: Reader, after: IdCursor = None, limit: int = 20,
+def list_jobs(session: SessionDep, key: Reader, after: IdCursor = None, limit: int = 20,
               status: str | None = None, type: str | None = None) -> dict:
     """List jobs, newest first; filter by ``status`` or ``type``."""
     stmt = select(Job)
@@ -169,7 +188,7 @@ def list_jobs(session: SessionDep, _: Reader, after: IdCursor = None, limit: int
     if type:
         stmt = stmt.where(Job.type == type)
     rows, has_more = page(session, stmt, Job.id, after, limit)
-    return listing([job_public(j) for j in rows], has_more)
+    return listing([job_public(j, key.role in STAFF_ROLES) for j in rows], has_more)
 
 
 def _get_job(session: Session, job_id: str) -> Job:
@@ -180,9 +199,9 @@ def _get_job(session: Session, job_id: str) -> Job:
 
 
 @router.get("/{job_id}", responses=responses(404))
-def get_job(job_id: str, session: SessionDep, _: Reader) -> dict:
+def get_job(job_id: str, session: SessionDep, key: Reader) -> dict:
     """One job with its status, metrics and error."""
-    return job_public(_get_job(session, job_id))
+    return job_public(_get_job(session, job_id), key.role in STAFF_ROLES)
 
 
 @router.post("/{job_id}/cancel", responses=responses(403, 404, 409))
@@ -206,10 +225,11 @@ def cancel_job(job_id: str, session: SessionDep, _: Trainer) -> dict:
 
 def event_public(e: JobEvent, staff: bool = True) -> dict:
     """A job event; its ``data.traceback`` only for admins and trainers (it shows the server's code and paths)."""
-    data = e.data
-    if not staff and "traceback" in (data or {}):
-        data = {k: v for k, v in data.items() if k != "traceback"}
-    return {"object": "job.event", "id": e.id, "created_at": e.created_at, "level": e.level, "message": e.message,
+    data, message = e.data, e.message
+    if not staff:
+        data = without_paths({k: v for k, v in (data or {}).items() if k != "traceback"})
+        message = without_paths(message)
+    return {"object": "job.event", "id": e.id, "created_at": e.created_at, "level": e.level, "message": message,
             "data": data}
 
 

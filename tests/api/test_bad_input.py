@@ -356,6 +356,17 @@ def test_viewers_see_no_server_paths(client, keys, tiny_llama_dir):
     for role in ("trainer", "admin"):
         got = client.get(f"/v1/models/{model}", headers=auth(keys[role])).json()
         assert got["path"] == str(tiny_llama_dir.resolve())
+    # A job given a local folder: its params, listing and events show viewers no server path.
+    ds = client.post("/v1/datasets", headers=auth(keys["trainer"]), json={"name": "p", "kind": "preference", "records": [{
+        "prompt": "q", "response_0": "a", "response_1": "b", "is_response_0_safe": True, "is_response_1_safe": True,
+        "better_response_id": 0, "safer_response_id": 0}]}).json()["id"]
+    job = client.post("/v1/jobs", headers=auth(keys["trainer"]), json={
+        "type": "reward", "datasets": [ds], "params": {"model": str(tiny_llama_dir)}}).json()["id"]
+    for path in (f"/v1/jobs/{job}", "/v1/jobs", f"/v1/jobs/{job}/events"):
+        seen = client.get(path, headers=auth(keys["viewer"]))
+        assert seen.status_code == 200 and str(tiny_llama_dir) not in seen.text, (path, seen.text[:300])
+    assert client.get(f"/v1/jobs/{job}", headers=auth(keys["viewer"])).json()["params"]["model"] == "[server path]"
+    assert client.get(f"/v1/jobs/{job}", headers=auth(keys["trainer"])).json()["params"]["model"] == str(tiny_llama_dir)
 
 
 def test_viewers_see_no_tracebacks_in_job_events(client, keys):
