@@ -37,7 +37,7 @@ def run_in_worker(client, keys, job_type: str, params: dict, datasets: list, bef
     if before_run:
         before_run()
     assert execute(r.json()["id"], "test-worker") == "failed"
-    return client.get(f"/v1/jobs/{r.json()['id']}", headers=auth(keys["viewer"])).json()
+    return client.get(f"/v1/jobs/{r.json()['id']}", headers=auth(keys["trainer"])).json()
 
 
 def test_invalid_data_fails_the_job_with_invalid_input(client, keys, tiny_llama_dir):
@@ -71,6 +71,8 @@ def test_a_model_folder_gone_before_the_run_fails_with_model_not_found(client, k
     job = run_in_worker(client, keys, "sft", {"model": model}, [dataset], before_run=lambda: shutil.rmtree(copy))
     assert job["error"]["code"] == "model_not_found"
     assert str(copy) in job["error"]["message"] and "no longer a directory" in job["error"]["message"]
+    seen = client.get(f"/v1/jobs/{job['id']}", headers=auth(keys["viewer"])).json()["error"]  # no server path
+    assert seen == {**job["error"], "message": job["error"]["message"].replace(str(copy), "[server path]")}
 
 
 @pytest.mark.parametrize("exc, code", [
