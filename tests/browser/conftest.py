@@ -41,7 +41,7 @@ class ArenaPlatform(Platform):
         self.worker_proc = None
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def arena(tmp_path_factory):
     """A running API with rounds beaver-v1..v3 (different policies, shared reward and cost models)
     and an annotator key for the page."""
@@ -87,7 +87,7 @@ def arena(tmp_path_factory):
         platform.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser():
     _require_browser()
     from playwright.sync_api import sync_playwright
