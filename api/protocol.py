@@ -425,4 +425,6 @@ class LeaderboardResponse(BaseModel):
     harmlessness: list[RatingRow] = Field(description="The same from blind 'safer' votes.")
     unsafe_rate: list[UnsafeRow] = Field(description="Each round's answers judged unsafe by blind voters.")
     votes: dict[str, int] = Field(description="{blind, total}: side-by-side votes are not counted in the ratings.")
-    evaluations: list[dict] = Field(default_factory=list, description="Model-judged results of evaluate jobs.")
+    evaluations: list[dict] = Field(default_factory=list, description="The newest evaluate jobs' model-judged "
+                                    "results: {job, finished_at, reward_model, cost_model, models: {name: "
+                                    "{harmful_ratio, judge_harmful_ratio, reward, cost, refusal_rate}}}.")

@@ -81,6 +81,8 @@ class JobType:
     fixed: tuple[tuple[str, object], ...] = ()
     summary: str = ""  # one line for the params reference
     multi_rank: bool = False  # runs on world_size > 1 ranks (the training jobs; models/distributed.py)
+    # reward_model / cost_model default to the newest round's (filled in by the API at POST /v1/jobs).
+    default_judges: bool = False
 
     def config_class(self) -> type:
         return _load(self.config)
@@ -118,6 +120,11 @@ JOB_TYPES: dict[str, JobType] = {
     "dpo": JobType("models.dpo:DPOConfig", "models.dpo:run", "gpu", (("model", "causal"), ("reference", "causal")),
                    ("preference",), multi_rank=True,
                    summary="DPO on the helpfulness preference (the paper's reward-free baseline)."),
+    "evaluate": JobType("models.evaluate:EvaluateConfig", "models.evaluate:run", "gpu",
+                        (("models", "causal"), ("reward_model", "score"), ("cost_model", "score")), ("prompt",),
+                        default_judges=True,
+                        summary="rounds' answers to your prompts, scored by one reference reward/cost pair: harmful "
+                                "ratio, reward, cost, refusals, win rates and the 2 × 2 table, with 95 % intervals."),
     "ppo_lag": JobType("models.ppo_lag:PPOLagConfig", "models.ppo_lag:run_ppo_lag", "gpu", _PPO_MODELS, _PPO_DATA,
                        (("objective", "lagrangian"),),
                        multi_rank=True,
@@ -151,8 +158,14 @@ def parse_params(job_type: str, params: dict | None) -> Any:
 
 def model_refs(job_type: str, config: Any) -> list[tuple[str, str, str]]:
     """(param, reference, expected kind) of every model a job's config names."""
-    return [(name, getattr(config, name), kind) for name, kind in JOB_TYPES[job_type].models
-            if getattr(config, name, None)]
+    refs = []
+    for name, kind in JOB_TYPES[job_type].models:
+        value = getattr(config, name, None)
+        if isinstance(value, list):  # e.g. evaluate's models
+            refs += [(f"{name}[{i}]", ref, kind) for i, ref in enumerate(value)]
+        elif value:
+            refs.append((name, value, kind))
+    return refs
 
 
 def build_config(cls: type, params: dict, prefix: str = "params") -> Any:
@@ -305,6 +318,7 @@ def _table(cls: type, names: list[str]) -> list[str]:
 def params_markdown() -> str:
     """Every job type's params as Markdown tables: the shared training params once, then each job's own,
     then the nested objects (``optim``, ``lora``, ``sampling``)."""
+    from models.evaluate import JudgeConfig
     from models.generation import SamplingConfig
     from models.training import LoraConfig, OptimConfig, TrainingConfig
 
@@ -325,7 +339,8 @@ def params_markdown() -> str:
                and not (training and f.name in shared)]
         lines += [""] + _table(cls, own)
     for title, cls in (("`optim` / `actor_optim` / `critic_optim` (OptimConfig)", OptimConfig),
-                       ("`lora` (LoraConfig)", LoraConfig), ("`sampling` (SamplingConfig)", SamplingConfig)):
+                       ("`lora` (LoraConfig)", LoraConfig), ("`sampling` (SamplingConfig)", SamplingConfig),
+                       ("`judge` (evaluate's JudgeConfig)", JudgeConfig)):
         lines += ["", f"**{title}** — {(cls.__doc__ or '').strip().splitlines()[0].replace('``', '`')}", ""]
         lines += _table(cls, [f.name for f in dataclasses.fields(cls)])
     return "\n".join(lines) + "\n"

@@ -29,10 +29,11 @@ from api.protocol import (AnswerScore, ArenaChatRequest, BattleCreate, BattleObj
                           LeaderboardResponse, RatingRow, UnsafeRow, VoteOnTurn, VoteResult, as_prompt, new_id)
 from api.registry import find_round
 from api.routers.chat import chat_completion
+from api.routers.jobs import without_paths
 from api.routers.votes import append_vote
 from api.serving import Judges, resolve_judges, score_pairs
 from api.settings import get_settings
-from api.tables import ArenaVote, Battle, Round
+from api.tables import ArenaVote, Battle, Job, Round
 from models import leaderboard as lb
 from models.records import validate_records
 
@@ -195,4 +196,22 @@ def leaderboard(session: SessionDep, _: Reader) -> LeaderboardResponse:
 
     return LeaderboardResponse(helpfulness=table(helpful), harmlessness=table(safer),
                                unsafe_rate=[UnsafeRow(**u) for u in lb.unsafe_rates(answers)],
-                               votes={"blind": sum(n for *_, n in blind), "total": total})
+                               votes={"blind": sum(n for *_, n in blind), "total": total},
+                               evaluations=model_judged(session))
+
+
+def model_judged(session: Session, newest: int = 10) -> list[dict]:
+    """The newest succeeded ``evaluate`` jobs: per model, what the reference judges found."""
+    jobs = session.exec(select(Job).where(Job.type == "evaluate", Job.status == "succeeded")
+                        .order_by(Job.created_at.desc(), Job.id.desc()).limit(newest)).all()
+    out = []
+    for job in jobs:
+        models = {}
+        for name in job.params.get("models", []):
+            models[name] = {key: job.metrics.get(f"{name}/{key}") for key in
+                            ("harmful_ratio", "judge_harmful_ratio", "reward", "cost", "refusal_rate")
+                            if job.metrics.get(f"{name}/{key}") is not None}
+        out.append(without_paths({"job": job.id, "finished_at": job.finished_at, "models": models,
+                                  "reward_model": job.params.get("reward_model"),
+                                  "cost_model": job.params.get("cost_model")}))  # any key reads the leaderboard
+    return out

@@ -23,7 +23,7 @@ from api.pagination import MAX_INT_ID, IdCursor, IndexCursor, check_limit, listi
 from api.queue import BrokerUnavailable, job_queue, send_job
 from api.registry import ModelNotFound, WrongModelKind, add_event, check_model
 from api.settings import get_settings
-from api.tables import TERMINAL_STATES, Dataset, Job, JobEvent, Worker, job_error, new_id, now, public
+from api.tables import TERMINAL_STATES, Dataset, Job, JobEvent, Round, Worker, job_error, new_id, now, public
 from models.jobs import JOB_TYPES, ParamsError, config_to_dict, model_refs, parse_params
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=responses(400, 401, 413, 422))
@@ -75,8 +75,11 @@ def create_job(body: JobCreate, response: Response, session: SessionDep, key: Tr
     queued: what cannot work is a 4xx naming the param, not a job that fails later. With an
     ``Idempotency-Key``, the same key and body give the same job (a job the broker never got is sent
     again); the same key with another type, params or datasets is 409."""
+    params = body.params
+    if body.type in JOB_TYPES and JOB_TYPES[body.type].default_judges:
+        params = {**newest_judges(session), **params}
     try:
-        config = parse_params(body.type, body.params)
+        config = parse_params(body.type, params)
     except ParamsError as e:
         raise ApiError(422 if e.param != "type" else 400, str(e), param=e.param) from None
     params = config_to_dict(config)
@@ -107,6 +110,14 @@ def create_job(body: JobCreate, response: Response, session: SessionDep, key: Tr
         return _replay(session, existing, body, params, response)
     add_event(session, job.id, f"queued on {queue}{_no_taker(session, queue, body.world_size)}", {"status": "queued"})
     return _enqueue(session, job)
+
+
+def newest_judges(session: Session) -> dict:
+    """The reward and cost model ids of the newest round that has both (the same pair for every
+    model a job compares), or nothing when no round has both."""
+    round_ = session.exec(select(Round).where(Round.reward_model_id.is_not(None), Round.cost_model_id.is_not(None))
+                          .order_by(Round.created_at.desc(), Round.id.desc())).first()
+    return {"reward_model": round_.reward_model_id, "cost_model": round_.cost_model_id} if round_ else {}
 
 
 def _no_taker(session: Session, queue: str, world_size: int) -> str:
