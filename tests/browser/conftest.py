@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
 
 import pytest
 
@@ -139,5 +138,3 @@ def open_page(browser, arena):
         for context in contexts:
             context.close()
 
-
-SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "arena.png"

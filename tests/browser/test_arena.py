@@ -6,12 +6,11 @@ mode (named rounds, non-blind votes, Stop), and never a console error or a 404."
 
 from __future__ import annotations
 
-import os
 import re
 
 import pytest
 
-from tests.browser.conftest import ROUNDS, SCREENSHOT
+from tests.browser.conftest import ROUNDS
 
 pytestmark = pytest.mark.integration
 
@@ -163,16 +162,6 @@ def test_battle_at_1280px_streams_votes_reveals_and_ranks(arena, open_page):
     panes = [page.locator(f"#pane-{i}").bounding_box() for i in (0, 1)]
     assert panes[1]["x"] >= panes[0]["x"] + panes[0]["width"] - 1 and abs(panes[1]["y"] - panes[0]["y"]) < 1
     battle_flow(arena, page, TURNS["desktop"])
-    if os.environ.get("BEAVER_SCREENSHOT") == "1":  # docs/arena.png: a short battle, voted and revealed
-        set_sampling(page, max_tokens=20)
-        for turn, text in enumerate(TURNS["desktop"], start=1):
-            chat_turn(page, text, turn, streamed=False)
-            vote(page, helpful="A better" if turn == 1 else "B better", b="Safe" if turn == 1 else "Unsafe",
-                 safer="Tie" if turn == 1 else "A")
-        page.locator("#message").blur()
-        page.evaluate("window.scrollTo(0, 0)")
-        SCREENSHOT.parent.mkdir(exist_ok=True)
-        page.screenshot(path=str(SCREENSHOT))
 
 
 def test_battle_at_390px_stacks_panes_and_keeps_controls_usable(arena, open_page):
