@@ -271,6 +271,8 @@ def demo(url: Optional[str] = typer.Option(None, help="A running Beaver to drive
     try:
         results = run_demo(Client(url, key), config, out_dir)
         typer.echo("")
+        if fast:
+            typer.echo("SMOKE RUN (--fast): one short round, no baselines — these numbers say nothing about Safe RLHF.")
         typer.echo(markdown_table(results))
         typer.echo(f"\nresults: {out_dir / 'results.json'} · plots: {out_dir}/*.png · {results['seconds']:.0f} s")
         if not exit_ and platform is not None:

@@ -45,6 +45,7 @@ def test_fast_demo_through_the_api(tmp_path):
     for png in ("rounds.png", "lagrange.png", "tradeoff.png"):
         assert (tmp_path / "demo" / png).stat().st_size > 1000
     assert "| beaver-v1 |" in out.stdout  # the Markdown table
+    assert "SMOKE RUN (--fast)" in out.stdout  # and it says what it is
 
 
 def test_results_schema_rejects_a_missing_field():
