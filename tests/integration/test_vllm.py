@@ -63,15 +63,18 @@ def reward_dir(tiny_llama_dir, tmp_path_factory):
 def servers(vllm_python, tiny_llama_dir, reward_dir, tmp_path_factory):
     """A generate server for the tiny policy and a pooling server for the tiny reward model,
     started side by side, in eager mode (no torch.compile warm-up: starts faster; the benchmark
-    measures the default compiled mode)."""
+    measures the default compiled mode). Up to 10 minutes each: on 2 shared cores under load, two
+    vLLM start-ups have taken longer than the default 4."""
     from models.vllm_engine import start_vllm_server
 
     logs = tmp_path_factory.mktemp("vllm-logs")
     with ThreadPoolExecutor(2) as pool:
         policy = pool.submit(start_vllm_server, tiny_llama_dir, free_port(), "generate", python=vllm_python,
-                             log_path=logs / "policy.log", dtype="float32", extra_args=["--enforce-eager"])
+                             log_path=logs / "policy.log", dtype="float32", extra_args=["--enforce-eager"],
+                             wait_s=600)
         reward = pool.submit(start_vllm_server, reward_dir, free_port(), "pooling", python=vllm_python,
-                             log_path=logs / "reward.log", dtype="float32", extra_args=["--enforce-eager"])
+                             log_path=logs / "reward.log", dtype="float32", extra_args=["--enforce-eager"],
+                             wait_s=600)
         started = [f.result() for f in (policy, reward)]
     yield started
     for server in started:
@@ -210,7 +213,8 @@ def qwen_servers(vllm_python, tiny_qwen_dir, tmp_path_factory):
     models = {"policy": (policy, "generate"), "reward": (reward, "pooling"), "stop": (rigged, "generate")}
     with ThreadPoolExecutor(3) as pool:
         futures = {name: pool.submit(start_vllm_server, path, free_port(), runner, python=vllm_python,
-                                     log_path=root / f"{name}.log", dtype="float32", extra_args=["--enforce-eager"])
+                                     log_path=root / f"{name}.log", dtype="float32", extra_args=["--enforce-eager"],
+                                     wait_s=600)
                    for name, (path, runner) in models.items()}
         started = {name: f.result() for name, f in futures.items()}
     yield {name: (server, models[name][0]) for name, server in started.items()}
