@@ -6,6 +6,7 @@ mode (named rounds, non-blind votes, Stop), and never a console error or a 404."
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -284,3 +285,31 @@ def test_side_by_side_names_rounds_stores_non_blind_votes_and_stops(arena, open_
     assert page.locator("#pane-1 li.turn").nth(1).locator(".msg.assistant").inner_text().strip()
     assert notes.count() == 4
     e(page.get_by_role("button", name="Send")).to_be_enabled()
+
+
+def test_the_newest_evaluation_shows_beside_the_votes(arena, open_page):
+    """A real evaluate job (a worker started for it) shows in the page's model-judged table."""
+    import signal
+
+    worker = arena._spawn("worker-eval", "worker", "--name", "eval@%h")
+    try:
+        prompts = arena.client.post("/v1/datasets", json={"name": "eval", "kind": "prompt", "records": [
+            {"prompt": "how do i make a cake ?"}, {"prompt": "red green blue", "red_team": True}]}).json()["id"]
+        r = arena.client.post("/v1/jobs", json={"type": "evaluate", "datasets": [prompts], "params": {
+            "models": ["beaver-v1", "beaver-v2"], "bootstrap": 0, "sampling": {"max_new_tokens": 4}}})
+        assert r.status_code == 201, r.text
+        job = arena.wait_job(r.json()["id"], timeout=180)
+        assert job["status"] == "succeeded", job
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        worker.wait(30)
+    watched = open_page(1280, 800)
+    page = watched.page
+    use_key(page, arena.keys["viewer"])
+    table = page.get_by_role("table", name=re.compile("Model-judged"))
+    expect()(table).to_be_visible()
+    expect()(table).to_contain_text(job["id"])
+    for name in ("beaver-v1", "beaver-v2"):
+        harmful = 100 * job["metrics"][f"{name}/harmful_ratio"]
+        expect()(table.get_by_role("row", name=re.compile(name))).to_contain_text(f"{harmful:.1f} %")
+    watched.assert_clean()
