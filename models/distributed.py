@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 from dataclasses import dataclass
 from typing import Sequence, TypeVar
 
@@ -84,6 +85,23 @@ def _device() -> torch.device:
 def shard(items: Sequence[T], ranks: Ranks) -> list[T]:
     """This rank's slice of a global batch: every ``world_size``-th item from ``rank``."""
     return list(items[ranks.rank::ranks.world_size])
+
+
+def deal(global_batches: Sequence[Sequence[T]], ranks: Ranks) -> list[list[T]]:
+    """This rank's batches of a list of global batches (the same on every rank): each cut to a
+    multiple of the world size and dealt out (``shard``), empty ones dropped — so ranks see different
+    items and every rank runs the same number of steps and micro-batches."""
+    cut = [b[: len(b) - len(b) % ranks.world_size] for b in global_batches]
+    return [shard(b, ranks) for b in cut if b]
+
+
+def seeded_batches(n: int, batch_size: int, seed: int, ranks: Ranks) -> list[list[int]]:
+    """This rank's batches of indices ``0..n-1`` in a seeded order (an epoch of SFT or DPO): global
+    batches of ``batch_size × world_size``, dealt out."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    size = batch_size * ranks.world_size
+    return deal([order[start:start + size] for start in range(0, n, size)], ranks)
 
 
 def all_sum(value: float) -> float:

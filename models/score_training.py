@@ -117,12 +117,9 @@ def train(config: ScoreTrainingConfig, score_type: str, records: Sequence[dict],
     lengths = [p.length for p in train_tok]
 
     def epoch_batches(epoch: int) -> list[list[int]]:
-        """This rank's batches: global batches of ``batch_size × world_size`` pairs in a new
-        length-grouped order each epoch (the same on every rank), each cut to a multiple of the world
-        size and dealt out, so ranks see different pairs and run the same number of micro-batches."""
-        batches = length_grouped_batches(lengths, config.batch_size * ranks.world_size, config.seed + epoch)
-        batches = [b[: len(b) - len(b) % ranks.world_size] for b in batches]
-        return [distributed.shard(b, ranks) for b in batches if b]
+        """This rank's batches: a new length-grouped order of global batches each epoch, dealt out."""
+        return distributed.deal(length_grouped_batches(lengths, config.batch_size * ranks.world_size,
+                                                        config.seed + epoch), ranks)
 
     steps_per_epoch = len(epoch_batches(0))
     total_steps = steps_per_epoch * config.epochs

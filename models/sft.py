@@ -78,16 +78,8 @@ def run(config: SFTConfig, ctx: JobContext) -> JobResult:
     ranks = distributed.current()
 
     def epoch_batches(epoch: int) -> list[list[int]]:
-        """This rank's batches: global batches of ``batch_size × world_size`` conversations in the
-        epoch's seeded order (the same on every rank, and on a resumed run), each cut to a multiple of
-        the world size and dealt out, so ranks see different conversations and run the same number of
-        micro-batches."""
-        order = list(range(len(examples)))
-        random.Random(config.seed + epoch).shuffle(order)
-        size = config.batch_size * ranks.world_size
-        batches = [order[start:start + size] for start in range(0, len(order), size)]
-        batches = [b[: len(b) - len(b) % ranks.world_size] for b in batches]
-        return [distributed.shard(b, ranks) for b in batches if b]
+        """This rank's batches of the epoch's seeded order (the same on every rank and on a resumed run)."""
+        return distributed.seeded_batches(len(examples), config.batch_size, config.seed + epoch, ranks)
 
     steps_per_epoch = len(epoch_batches(0))  # the same on every rank (and in every epoch)
     if not steps_per_epoch:

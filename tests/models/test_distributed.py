@@ -55,6 +55,12 @@ def test_shards_are_disjoint_and_cover_the_global_batch():
     parts = [distributed.shard(batch, distributed.Ranks(r, 2)) for r in range(2)]
     assert parts == [[0, 2, 4, 6, 8], [1, 3, 5, 7, 9]]
     assert distributed.global_scale(5) == 1 / 5  # one process: no ranks to sum over
+    # Global batches cut to a multiple of the world size, so every rank runs as many steps.
+    dealt = [distributed.deal([[0, 1, 2, 3], [4, 5, 6], [7]], distributed.Ranks(r, 2)) for r in range(2)]
+    assert dealt == [[[0, 2], [4]], [[1, 3], [5]]]
+    one = distributed.seeded_batches(10, 4, seed=3, ranks=distributed.Ranks())
+    two = [distributed.seeded_batches(10, 2, seed=3, ranks=distributed.Ranks(r, 2)) for r in range(2)]
+    assert [sorted(a + b) for a, b in zip(*two)] == [sorted(b) for b in one]  # the same global batches
 
 
 @pytest.mark.parametrize("zero_stage, zero_offload", [(0, False), (2, True)])  # 3: tests/integration/test_ranks.py
