@@ -173,11 +173,10 @@ def main(argv: list[str]) -> int:
     from sqlmodel import Session
 
     from api.db import get_engine
-    from api.registry import load_records, resolve_model_path
     from api.tables import Job
     from models import distributed
-    from models.jobs import JOB_TYPES, JobContext, build_config
-    from workers.tasks import Fence, _jsonable, error_object, record_event
+    from models.jobs import JOB_TYPES, build_config
+    from workers.tasks import Fence, _jsonable, error_object, job_context, record_event
 
     ranks = distributed.current()
     try:
@@ -187,19 +186,9 @@ def main(argv: list[str]) -> int:
             job_type, params, dataset_ids = job.type, dict(job.params), list(job.datasets)
         fence = Fence(job_id, attempt, worker)
 
-        def load_dataset(dataset_id: str) -> list[dict]:
-            with Session(get_engine()) as session:
-                return load_records(session, dataset_id)
-
-        def resolve_model(ref: str) -> str:
-            with Session(get_engine()) as session:
-                return resolve_model_path(session, ref)
-
-        ctx = JobContext(output_dir=output_dir, datasets=dataset_ids, load_dataset=load_dataset,
-                         resolve_model=resolve_model,
-                         report=(lambda event: record_event(fence, event)) if ranks.main else (lambda event: None),
-                         should_stop=lambda: distributed.any_rank((output_dir / STOP).exists()),
-                         resume_from=resume_from)
+        ctx = job_context(dataset_ids, output_dir, resume_from,
+                          (lambda event: record_event(fence, event)) if ranks.main else (lambda event: None),
+                          lambda: distributed.any_rank((output_dir / STOP).exists()))
         spec = JOB_TYPES[job_type]
         try:
             result = spec.entry_point()(build_config(spec.config_class(), params), ctx)

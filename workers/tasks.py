@@ -162,6 +162,22 @@ def record_event(fence: Fence, event: dict) -> None:
         add_event(session, fence.job_id, message, event)
 
 
+def job_context(dataset_ids: list[str], output_dir: Path, resume_from: str | None, report, should_stop) -> JobContext:
+    """What an entry point gets, over the database (a one-rank job here, each rank of a larger one in
+    workers/ranks.py): datasets and model references read in short sessions of their own."""
+
+    def load_dataset(dataset_id: str) -> list[dict]:
+        with Session(get_engine()) as session:
+            return load_records(session, dataset_id)
+
+    def resolve_model(ref: str) -> str:
+        with Session(get_engine()) as session:
+            return resolve_model_path(session, ref)
+
+    return JobContext(output_dir=output_dir, datasets=dataset_ids, load_dataset=load_dataset,
+                      resolve_model=resolve_model, report=report, should_stop=should_stop, resume_from=resume_from)
+
+
 def _run(fence: Fence, settings) -> str:
     job_id, engine = fence.job_id, get_engine()
     with Session(engine) as session:
@@ -177,20 +193,8 @@ def _run(fence: Fence, settings) -> str:
     heartbeat = Heartbeat(fence, settings.heartbeat_seconds)
     heartbeat.start()
 
-    def report(event: dict) -> None:
-        record_event(fence, event)
-
-    def load_dataset(dataset_id: str) -> list[dict]:
-        with Session(engine) as session:
-            return load_records(session, dataset_id)
-
-    def resolve_model(ref: str) -> str:
-        with Session(engine) as session:
-            return resolve_model_path(session, ref)
-
-    ctx = JobContext(output_dir=output_dir, datasets=dataset_ids, load_dataset=load_dataset,
-                     resolve_model=resolve_model, report=report, should_stop=heartbeat.should_stop,
-                     resume_from=resume_from)
+    ctx = job_context(dataset_ids, output_dir, resume_from, lambda event: record_event(fence, event),
+                      heartbeat.should_stop)
     status, error, metrics, artifacts = "succeeded", None, {}, []
     try:
         spec = JOB_TYPES[job_type]
