@@ -40,6 +40,13 @@ def find_round(session: Session, ref: str) -> Round | None:
     return session.exec(select(Round).where((Round.name == ref) | (Round.id == ref))).first()
 
 
+def newest_judged_round(session: Session) -> Round | None:
+    """The newest round that has both a reward and a cost model: the reference judges by default
+    (the arena's scores, an evaluate job's), the same pair for every round they judge."""
+    return session.exec(select(Round).where(Round.reward_model_id.is_not(None), Round.cost_model_id.is_not(None))
+                        .order_by(Round.created_at.desc(), Round.id.desc())).first()
+
+
 # --- model references --------------------------------------------------------------------------------
 # What a job's model param may name, checked at POST /v1/jobs (``check_model``) and loaded by the
 # worker (``resolve_model_path``) through the same ``locate_model``, so a reference the API accepts

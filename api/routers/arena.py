@@ -27,7 +27,7 @@ from api.deps import Annotator, Reader, SessionDep
 from api.errors import ApiError, not_found, responses
 from api.protocol import (AnswerScore, ArenaChatRequest, BattleCreate, BattleObject, ChatCompletionRequest,
                           LeaderboardResponse, RatingRow, UnsafeRow, VoteOnTurn, VoteResult, as_prompt, new_id)
-from api.registry import find_round
+from api.registry import find_round, newest_judged_round
 from api.routers.chat import chat_completion
 from api.routers.jobs import without_paths
 from api.routers.votes import append_vote
@@ -113,9 +113,7 @@ def _conversation(battle: Battle, messages: list) -> list[dict]:
 def reference_judges(session: Session) -> tuple[str | None, Judges]:
     """The round whose reward and cost models score every arena answer."""
     name = get_settings().arena_judges
-    round_ = find_round(session, name) if name else session.exec(
-        select(Round).where(Round.reward_model_id.is_not(None), Round.cost_model_id.is_not(None))
-        .order_by(Round.created_at.desc(), Round.id.desc())).first()
+    round_ = find_round(session, name) if name else newest_judged_round(session)
     if round_ is None:
         return None, Judges(None, None)
     return round_.name, resolve_judges(session, None, round_=round_)

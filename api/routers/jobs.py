@@ -21,9 +21,9 @@ from api.deps import STAFF_ROLES, Reader, SessionDep, Trainer
 from api.errors import ApiError, not_found, responses
 from api.pagination import MAX_INT_ID, IdCursor, IndexCursor, check_limit, listing, page
 from api.queue import BrokerUnavailable, job_queue, send_job
-from api.registry import ModelNotFound, WrongModelKind, add_event, check_model
+from api.registry import ModelNotFound, WrongModelKind, add_event, check_model, newest_judged_round
 from api.settings import get_settings
-from api.tables import TERMINAL_STATES, Dataset, Job, JobEvent, Round, Worker, job_error, new_id, now, public
+from api.tables import TERMINAL_STATES, Dataset, Job, JobEvent, Worker, job_error, new_id, now, public
 from models.jobs import JOB_TYPES, ParamsError, config_to_dict, model_refs, parse_params
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=responses(400, 401, 413, 422))
@@ -115,8 +115,7 @@ def create_job(body: JobCreate, response: Response, session: SessionDep, key: Tr
 def newest_judges(session: Session) -> dict:
     """The reward and cost model ids of the newest round that has both (the same pair for every
     model a job compares), or nothing when no round has both."""
-    round_ = session.exec(select(Round).where(Round.reward_model_id.is_not(None), Round.cost_model_id.is_not(None))
-                          .order_by(Round.created_at.desc(), Round.id.desc())).first()
+    round_ = newest_judged_round(session)
     return {"reward_model": round_.reward_model_id, "cost_model": round_.cost_model_id} if round_ else {}
 
 
