@@ -7,19 +7,12 @@ from __future__ import annotations
 
 import io
 import os
-import random
 import tarfile
 
 import pytest
 
 from tests.api.conftest import auth
-
-
-def preference_records(n: int) -> list[dict]:
-    rng = random.Random(0)
-    return [{"prompt": f"q {i}", "response_0": " ".join(rng.choice(["good", "safe"]) for _ in range(3)),
-             "response_1": " ".join(rng.choice(["bad", "unsafe"]) for _ in range(3)), "is_response_0_safe": True,
-             "is_response_1_safe": False, "better_response_id": 0, "safer_response_id": 0} for i in range(n)]
+from tests.integration.test_platform import preference_records
 
 
 @pytest.fixture

@@ -4,29 +4,14 @@ the same final weights — and ZeRO-3 saves whole weights that plain transformer
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
 from models import distributed
+from tests.integration.test_platform import preference_records
 from tests.ranks import run_on_ranks
 
 pytestmark = pytest.mark.slow
-
-
-def preference_records(n: int, seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
-    records = []
-    for i in range(n):
-        good = " ".join(rng.choice(["good", "safe", "yes"]) for _ in range(rng.randint(2, 6)))
-        bad = " ".join(rng.choice(["bad", "unsafe", "no"]) for _ in range(rng.randint(2, 6)))
-        flip = i % 2 == 1
-        records.append({"prompt": f"question {i % 7} ?", "response_0": bad if flip else good,
-                        "response_1": good if flip else bad, "is_response_0_safe": not flip,
-                        "is_response_1_safe": flip, "better_response_id": 1 if flip else 0,
-                        "safer_response_id": 1 if flip else 0})
-    return records
 
 
 def train_reward(model_dir: str, output_dir: str, batch_size: int, zero_stage: int = 0, epochs: int = 2,
