@@ -68,9 +68,11 @@ def sampling_log_probs(logits: torch.Tensor, config: SamplingConfig, seen: torch
     return torch.log_softmax(logits / (config.temperature or 1.0), dim=-1)
 
 
-def draw(log_probs: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+def draw(log_probs: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None = None,
+         uniforms: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row of ``log_probs`` (B, V): argmax at temperature 0, else a draw from the
-    distribution truncated to top-k, then to the top-p nucleus."""
+    distribution truncated to top-k, then to the top-p nucleus — with ``generator``, or by inverting
+    each row's CDF at its own ``uniforms`` (B,) in (0, 1], so a row's token depends on its number alone."""
     if config.temperature == 0:
         return log_probs.argmax(-1)
     logits = log_probs
@@ -83,7 +85,21 @@ def draw(log_probs: torch.Tensor, config: SamplingConfig, generator: torch.Gener
         drop = probs.cumsum(-1) - probs > config.top_p  # mass before a token already reaches top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if uniforms is None:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # The first token whose cumulative mass reaches u·total: never a zero-probability one, as u > 0.
+    cdf = probs.double().cumsum(-1)  # (B, V)
+    token = torch.searchsorted(cdf, (uniforms.double() * cdf[:, -1]).unsqueeze(-1)).squeeze(-1)
+    return token.clamp(max=probs.shape[-1] - 1)
+
+
+def row_seed(seed: int, row: int) -> int:
+    """The seed of row ``row``'s stream in a call seeded ``seed`` (SplitMix64 of both, so nearby seeds
+    and rows give unrelated streams)."""
+    x = (seed * 0x9E3779B97F4A7C15 + row + 1) & 0xFFFFFFFFFFFFFFFF
+    for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+        x = ((x ^ (x >> shift)) * mult) & 0xFFFFFFFFFFFFFFFF
+    return (x ^ (x >> 31)) >> 1  # manual_seed takes < 2**63
 
 
 @dataclass
@@ -100,7 +116,8 @@ class Generation:
 
 
 class GenerationBackend(Protocol):
-    def generate(self, prompt_ids: list[list[int]], config: SamplingConfig, seed: int | None = None) -> Generation: ...
+    def generate(self, prompt_ids: list[list[int]], config: SamplingConfig, seed: int | None = None,
+                 rows: Sequence[int] | None = None) -> Generation: ...
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,7 +162,11 @@ def kv_cache(output):
 
 
 class Sampler:
-    """Batched sampling with the KV cache; every row stops at its first eos id. Seeded per call.
+    """Batched sampling with the KV cache; every row stops at its first eos id.
+
+    Seeded per row: a call seeded ``seed`` draws row ``i``'s tokens from its own stream,
+    ``row_seed(seed, rows[i])`` (``rows`` defaults to 0…B−1), so what a prompt gets depends on the
+    seed and its row number, not on which other prompts share the batch or how many there are.
 
     ``synced``: the model's weights are sharded over the ranks of a job (ZeRO-3), so each forward is
     a collective and every rank must run as many: a rank whose rows have all ended keeps decoding
@@ -155,10 +176,15 @@ class Sampler:
         self.model, self.pad_id, self.eos_ids, self.synced = model, pad_id, tuple(eos_ids), synced
 
     @torch.no_grad()
-    def generate(self, prompt_ids: list[list[int]], config: SamplingConfig, seed: int | None = None) -> Generation:
+    def generate(self, prompt_ids: list[list[int]], config: SamplingConfig, seed: int | None = None,
+                 rows: Sequence[int] | None = None) -> Generation:
         model = self.model
         device = next(model.parameters()).device
-        generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+        uniforms = None  # (B, max_new_tokens): each row's draws, from its own stream, made up front
+        if seed is not None:
+            rows = range(len(prompt_ids)) if rows is None else rows
+            uniforms = torch.stack([1.0 - torch.rand(config.max_new_tokens, generator=torch.Generator(device).manual_seed(
+                row_seed(seed, r)), device=device, dtype=torch.float64) for r in rows])
         ids, mask = left_pad(prompt_ids, self.pad_id)
         ids, mask = ids.to(device), mask.to(device)
         B = ids.shape[0]
@@ -176,7 +202,7 @@ class Sampler:
         step_mask, position = mask, positions[:, -1]
         for _ in range(config.max_new_tokens):
             step_log_probs = sampling_log_probs(out.logits[:, -1, :], config, seen)  # (B, V)
-            token = draw(step_log_probs, config, generator)  # (B,)
+            token = draw(step_log_probs, config, uniforms=None if uniforms is None else uniforms[:, len(tokens)])  # (B,)
             token = torch.where(done, torch.full_like(token, self.pad_id), token)
             tokens.append(token)
             log_probs.append(step_log_probs.gather(-1, token[:, None]).squeeze(-1))

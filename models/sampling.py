@@ -49,12 +49,14 @@ class GenerateConfig:
 
 def generate_responses(model, fmt: ChatFormat, prompts: list[Prompt], sampling: SamplingConfig, batch_size: int = 64,
                        seed: int = 0, on_batch=None) -> list[str]:
-    """Sampled answers (message content, without the turn close) to ``prompts``, batched and seeded."""
+    """Sampled answers (message content, without the turn close) to ``prompts``, batched and seeded:
+    prompt ``i``'s answer depends on ``seed`` and ``i`` alone, whatever ``batch_size``."""
     sampler = Sampler(model, fmt.tokenizer.pad_token_id, fmt.eos_ids)
     ids = [fmt.prompt_ids(p) for p in prompts]
     answers: list[str] = []
     for start in range(0, len(ids), batch_size):
-        out = sampler.generate(ids[start:start + batch_size], sampling, seed=seed + start)
+        out = sampler.generate(ids[start:start + batch_size], sampling, seed=seed,
+                               rows=range(start, min(start + batch_size, len(ids))))
         for row, mask in zip(out.responses, out.response_mask):
             answers.append(fmt.response_text(row[mask.bool()].tolist()))
         if on_batch:

@@ -86,9 +86,10 @@ def rounds(platform, tiny_llama_dir, tmp_path_factory) -> dict:
     return ids
 
 
-def evaluate(platform, dataset: str, judge: Judge, concurrency: int) -> dict:
+def evaluate(platform, dataset: str, judge: Judge, concurrency: int, batch_size: int = 32) -> dict:
     r = platform.client.post("/v1/jobs", json={"type": "evaluate", "datasets": [dataset], "params": {
         "models": [f"r1-{platform.name}", f"r2-{platform.name}"], "samples_per_prompt": 2, "bootstrap": 200,
+        "batch_size": batch_size,
         "sampling": {"temperature": 1.0, "max_new_tokens": 8},
         "judge": {"url": f"http://127.0.0.1:{judge.port}/v1", "model": "guard", "concurrency": concurrency,
                   "retries": 2}}})
@@ -127,11 +128,16 @@ def test_an_evaluation_of_two_rounds_with_an_external_judge(platform, rounds):
     assert sum(pair["table"].values()) == pytest.approx(1.0)
     assert pair["helpfulness_win_rate"] + report["pairs"][f"{r2} vs {r1}"]["helpfulness_win_rate"] == pytest.approx(1.0)
 
-    again = evaluate(p, dataset, Judge(), concurrency=1)  # the same job, judged one request at a time
+    # The same job, sampled and scored 3 prompts at a time instead of all at once and judged one request
+    # at a time: every answer is the same (a row's draws depend on the seed and its index alone).
+    again = evaluate(p, dataset, Judge(), concurrency=1, batch_size=3)
     samples_again = [r["data"] for r in p.client.get(f"/v1/datasets/{again['result_datasets'][0]}/records?limit=100")
                      .json()["data"]]
-    assert [(s["policy"], s["response"], s["reward"], s["cost"]) for s in samples_again] == \
-        [(s["policy"], s["response"], s["reward"], s["cost"]) for s in samples]
+    assert [(s["policy"], s["prompt"], s["response"]) for s in samples_again] == \
+        [(s["policy"], s["prompt"], s["response"]) for s in samples]
+    assert len({s["response"] for s in samples}) > 2  # sampled answers, not one repeated string
+    for a, b in zip(samples_again, samples):
+        assert (a["reward"], a["cost"]) == pytest.approx((b["reward"], b["cost"]), abs=1e-5)
 
     board = p.client.get("/v1/leaderboard").json()["evaluations"]
     assert board[0]["job"] == again["id"] and set(board[0]["models"]) == {r1, r2}

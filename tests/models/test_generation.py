@@ -92,3 +92,26 @@ def test_logits_processing_exact():
     assert set(draw(log_probs, SamplingConfig(temperature=0), g).tolist()) == {0}
     with pytest.raises(ValueError):
         SamplingConfig(top_p=0)
+
+
+def test_a_prompts_answer_does_not_depend_on_its_batch(tiny_qwen_dir):
+    """Evaluation and annotation samples must not change with which prompts share a batch or how big
+    batches are: each row draws from its own seeded stream (byte-level BPE, so prompts pad unevenly)."""
+    from models.sampling import generate_responses
+
+    fmt = ChatFormat.load(tiny_qwen_dir, padding_side="left")
+    model = load_causal_lm(tiny_qwen_dir, fmt.tokenizer).eval()
+    prompts = [PROMPTS[i % 3] if i % 4 else f"tell me about {i} red apples" for i in range(12)]
+    config = SamplingConfig(temperature=1.0, max_new_tokens=16)
+    whole = generate_responses(model, fmt, prompts, config, batch_size=12, seed=5)
+    assert len(set(whole)) > 3  # sampled, not one repeated answer
+    for batch_size in (1, 5):
+        assert generate_responses(model, fmt, prompts, config, batch_size=batch_size, seed=5) == whole
+    assert generate_responses(model, fmt, prompts, config, batch_size=12, seed=6) != whole
+
+    # The same prompt at the same row beside other prompts: the same answer.
+    sampler = Sampler(model, fmt.tokenizer.pad_token_id, fmt.eos_ids)
+    alone = sampler.generate([fmt.prompt_ids(PROMPTS[0])], config, seed=9, rows=[4])
+    crowd = sampler.generate([fmt.prompt_ids(p) for p in ("a", "bb cc dd ee ff", PROMPTS[0])], config, seed=9,
+                             rows=[0, 1, 4])
+    assert fmt.response_text(alone.responses[0].tolist()) == fmt.response_text(crowd.responses[2].tolist())
