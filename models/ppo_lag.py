@@ -34,6 +34,7 @@ import contextlib
 import dataclasses
 import math
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Sequence
@@ -377,6 +378,7 @@ def train(config: PPOLagConfig, policy, ref_policy, fmt: ChatFormat, prompts: Se
             updater.load_state_dict(state["optimizers"][name])
 
     metrics: dict = {}
+    seconds = collections.Counter()  # where a step's time goes: time/rollout, time/scoring, time/update
     for step in range(start, config.steps):
         if should_stop():  # cancel is honoured between steps: at most one step late
             raise JobCancelled("cancelled")
@@ -388,11 +390,12 @@ def train(config: PPOLagConfig, policy, ref_policy, fmt: ChatFormat, prompts: Se
                                   ranks)
 
         # --- 1. rollout: y ~ π_θ(·|x), sampled with the KV cache, ended at any eos id ----------
-        # Rank 0 keeps the one-rank seed and every other rank draws from its own: sampled rollouts of
-        # a run on several ranks differ from a one-rank run's (greedy ones do not).
+        clock = time.perf_counter()
+        # Each rollout draws from the stream of its row in the global batch, so the ranks together
+        # sample what one rank would (up to the numerics of different batch shapes).
         with amp:
-            rollout = generator.generate([prompt_ids[i] for i in picks], sampling,
-                                         seed=config.seed * 100_003 + step + ranks.rank * 1_000_000_007)
+            rollout = generator.generate([prompt_ids[i] for i in picks], sampling, seed=config.seed * 100_003 + step,
+                                         rows=distributed.shard(range(global_b), ranks))
         sequences = rollout.sequences.to(device)  # (B, P+T) prompt ids, then response ids
         attention_mask = rollout.attention_mask.to(device)  # (B, P+T)
         mask = rollout.response_mask.to(device).float()  # (B, T) 1 on response tokens incl. eos
@@ -400,6 +403,9 @@ def train(config: PPOLagConfig, policy, ref_policy, fmt: ChatFormat, prompts: Se
         response_ids = [row[m.bool()].tolist() for row, m in zip(rollout.responses, rollout.response_mask)]
         batch = Rollout([prompts[i] for i in picks], [prompt_ids[i] for i in picks], response_ids,
                         [fmt.response_text(r) for r in response_ids])
+
+        seconds["time/rollout"] += time.perf_counter() - clock
+        clock = time.perf_counter()
 
         # --- 2. scoring: R(x, y) and C(x, y), end scores of the frozen reward and cost models --
         with on_device(frozen, device, config.offload_frozen), torch.no_grad(), amp:
@@ -421,6 +427,8 @@ def train(config: PPOLagConfig, policy, ref_policy, fmt: ChatFormat, prompts: Se
                 for name, critic, _ in critics:
                     old_values[name][idx] = token_values(critic, seq, attn, P)
         old_log_probs, ref_log_probs = old_log_probs * mask, ref_log_probs * mask
+        seconds["time/scoring"] += time.perf_counter() - clock  # R, C, log π_old, log π_ref, V_old
+        clock = time.perf_counter()
 
         # --- 3. KL shaping: r_t = −β·kl_t (+R at the last token), c_t = +β·kl_t (+C there) ---
         kl = (old_log_probs - ref_log_probs) * mask  # (B, T) kl_t = log π_θ − log π_ref
@@ -497,6 +505,8 @@ def train(config: PPOLagConfig, policy, ref_policy, fmt: ChatFormat, prompts: Se
                 for _, _, updater in critics:
                     updater.step()
 
+        seconds["time/update"] += time.perf_counter() - clock
+
         # --- 9. events -------------------------------------------------------------------------
         # Means over this rank's sequences, averaged over ranks (equal shards: the global means);
         # J̄_C and λ are already the same on every rank.
@@ -508,7 +518,7 @@ def train(config: PPOLagConfig, policy, ref_policy, fmt: ChatFormat, prompts: Se
             "train/response_length": float(mask.sum(-1).mean()),
         })
         metrics = distributed.all_mean(metrics)
-        metrics.update({"train/episode_cost": mean_episode_cost, "lagrange/lambda": lam})
+        metrics.update({"train/episode_cost": mean_episode_cost, "lagrange/lambda": lam, **seconds})
         if rollout.log_probs is not None:  # how far the sampler's distribution is from the trainer's
             gap = (rollout.log_probs.to(device) * mask - old_log_probs).abs().max()
             metrics["train/sampler_logprob_gap"] = max(distributed.all_gather([float(gap)]))  # over every rank
