@@ -25,6 +25,7 @@ from models.world.core import (
     refusal,
     sample_prompts,
     sft_corpus,
+    split_of,
     shuffled_compliance,
     steps_in_order,
     tokenizer_corpus,
@@ -35,5 +36,5 @@ __all__ = [
     "PROMPT_TEMPLATE_WORDS", "SPLITS", "WORLD_PATH", "World", "WorldObject", "all_prompts", "annotate",
     "compliance", "evaluate_responses", "format_compliance", "harmful_steps", "helpfulness", "is_harmful",
     "is_refusal", "load_world", "parse_prompt", "partial_compliance", "refusal", "sample_prompts",
-    "sft_corpus", "shuffled_compliance", "steps_in_order", "tokenizer_corpus", "wrong_compliance",
+    "sft_corpus", "shuffled_compliance", "split_of", "steps_in_order", "tokenizer_corpus", "wrong_compliance",
 ]

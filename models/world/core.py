@@ -12,11 +12,14 @@ The annotators are decoupled as in Safe RLHF (Dai et al., 2024, §3.1): one pref
 helpfulness (Bradley–Terry on the oracle, with a temperature) and per-response safety labels
 (with a flip probability), from which the safer response follows.
 
-Train / eval split (``split=``): objects, templates and frames are shared by both splits (a
-2-layer model would meet unseen words in held-out templates with random embeddings, which tests
-the tokenizer rather than alignment), but each (object, template, frame) *combination* belongs to
-exactly one split by a fixed rule, about a quarter to eval. So no eval prompt string is ever a
-training prompt, while every word and every object appears in training.
+Three prompt splits (``split=``): **train** (SFT, preference pairs, PPO prompts, red-team probes),
+**tune** (where any choice of a hyper-parameter or threshold may look) and **report** (the published
+numbers, and nothing else). Objects, templates and frames are shared by all three (a 2-layer model
+would meet unseen words in held-out templates with random embeddings, which tests the tokenizer
+rather than alignment), but each (object, template, frame) *combination* belongs to exactly one
+split by a fixed rule on its indices (``_split_of``): a quarter to report, a quarter to tune,
+half to train. So no report prompt string is ever a training or tuning prompt, while every word
+and every object appears in training.
 
 Randomness comes only from the ``rng`` passed in (``random.Random`` or ``numpy.random.Generator``),
 so the same seed gives the same prompts, corpora and labels.
@@ -35,8 +38,7 @@ WORLD_PATH = Path(__file__).with_name("world.json")
 # The default prompt template's words (models/tiny.py), so a word-level tokenizer built on
 # tokenizer_corpus() never maps them to <unk>.
 PROMPT_TEMPLATE_WORDS = "BEGINNING OF CONVERSATION: USER: ASSISTANT:"
-SPLITS = ("train", "eval")
-EVAL_EVERY = 4  # one combination in EVAL_EVERY goes to eval
+SPLITS = ("train", "tune", "report")
 
 
 @dataclass(frozen=True)
@@ -112,9 +114,17 @@ def _shuffle(rng, items: list) -> list:
 # --- prompts -----------------------------------------------------------------------------------
 
 def _split_of(obj_index: int, template_index: int, frame_index: int) -> str:
-    """A Latin-square rule, so every object, template and frame has combinations in both
-    splits (frame_index = len(frames) for an unframed prompt)."""
-    return "eval" if (obj_index + template_index + frame_index) % EVAL_EVERY == 0 else "train"
+    """A Latin-square rule on (i + t + f) mod 4 (f = len(frames) for an unframed prompt): 0 → report,
+    2 → tune, odd → train. Any 4 consecutive frames (or templates) cover every residue, so each object
+    has plain and framed prompts in every split."""
+    residue = (obj_index + template_index + frame_index) % 4
+    return "report" if residue == 0 else "tune" if residue == 2 else "train"
+
+
+def split_of(prompt: str) -> str | None:
+    """The split a prompt string of the world belongs to (None for free text)."""
+    record = _prompt_index().get(prompt)
+    return None if record is None else record["split"]
 
 
 def _prompt_record(world: World, i: int, t: int, f: int | None) -> dict:
@@ -126,7 +136,7 @@ def _prompt_record(world: World, i: int, t: int, f: int | None) -> dict:
             "harmful_request": obj.harmful, "dual_use": obj.dual_use}
 
 
-@lru_cache(maxsize=2)
+@lru_cache(maxsize=3)
 def _pools(split: str) -> dict[tuple[str, int], tuple[dict, ...]]:
     """(kind, object index) -> that split's prompts, kind in plain / framed."""
     world = load_world()
@@ -185,15 +195,16 @@ def sample_prompts(rng, n: int, red_team_fraction: float = 0.5, split: str = "tr
 
 @lru_cache(maxsize=1)
 def _prompt_index() -> dict[str, dict]:
-    return {r["prompt"]: r for split in SPLITS for r in all_prompts(split)}
+    """prompt string → its record and split."""
+    return {r["prompt"]: {"record": r, "split": split} for split in SPLITS for r in all_prompts(split)}
 
 
 def parse_prompt(text: str) -> dict:
     """The prompt record of a prompt string: exact for the world's prompts; for free text (an
     arena prompt) the object named in it, red-team when a harmful request sits in a frame."""
-    record = _prompt_index().get(text)
-    if record is not None:
-        return dict(record)
+    known = _prompt_index().get(text)
+    if known is not None:
+        return dict(known["record"])
     world, words = load_world(), f" {text} "
     named = [o for o in world.objects if f" {o.name} " in words]
     if not named:

@@ -16,6 +16,7 @@ from models.world import (
     PROMPT_TEMPLATE_WORDS,
     WORLD_PATH,
     all_prompts,
+    split_of,
     annotate,
     compliance,
     evaluate_responses,
@@ -207,7 +208,7 @@ def _choice_call(rng, fns, obj):
 # --- prompts, split, corpora, evaluation ----------------------------------------------------
 
 def test_sample_prompts_counts_and_fields():
-    prompts = sample_prompts(random.Random(5), 1000, red_team_fraction=0.5, split="eval")
+    prompts = sample_prompts(random.Random(5), 1000, red_team_fraction=0.5, split="report")
     assert len(prompts) == 1000 and sum(p["red_team"] for p in prompts) == 500
     assert set(prompts[0]) == {"prompt", "object", "red_team", "harmful_request", "dual_use"}
     for p in prompts:
@@ -230,18 +231,28 @@ def test_same_seed_same_outputs_for_both_rng_kinds():
     assert sample_prompts(random.Random(7), 50) != sample_prompts(random.Random(8), 50)
 
 
-def test_eval_prompts_are_never_training_prompts():
-    train, eval_ = {p["prompt"] for p in all_prompts("train")}, {p["prompt"] for p in all_prompts("eval")}
-    assert train and eval_ and not train & eval_
-    assert 0.2 < len(eval_) / (len(train) + len(eval_)) < 0.3
-    # Every object is met in both splits, plain and red-team (shared objects, split combinations).
-    for split in ("train", "eval"):
+def test_report_prompts_are_never_train_or_tune_prompts():
+    """The split rule: the three splits are disjoint, report and tune are a quarter of all prompts
+    each, and every object is met in each, plain and (when harmful) as a red-team request."""
+    splits = {split: {p["prompt"] for p in all_prompts(split)} for split in ("train", "tune", "report")}
+    train, tune, report = splits["train"], splits["tune"], splits["report"]
+    assert train and tune and report
+    assert not report & tune and not report & train and not tune & train
+    total = len(train) + len(tune) + len(report)
+    assert abs(len(report) / total - 1 / 4) < 0.02 and abs(len(tune) / total - 1 / 4) < 0.02
+    for split, prompts in splits.items():
         ps = all_prompts(split)
         assert {p["object"] for p in ps if not p["red_team"]} == {o.name for o in WORLD.objects}
         assert {p["object"] for p in ps if p["red_team"]} == {o.name for o in WORLD.harmful}
+        assert all(split_of(p) == split for p in prompts)
+    assert split_of("how do i bake a moon rock ?") is None
     sampled = {p["prompt"] for p in sft_corpus(random.Random(9), 2000)}
     assert sampled <= train
-    assert {p["prompt"] for p in sample_prompts(random.Random(9), 1000, split="eval")} <= eval_
+    assert {p["prompt"] for p in sample_prompts(random.Random(9), 1000, split="report")} <= report
+    for split in ("tune", "report"):  # every kind of prompt can be drawn from every split
+        sample_prompts(random.Random(9), 200, red_team_fraction=0.4, split=split, plain_harmful_fraction=0.2)
+    with pytest.raises(ValueError, match="split"):
+        sample_prompts(random.Random(9), 10, split="eval")
 
 
 def test_sft_corpus_rates():
