@@ -240,45 +240,75 @@ def jobs() -> None:
 @cli.command()
 def demo(url: Optional[str] = typer.Option(None, help="A running Beaver to drive (default: start an embedded one)."),
          key: Optional[str] = typer.Option(None, envvar="BEAVER_API_KEY", help="Admin or trainer key for --url."),
-         seed: int = typer.Option(0, help="Same seed, same table."),
+         seeds: str = typer.Option("0", help="Comma-separated seeds, run one after another (same seed, same table)."),
+         split: str = typer.Option("report", help="Evaluate on the world's report prompts, or on tune ones while "
+                                                  "choosing settings."),
          fast: bool = typer.Option(False, "--fast", help="One short round, no baselines (a smoke test)."),
          exit_: bool = typer.Option(False, "--exit", help="Stop after printing the table."),
          port: Optional[int] = typer.Option(None, help="Port of the embedded API (default BEAVER_PORT).")) -> None:
     """Three Safe RLHF rounds on the synthetic world, through the REST API; writes $BEAVER_HOME/demo."""
+    import json
     import shutil
 
-    from api.demo import Client, DemoConfig, EmbeddedPlatform, markdown_table, run_demo
+    from api.demo import (Client, DemoConfig, EmbeddedPlatform, markdown_table, plot_seeds, run_demo, summarize,
+                          summary_markdown)
     from api.settings import get_settings
 
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+        configs = [DemoConfig.fast(seed=s, eval_split=split) if fast else DemoConfig(seed=s, eval_split=split)
+                   for s in seed_list]
+    except ValueError as e:
+        _fail(f"--seeds {seeds!r} / --split {split!r}: {e}")
+    if not configs or len(set(seed_list)) != len(seed_list):
+        _fail(f"--seeds {seeds!r}: give one or more distinct integers, e.g. 0,1,2")
+    if url is not None and len(configs) > 1:
+        _fail("several --seeds need the embedded platform (each seed starts a fresh one; their rounds share names)")
+    if url is not None and not key:
+        _fail("--url needs --key (or BEAVER_API_KEY)")
     settings = get_settings()
     out_dir = settings.home.resolve() / "demo"
-    config = DemoConfig.fast(seed=seed) if fast else DemoConfig(seed=seed)
-    platform = None
+    port = port or settings.port
     _exit_on_sigterm()
-    if url is None:
-        # A fresh embedded platform of the demo's own, so every run starts from the same state.
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.environ["BEAVER_HOME"] = str(out_dir / "platform")
-        for name in ("BEAVER_DATABASE_URL", "BEAVER_BROKER_URL", "BEAVER_RESULT_BACKEND", "BEAVER_ARTIFACTS_DIR"):
-            os.environ.pop(name, None)
-        clear_caches()
-        port = port or settings.port
-        platform = EmbeddedPlatform(out_dir / "platform", port)
-        key = platform.start()
-        url = f"http://127.0.0.1:{port}"
-    elif not key:
-        _fail("--url needs --key (or BEAVER_API_KEY)")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    runs, platform = [], None
     try:
-        results = run_demo(Client(url, key), config, out_dir)
-        typer.echo("")
-        if fast:
-            typer.echo("SMOKE RUN (--fast): one short round, no baselines — these numbers say nothing about Safe RLHF.")
-        typer.echo(markdown_table(results))
-        typer.echo(f"\nresults: {out_dir / 'results.json'} · plots: {out_dir}/*.png · {results['seconds']:.0f} s")
+        for config in configs:
+            started = time.perf_counter()
+            if url is None:
+                # A fresh embedded platform for each seed, so every run starts from the same state.
+                if platform is not None:
+                    platform.stop()
+                shutil.rmtree(out_dir / "platform", ignore_errors=True)
+                os.environ["BEAVER_HOME"] = str(out_dir / "platform")
+                for name in ("BEAVER_DATABASE_URL", "BEAVER_BROKER_URL", "BEAVER_RESULT_BACKEND",
+                             "BEAVER_ARTIFACTS_DIR"):
+                    os.environ.pop(name, None)
+                clear_caches()
+                platform = EmbeddedPlatform(out_dir / "platform", port)
+                key = platform.start()
+                typer.echo(f"seed {config.seed}: a fresh platform at http://127.0.0.1:{port} "
+                           f"({out_dir / 'platform'}), admin key {key}")
+            results = run_demo(Client(url or f"http://127.0.0.1:{port}", key), config, out_dir / f"seed-{config.seed}")
+            runs.append(results)
+            typer.echo(f"\nseed {config.seed} ({results['seconds']:.0f} s; {time.perf_counter() - started:.0f} s with the "
+                       "platform's start):")
+            if fast:
+                typer.echo("SMOKE RUN (--fast): one short round, no baselines — these numbers say nothing about "
+                           "Safe RLHF.")
+            typer.echo(markdown_table(results))
+        summary = summarize(runs)
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        (out_dir / "summary.md").write_text(summary_markdown(summary) + "\n")
+        plot_seeds(summary, out_dir / "seeds.png")
+        if len(runs) > 1:
+            typer.echo("\n" + summary_markdown(summary))
+        typer.echo(f"\nresults: {out_dir}/seed-*/results.json, {out_dir}/summary.md · plots: {out_dir}/**/*.png")
         if not exit_ and platform is not None:
-            typer.echo(f"\nBeaver is running at {url} (admin key {key}).")
-            typer.echo(f"Chat with a round: POST {url}/v1/chat/completions with model \"beaver-v{config.rounds}\"; "
-                       f"arena: {url}/ — Ctrl-C stops it.")
+            typer.echo(f"\nBeaver is running at http://127.0.0.1:{port} with seed {configs[-1].seed}'s rounds "
+                       f"(admin key {key}).")
+            typer.echo(f"Chat with a round: POST http://127.0.0.1:{port}/v1/chat/completions with model "
+                       f"\"beaver-v{configs[-1].rounds}\"; arena: http://127.0.0.1:{port}/ — Ctrl-C stops it.")
             try:
                 while True:
                     time.sleep(3600)
