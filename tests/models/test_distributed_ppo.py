@@ -1,5 +1,6 @@
 """PPO-Lag on several ranks (issue 10): two CPU ranks (gloo, under torchrun, with DeepSpeed) with
-``rollout_batch_size`` B train what one rank trains with 2B — greedy rollouts, the same losses,
+``rollout_batch_size`` B train what one rank trains with 2B — the same sampled rollouts (each row
+draws from the stream of its row in the global batch), the same losses,
 rewards, costs and λ step by step, the same final policy — and the sampler keeps every rank's
 forward passes in step when the weights are sharded (ZeRO-3)."""
 
@@ -25,7 +26,7 @@ KEYS = ("train/actor_loss", "train/reward", "train/cost", "lagrange/lambda")
 
 def train_ppo_lag(model_dir: str, output_dir: str, rollout_batch_size: int, zero_stage: int = 0) -> dict:
     """A 3-step PPO-Lag job (score models: the tiny Llama with fresh heads, PTX on 8 sft records,
-    micro-batches of 2 accumulated, greedy rollouts); every step's event (run on each rank)."""
+    micro-batches of 2 accumulated, rollouts sampled at T = 1); every step's event (run on each rank)."""
     from models.generation import SamplingConfig
     from models.jobs import JobContext
     from models.ppo_lag import PPOLagConfig, run_ppo_lag
@@ -34,7 +35,7 @@ def train_ppo_lag(model_dir: str, output_dir: str, rollout_batch_size: int, zero
     lr = OptimConfig(lr=1e-3, warmup_ratio=0.0, scheduler="constant")
     config = PPOLagConfig(model=model_dir, reward_model=model_dir, cost_model=model_dir, steps=3,
                           rollout_batch_size=rollout_batch_size, micro_batch_size=2, ppo_epochs=1,
-                          sampling=SamplingConfig(temperature=0.0, max_new_tokens=4), actor_optim=lr,
+                          sampling=SamplingConfig(temperature=1.0, max_new_tokens=4), actor_optim=lr,
                           critic_optim=lr, lambda_lr=2.0, checkpoint_every=2, zero_stage=zero_stage, seed=3)
     events = []
     records = [{"prompt": p} for p in PROMPTS] + SFT
