@@ -55,8 +55,16 @@ def default_ranks() -> int:
 
 
 def send_job(job_id: str, queue: str) -> None:
-    try:
-        celery_client().send_task(RUN_JOB_TASK, args=[job_id], queue=queue, retry=True,
-                                  retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5})
-    except Exception as e:  # noqa: BLE001 — kombu raises many types for one meaning
-        raise BrokerUnavailable(f"cannot reach broker {mask_url(get_settings().resolved_broker_url)}: {e}") from None
+    """Queue a job's message. A client whose connection broke is rebuilt and tried once more: the
+    embedded broker's first send, racing a worker that creates the broker's tables at the same
+    moment, failed with "'NoneType' object has no attribute 'client'" and left the client unusable."""
+    for attempt in (1, 2):
+        try:
+            celery_client().send_task(RUN_JOB_TASK, args=[job_id], queue=queue, retry=True,
+                                      retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5})
+            return
+        except Exception as e:  # noqa: BLE001 — kombu raises many types for one meaning
+            celery_client.cache_clear()
+            if attempt == 2:
+                raise BrokerUnavailable(f"cannot reach broker {mask_url(get_settings().resolved_broker_url)}: "
+                                        f"{e}") from None
