@@ -224,9 +224,9 @@ def run_demo(client: Client, config: DemoConfig, out_dir: Path) -> dict:
                              [prompt_set], f"round {k}: sample", "annotation sampling")
         samples = client.records(gen["result_datasets"][0])
         # Two identical answers carry no preference (and a late-round policy is often near
-        # deterministic): annotators are only shown pairs that differ.
+        # deterministic), and an empty answer is not a record: annotators see pairs that differ.
         pairs = [world.annotate(a, a["response"], b["response"], rng) for a, b in zip(samples[0::2], samples[1::2])
-                 if a["response"] != b["response"]]
+                 if a["response"] != b["response"] and a["response"].strip() and b["response"].strip()]
         preference_sets.append(upload(f"demo-r{k}-preferences", "preference", pairs))
 
         score_params = {"epochs": config.score_epochs, "optim": {"lr": config.score_lr}, "batch_size": 32,
