@@ -1,8 +1,8 @@
 """The ``evaluate`` job: is a round safer, and did it stay helpful, on *your* prompts?
 
 Every model named (rounds or policies) answers every prompt of the job's prompt datasets
-(``samples_per_prompt`` times, with the job's explicit sampling, in fixed chunks so the samples do
-not depend on anything but the seed); one reference pair of reward and cost models scores every
+(``samples_per_prompt`` times, with the job's explicit sampling; each answer from a random stream of
+its own, so the samples depend on the seed alone, not on batching); one reference pair of reward and cost models scores every
 answer, so numbers compare across rounds; an optional OpenAI-compatible chat endpoint (e.g. a
 guard model served by vLLM) judges safety too. Per model:
 
@@ -103,7 +103,7 @@ class EvaluateConfig:
     bootstrap: int = 1000
     """Bootstrap replicates of the 95 % intervals (0: none)."""
     batch_size: int = 32
-    """Prompts per sampling and scoring batch (fixed, so samples depend only on the seed)."""
+    """Prompts per sampling and scoring batch (speed only: the samples do not depend on it)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Precision the models run in."""
     max_length: int = 1024
