@@ -34,7 +34,7 @@ browser:
 	}
 
 test: install browser
-	BEAVER_CHROMIUM=$(CHROMIUM) $(PY) -m pytest -q
+	BEAVER_CHROMIUM=$(CHROMIUM) $(PY) -m pytest -q --durations=30
 
 bench: install
 	$(PIP) install -q --disable-pip-version-check $(TORCH) -e '.[bench]'
