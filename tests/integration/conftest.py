@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -73,11 +74,15 @@ class Platform:
         """``command`` "api" starts ``beaver api`` and a ``beaver worker``; "up" starts ``beaver up``
         alone (the API with its supervised embedded worker)."""
         self.cli("db", "upgrade")
-        for role in ("admin", "trainer", "viewer"):
-            self.keys[role] = self.cli("keys", "create", "--name", f"test-{role}", "--role", role).split()[-1]
         self.api_proc = self._spawn(command, command, "--port", str(self.port))
         if command == "api":
             self.start_worker()
+        # The keys are made while the API and the worker start: each is a process importing the
+        # CLI, and setting up a platform per module and backend adds up in the suite's time.
+        with ThreadPoolExecutor(3) as pool:
+            made = {role: pool.submit(self.cli, "keys", "create", "--name", f"test-{role}", "--role", role)
+                    for role in ("admin", "trainer", "viewer")}
+            self.keys = {role: future.result().split()[-1] for role, future in made.items()}
         deadline = time.time() + 60
         while time.time() < deadline:
             try:
