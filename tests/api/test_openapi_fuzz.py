@@ -19,7 +19,7 @@ from tests.api.conftest import auth
 def on_both_databases(database):
     """Every test here runs on SQLite and on PostgreSQL (autouse: before the keys are made)."""
 
-MAX_EXAMPLES = 25  # per operation
+MAX_EXAMPLES = 15  # per operation and database
 
 schema = schemathesis.openapi.from_dict(create_app().openapi())
 

@@ -78,6 +78,10 @@ def weights(platform, job: dict) -> dict:
     return load_file(f"{model['path']}/model.safetensors")
 
 
+# What ranks compute does not depend on the backend, and tests/models checks it on every ZeRO stage;
+# through the API it runs on the team backend (PostgreSQL, Redis), where several ranks are deployed.
+# Routing, cancel and a killed worker's re-run depend on the broker: those run on both backends.
+@pytest.mark.parametrize("platform", ["team"], indirect=True)
 def test_a_two_rank_zero3_job_trains_what_one_rank_trains_on_the_global_batch(ranked, base):
     p = ranked
     dataset = upload(p, preference_records(32), name="pairs-ranks")
@@ -196,6 +200,7 @@ def judges(platform, tiny_llama_dir, tmp_path_factory) -> dict:
     return ids
 
 
+@pytest.mark.parametrize("platform", ["team"], indirect=True)  # see the zero-3 test
 def test_a_two_rank_ppo_lag_round_through_the_api(ranked, base, judges):
     p = ranked
     prompts = upload(p, [{"prompt": f"how do i make a cake {i} ?"} for i in range(16)], kind="prompt",
