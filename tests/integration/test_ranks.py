@@ -78,9 +78,10 @@ def weights(platform, job: dict) -> dict:
     return load_file(f"{model['path']}/model.safetensors")
 
 
-# What ranks compute does not depend on the backend, and tests/models checks it on every ZeRO stage;
-# through the API it runs on the team backend (PostgreSQL, Redis), where several ranks are deployed.
-# Routing, cancel and a killed worker's re-run depend on the broker: those run on both backends.
+# What ranks compute does not depend on the backend (tests/models checks it on every ZeRO stage),
+# nor does cancel (a flag in the database, a STOP file for the ranks): through the API these run on
+# the team backend (PostgreSQL, Redis), where several ranks are deployed. Routing and a killed
+# worker's re-run depend on the broker: those run on both backends.
 @pytest.mark.parametrize("platform", ["team"], indirect=True)
 def test_a_two_rank_zero3_job_trains_what_one_rank_trains_on_the_global_batch(ranked, base):
     p = ranked
@@ -104,6 +105,7 @@ def test_a_two_rank_zero3_job_trains_what_one_rank_trains_on_the_global_batch(ra
     assert rank_processes(two) == []
 
 
+@pytest.mark.parametrize("platform", ["team"], indirect=True)  # see the zero-3 test
 def test_cancel_stops_every_rank_and_a_killed_rank_fails_the_job_with_its_name(ranked, base):
     p = ranked
     dataset = upload(p, preference_records(64), name="pairs-long")
