@@ -54,19 +54,23 @@ def test_micro_batches_give_the_same_ppo_update(model, tiny_llama_dir, tiny_qwen
     whole_grads, grads[:] = list(grads), []
     micro, _ = run("ppo_lag", ppo_params(base, micro_batch_size=1, **unclipped), records, tmp_path / "micro",
                    reward_fn=reward_fn, cost_fn=cost_fn)
-    # The gradients each optimizer step sees (actor and critic), not only the weights: Adam divides a
-    # gradient by its own size, so a micro-batch loss weighted 4x too much would still move the
-    # weights the same way.
-    assert len(grads) == len(whole_grads) > 0
-    for g_whole, g_micro in zip(whole_grads, grads):
+    assert_same_update(whole_grads, grads, whole.artifacts[0].path, micro.artifacts[0].path, base)
+
+
+def assert_same_update(whole_grads, micro_grads, whole_dir, micro_dir, base_dir) -> None:
+    """A step taken in one piece or in micro-batches: the same gradient at every optimizer step
+    (actor and critic), and the same move of the weights. The gradients, not only the weights: Adam
+    divides a gradient by its own size, so a micro-batch loss weighted 4x too much would still move
+    the weights the same way. The weights relative to the whole step, not per weight: a weight whose
+    gradient is ~0 turns summation-order rounding into a visible Adam move."""
+    assert len(micro_grads) == len(whole_grads) > 0
+    for g_whole, g_micro in zip(whole_grads, micro_grads):
         assert (g_whole - g_micro).norm() < 1e-4 * g_whole.norm()
-    a, b, start = weights(whole.artifacts[0].path), weights(micro.artifacts[0].path), weights(base)
+    a, b, start = weights(whole_dir), weights(micro_dir), weights(base_dir)
     step = torch.cat([(a[k] - start[k]).flatten() for k in a])
     apart = torch.cat([(a[k] - b[k]).flatten() for k in a])
-    assert step.abs().max() > 1e-4  # the step moved the policy …
-    # … the same way in 1 or 4 pieces; relative to the whole step, not per weight, since a weight
-    # whose gradient is ~0 turns summation-order rounding into a visible Adam move.
-    assert apart.norm() < 1e-3 * step.norm()
+    assert step.abs().max() > 1e-4  # the step moved the model …
+    assert apart.norm() < 1e-3 * step.norm()  # … the same way in one piece or several
 
 
 def record_gradients(monkeypatch) -> list[torch.Tensor]:
@@ -90,11 +94,8 @@ def test_micro_batches_give_the_same_sft_update(tiny_qwen_dir, tmp_path, monkeyp
     whole, _ = run("sft", params, records, tmp_path / "whole")
     whole_grads, grads[:] = list(grads), []
     micro, _ = run("sft", {**params, "micro_batch_size": 5}, records, tmp_path / "micro")
-    assert len(grads) == len(whole_grads) == 1
-    assert (whole_grads[0] - grads[0]).norm() < 1e-4 * whole_grads[0].norm()
-    a, b, start = weights(whole.artifacts[0].path), weights(micro.artifacts[0].path), weights(tiny_qwen_dir)
-    apart = torch.cat([(a[k] - b[k]).flatten() for k in a])
-    assert apart.norm() < 1e-3 * torch.cat([(a[k] - start[k]).flatten() for k in a]).norm()
+    assert len(grads) == 1
+    assert_same_update(whole_grads, grads, whole.artifacts[0].path, micro.artifacts[0].path, tiny_qwen_dir)
 
 
 def count_layer_calls(monkeypatch) -> list:
