@@ -65,11 +65,43 @@ def tiny_llama3_dir(tmp_path_factory):
     return build_tiny_llama3(tmp_path_factory.mktemp("tiny-llama3"), world.tokenizer_corpus() + TINY_CORPUS, seed=0)
 
 
-CHAT_MODELS = ("word-level", "qwen2", "llama3")
+@pytest.fixture(scope="session")
+def tiny_gemma2_dir(tmp_path_factory):
+    """Gemma-2-style: SentencePiece-style BPE, gemma-2-2b-it's template (it refuses a system
+    message), <end_of_turn> ends turns, eos ids [<eos>, <end_of_turn>]."""
+    from models import world
+    from models.tiny import build_tiny_gemma2
+
+    return build_tiny_gemma2(tmp_path_factory.mktemp("tiny-gemma2"), world.tokenizer_corpus() + TINY_CORPUS, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral_dir(tmp_path_factory):
+    """Mistral-7B-Instruct-v0.3-style: SentencePiece-style BPE with a leading ▁, [INST] control tokens,
+    the v3 template (system message in the last user turn), no pad token."""
+    from models import world
+    from models.tiny import build_tiny_mistral_v3
+
+    return build_tiny_mistral_v3(tmp_path_factory.mktemp("tiny-mistral"), world.tokenizer_corpus() + TINY_CORPUS,
+                                 seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_r1_dir(tmp_path_factory):
+    """DeepSeek-R1-Distill-Qwen-style reasoning model: the generation prompt opens <think>\\n, stored
+    answers drop their reasoning, pad = eos."""
+    from models import world
+    from models.tiny import build_tiny_r1_distill
+
+    return build_tiny_r1_distill(tmp_path_factory.mktemp("tiny-r1"), world.tokenizer_corpus() + TINY_CORPUS, seed=0)
+
+
+CHAT_MODELS = ("word-level", "qwen2", "llama3", "gemma2", "mistral", "r1")
+FIXTURES = {"word-level": "tiny_llama_dir", "qwen2": "tiny_qwen_dir", "llama3": "tiny_llama3_dir",
+            "gemma2": "tiny_gemma2_dir", "mistral": "tiny_mistral_dir", "r1": "tiny_r1_dir"}
 
 
 @pytest.fixture(params=CHAT_MODELS)
 def any_model_dir(request):
-    """Each tiny model in turn: the word-level Llama and the two real-shaped chat models."""
-    name = {"word-level": "tiny_llama_dir", "qwen2": "tiny_qwen_dir", "llama3": "tiny_llama3_dir"}[request.param]
-    return request.getfixturevalue(name)
+    """Each tiny model in turn: the word-level Llama and the five real-shaped chat models."""
+    return request.getfixturevalue(FIXTURES[request.param])
