@@ -22,11 +22,31 @@ conversation (``ChatFormat.__post_init__``):
 
 ``turn_close`` ends with the token that stops generation; it is added to ``eos_ids`` with every id
 of ``generation_config.eos_token_id``, so a model stops wherever its format says a turn ends.
+
+Two families write an answer differently when it is stored than when it is generated, and are
+supported as such:
+
+- Reasoning models (DeepSeek-R1 and its distills): the generation prompt writes more than a stored
+  turn's header — ``<｜Assistant｜><think>\\n`` where a stored turn has ``<｜Assistant｜>`` — and
+  a stored turn keeps only what follows ``</think>``. That extra text (``generation_extra``) is
+  part of what the policy writes: an answer's text starts with it (``response_text``), and a score
+  model reads the conversation the template stores for that text (the answer after its reasoning),
+  never the rollout's own ids.
+- Templates that move a message (Mistral v3 puts the system message into the *last* user turn,
+  so it is in a prompt but dropped from a conversation that ends with an answer): assistant turns
+  are located in the conversation's own rendering (``conversation``), not by rendering its
+  prefixes, so the ids stay those of ``apply_chat_template(messages)``.
+
+A template that refuses a conversation (Gemma's ``raise_exception('System role not supported')``)
+raises ``TemplateRefused`` (a ``ValueError``) naming the message, from ``render``, the one place
+templates run.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -36,6 +56,25 @@ Prompt = str | Messages  # a user message, or a conversation that ends with a us
 
 ROLES = ("system", "user", "assistant")
 _PROBE_USER, _PROBE_ANSWER = "PROBEUSER", "PROBEANSWER"
+_SENTINEL = "BEAVERANSWERSENTINEL"  # an assistant turn's stand-in, to find where the template writes it
+
+
+class TemplateRefused(ValueError):
+    """The chat template raised on a conversation (``raise_exception`` in the template, e.g. Gemma's
+    "System role not supported" or a check of the role order). ``reason`` is the template's own
+    message; ``index`` the first message the template refuses (the shortest refused prefix of the
+    conversation ends with it; None when only the whole conversation is refused); ``field`` is
+    "role" when that message is refused whatever its content, else "content"."""
+
+    def __init__(self, reason: str, index: int | None = None, field: str | None = None, role: str | None = None):
+        where = f" (message {index}, {role!r})" if index is not None else ""
+        super().__init__(f"the model's chat template refuses this conversation: {reason}{where}")
+        self.reason, self.index, self.field = reason, index, field
+
+    @property
+    def param(self) -> str:
+        """Where the refused message is in a request's ``messages``."""
+        return "messages" if self.index is None else f"messages.{self.index}.{self.field}"
 
 
 def safe_rlhf_template(bos: bool) -> str:
@@ -101,6 +140,9 @@ class ChatFormat:
     template_source: str = "model"
     """"model" (the tokenizer's own), "safe-rlhf" (written by Beaver) or "job" (a job's override)."""
     content_prefix: str = field(init=False, default="")
+    generation_extra: str = field(init=False, default="")
+    """Text the generation prompt writes beyond a stored turn's header (R1's ``<think>\\n``): the start
+    of every generated answer; "" for most formats."""
     turn_close: tuple[int, ...] = field(init=False, default=())
     turn_suffix: tuple[int, ...] = field(init=False, default=())
 
@@ -111,11 +153,20 @@ class ChatFormat:
         user = [{"role": "user", "content": _PROBE_USER}]
         generation_prompt = self.render(user, add_generation_prompt=True)
         full = self.render(user + [{"role": "assistant", "content": _PROBE_ANSWER}])
-        if not full.startswith(generation_prompt) or _PROBE_ANSWER not in full[len(generation_prompt):]:
-            raise ValueError("the chat template renders an assistant turn that does not continue its generation "
-                             "prompt; Beaver cannot line up prompts and answers with it")
-        after = full[len(generation_prompt):]
+        # The stored turn's header is what the two renderings share; past it the generation prompt
+        # may write more (a reasoning model's "<think>\n") and the stored turn writes the answer.
+        head = os.path.commonprefix([generation_prompt, full])
+        after = full[len(head):]
+        if _PROBE_ANSWER not in after:
+            raise ValueError("the chat template writes no assistant answer after the conversation it prompts with; "
+                             "Beaver cannot line up prompts and answers with it")
         self.content_prefix = after[: after.index(_PROBE_ANSWER)]
+        self.generation_extra = generation_prompt[len(head):]
+        if not self.generation_extra:  # a rollout is scored as prompt ids + sampled ids: they must line up
+            prompt_ids = self.encode(generation_prompt)
+            if self.encode(full)[: len(prompt_ids)] != prompt_ids:
+                raise ValueError("the chat template's generation prompt does not tokenise as the start of the "
+                                 "conversation it prompts for; Beaver cannot line up prompts and answers with it")
         rest = self.encode(after[after.index(_PROBE_ANSWER) + len(_PROBE_ANSWER):])
         eos = set(self.eos_ids) | ({tok.eos_token_id} if tok.eos_token_id is not None else set())
         special = set(tok.all_special_ids)
@@ -128,6 +179,21 @@ class ChatFormat:
                              "token, so generation could never stop where a turn ends")
         self.turn_close, self.turn_suffix = tuple(rest[: close + 1]), tuple(rest[close + 1:])
         self.eos_ids = tuple(dict.fromkeys([*self.eos_ids, *sorted(eos), rest[close]]))
+        self.conversation(user + [{"role": "assistant", "content": _PROBE_ANSWER}])  # its answer can be located
+
+    @functools.cached_property
+    def system_role(self) -> str:
+        """What the template does with a system message: "kept" (in prompts and in conversations
+        that end with an answer), "prompt-only" (in a prompt, dropped from a conversation that ends
+        with an answer: Mistral v3 puts it in the *last* user turn) or "refused" (Gemma's template
+        raises on it)."""
+        system, user = {"role": "system", "content": _SENTINEL}, {"role": "user", "content": _PROBE_USER}
+        try:
+            prompt = self.render([system, user], add_generation_prompt=True)
+            stored = self.render([system, user, {"role": "assistant", "content": _PROBE_ANSWER}])
+        except TemplateRefused:
+            return "refused"
+        return "kept" if _SENTINEL in stored else "prompt-only" if _SENTINEL in prompt else "dropped"
 
     # -- loading and saving ---------------------------------------------------------------------
 
@@ -187,7 +253,35 @@ class ChatFormat:
     # -- rendering ----------------------------------------------------------------------------------
 
     def render(self, messages: Messages, add_generation_prompt: bool = False) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        """The template's text of ``messages``; a template that refuses them raises ``TemplateRefused``."""
+        from jinja2 import TemplateError, TemplateSyntaxError
+
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
+        except TemplateSyntaxError as e:
+            raise ValueError(f"the chat template is not valid Jinja: {e}") from None
+        except TemplateError as e:
+            raise self._refusal(messages, str(e)) from None
+
+    def _refusal(self, messages: Messages, reason: str) -> TemplateRefused:
+        """Which message the template refuses: the last of the shortest prefix it refuses (only
+        rendered on the error path)."""
+        from jinja2 import TemplateError
+
+        def refused(conversation) -> bool:
+            try:
+                self.tokenizer.apply_chat_template(conversation, tokenize=False)
+            except TemplateError:
+                return True
+            return False
+
+        for k in range(1, len(messages) + 1):
+            if refused(messages[:k]):
+                message = messages[k - 1]
+                whatever_content = refused(messages[: k - 1] + [{**message, "content": "x"}])
+                return TemplateRefused(reason, k - 1, "role" if whatever_content else "content", message.get("role"))
+        return TemplateRefused(reason)
 
     def encode(self, text: str) -> list[int]:
         # The template writes every special token itself (BOS included): never add them again.
@@ -213,32 +307,57 @@ class ChatFormat:
         return ids[: max_length - len(tail)] + tail
 
     def conversation(self, messages: Messages, max_length: int | None = None) -> tuple[list[int], list[int]]:
-        """Ids of a whole conversation and its assistant mask (1 on every assistant turn's content
-        and turn close — what SFT learns to write, including where to stop — 0 elsewhere).
+        """Ids of a whole conversation — exactly ``apply_chat_template(messages, tokenize=True)`` — and
+        its assistant mask (1 on every assistant turn's content and turn close — what SFT learns to
+        write, including where to stop — 0 elsewhere).
 
-        Each turn is located by rendering the conversation up to it: the ids of that prefix (with
-        the generation prompt) must be a prefix of the conversation's ids, which every template
-        that does not rewrite history satisfies; anything else is an error, not a silent mask.
+        Each answer is located in the conversation's own text: rendered once more with a sentinel for
+        that answer, the text before and after the sentinel is the text before and after the answer
+        (whatever the template does to it: trim it, drop a reasoning part), and the fast tokenizer's
+        offsets map that span to tokens. Templates that render a prefix of the conversation
+        differently from the whole (Mistral's system message in the last user turn) are fine; a span
+        that does not fall on token boundaries is an error, never a silent mask.
         """
         messages = as_messages(messages)
-        ids = self.encode(self.render(messages))
+        text = self.render(messages)
+        try:
+            encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        except NotImplementedError:
+            raise ValueError("Beaver needs a fast tokenizer (tokenizer.json) to locate assistant turns") from None
+        ids, offsets = list(encoding["input_ids"]), encoding["offset_mapping"]
+        close = list(self.turn_close)
         mask = [0] * len(ids)
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            start = len(self._prefix(ids, self.render(messages[:i], add_generation_prompt=True), i))
-            end = len(self._prefix(ids, self.render(messages[: i + 1]), i)) - len(self.turn_suffix)
-            mask[start:end] = [1] * (end - start)
+            start, end = self._answer_span(messages, i, text)
+            header_end = start - len(self.content_prefix)
+            if text[header_end:start] != self.content_prefix:
+                raise ValueError(f"the chat template writes assistant message {i} without the text it puts before "
+                                 f"every answer ({self.content_prefix!r}), so its tokens cannot be located")
+            first = _token_from(offsets, header_end, i)
+            after = _token_from(offsets, end, i)
+            if ids[after: after + len(close)] != close:
+                raise ValueError(f"the chat template does not close assistant message {i} with its turn close, so "
+                                 "what the model learns to stop with cannot be located")
+            mask[first: after + len(close)] = [1] * (after + len(close) - first)
         if max_length is not None:
             ids, mask = ids[:max_length], mask[:max_length]
         return ids, mask
 
-    def _prefix(self, ids: list[int], text: str, turn: int) -> list[int]:
-        prefix = self.encode(text)
-        if ids[: len(prefix)] != prefix:
-            raise ValueError(f"the chat template renders the conversation before message {turn} differently from "
-                             "the whole conversation, so its assistant tokens cannot be located")
-        return prefix
+    def _answer_span(self, messages: Messages, i: int, text: str) -> tuple[int, int]:
+        """Character span of assistant message ``i``'s content as ``text`` (the conversation's
+        rendering) holds it."""
+        marked = self.render(messages[:i] + [{**messages[i], "content": _SENTINEL}] + messages[i + 1:])
+        at = marked.find(_SENTINEL)
+        if at < 0 or marked.count(_SENTINEL) != 1:
+            raise ValueError(f"the chat template does not write assistant message {i} of the conversation, so it "
+                             "cannot be trained on")
+        before, after = marked[:at], marked[at + len(_SENTINEL):]
+        if not (text.startswith(before) and text.endswith(after) and len(before) + len(after) <= len(text)):
+            raise ValueError(f"the chat template renders the rest of the conversation differently depending on "
+                             f"assistant message {i}, so its tokens cannot be located")
+        return len(before), len(text) - len(after)
 
     # -- rollouts -----------------------------------------------------------------------------------
 
@@ -264,9 +383,11 @@ class ChatFormat:
 
     def response_text(self, response_ids: Sequence[int]) -> str:
         """The answer as a message's ``content``: the decoded content without the text the template
-        itself puts before an answer (Safe RLHF's space after ``ASSISTANT:``)."""
+        itself puts before an answer (Safe RLHF's space after ``ASSISTANT:``), after the text the
+        generation prompt wrote for the policy (a reasoning model's ``<think>\\n``)."""
         text = self.tokenizer.decode(self.content_ids(response_ids), skip_special_tokens=True)
-        return text[len(self.content_prefix):] if self.content_prefix and text.startswith(self.content_prefix) else text
+        text = text[len(self.content_prefix):] if self.content_prefix and text.startswith(self.content_prefix) else text
+        return self.generation_extra + text  # what the generation prompt wrote is the answer's start (R1's <think>)
 
     # -- score models -------------------------------------------------------------------------------
 
@@ -283,3 +404,12 @@ class ChatFormat:
                 tok.pad_token = candidate
                 return
         tok.add_special_tokens({"pad_token": "<|pad|>"})
+
+
+def _token_from(offsets, char: int, turn: int) -> int:
+    """Index of the first token at or after character ``char``; no token may straddle ``char``."""
+    index = next((k for k, (start, _) in enumerate(offsets) if start >= char), len(offsets))
+    if index and offsets[index - 1][1] > char:
+        raise ValueError(f"a token of the conversation spans the start or the end of assistant message {turn}, so "
+                         "what the model writes cannot be told from the text around it")
+    return index

@@ -151,15 +151,17 @@ class TextStream:
     """Incremental detokenisation with stop strings: hands out only text that can no longer
     change — not a partial UTF-8 character, not a tail that may still grow into a stop string."""
 
-    def __init__(self, tokenizer, stop: Sequence[str] = (), prefix: str = ""):
-        self.tokenizer, self.stop, self.prefix = tokenizer, tuple(stop), prefix
+    def __init__(self, tokenizer, stop: Sequence[str] = (), prefix: str = "", lead: str = ""):
+        self.tokenizer, self.stop, self.prefix, self.lead = tokenizer, tuple(stop), prefix, lead
         self.ids: list[int] = []
         self.emitted = 0  # characters of the decoded text already handed out
 
     def _text(self) -> str:
-        """The answer so far, without the text the chat template puts before every answer."""
+        """The answer so far, without the text the chat template puts before every answer, after
+        ``lead``: what the generation prompt wrote for the model (a reasoning model's ``<think>\\n``),
+        as ``ChatFormat.response_text``."""
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        return text[len(self.prefix):] if self.prefix and text.startswith(self.prefix) else text
+        return self.lead + (text[len(self.prefix):] if self.prefix and text.startswith(self.prefix) else text)
 
     def push(self, token_id: int) -> tuple[str, bool]:
         """Add one token: (new text, whether a stop string ended the text)."""
@@ -298,7 +300,8 @@ class TransformersEngine:
         if params.seed is not None:
             generator = torch.Generator().manual_seed(params.seed)
         request = _GenRequest(loaded, prompt_ids, params, max_tokens,
-                              TextStream(loaded.tokenizer, params.stop, loaded.fmt.content_prefix),
+                              TextStream(loaded.tokenizer, params.stop, loaded.fmt.content_prefix,
+                                         loaded.fmt.generation_extra),
                               asyncio.Queue(), generator, asyncio.get_running_loop())
         if params.repetition_penalty != 1.0:
             request.seen = torch.zeros(loaded.model.get_output_embeddings().out_features, dtype=torch.bool)

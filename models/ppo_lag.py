@@ -233,13 +233,15 @@ class ScoreModelScorer:
     """End scores of a reward or cost model (``*ForSequenceClassification``, ``num_labels=1``) on
     rollouts. When the model reads the policy's format (same template, same vocabulary) it scores
     the rollout's own ids — prompt, content, the template's turn close — exactly the ids it was
-    trained on for that text; otherwise the conversation is rendered through its own template.
+    trained on for that text; otherwise, and for a reasoning format (whose stored answer is not
+    what was sampled: the template drops the reasoning), the conversation is rendered through its
+    own template.
     ``adapters_off``: the model is a LoRA critic whose base is this score model."""
 
     def __init__(self, model, fmt: ChatFormat, policy_fmt: ChatFormat, max_length: int | None = None,
                  batch_size: int = 32, adapters_off: bool = False):
         self.model, self.fmt, self.max_length, self.batch_size = model, fmt, max_length, batch_size
-        self.direct = fmt.same_as(policy_fmt)
+        self.direct = fmt.same_as(policy_fmt) and not policy_fmt.generation_extra
         self.adapters_off = adapters_off
 
     def inputs(self, rollout: Rollout) -> list[list[int]]:

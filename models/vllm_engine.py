@@ -188,7 +188,7 @@ class _Decoder:
 
     def __init__(self, fmt: ChatFormat, params: SamplingParams, prompt_tokens: int):
         self.fmt, self.prompt_tokens = fmt, prompt_tokens
-        self.text = TextStream(fmt.tokenizer, params.stop, fmt.content_prefix)
+        self.text = TextStream(fmt.tokenizer, params.stop, fmt.content_prefix, fmt.generation_extra)
         self.generated, self.finished = 0, False
 
     def chunk(self, choice: dict) -> Chunk | None:

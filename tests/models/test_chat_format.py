@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from models.chat_format import ChatFormat, safe_rlhf_template
+from models.chat_format import ChatFormat, TemplateRefused, safe_rlhf_template
+from models.ppo_lag import Rollout, ScoreModelScorer
 
 PROMPT = "how do i make a cake ?"
 ANSWER = "sure . step 1 : mix flour . step 2 : add eggs ."
@@ -20,6 +21,11 @@ THREE_TURNS = [
     {"role": "user", "content": "what is the capital of france ?"},
     {"role": "assistant", "content": "paris is the capital ."},
 ]
+
+
+def three_turns(fmt) -> list[dict]:
+    """THREE_TURNS, without its system message for a template that refuses one (Gemma's)."""
+    return THREE_TURNS[1:] if fmt.system_role == "refused" else THREE_TURNS
 
 
 def plain_ids(tokenizer, messages, **kwargs) -> list[int]:
@@ -35,7 +41,7 @@ def test_a_saved_format_reproduces_beavers_ids_with_plain_transformers(any_model
     user = [{"role": "user", "content": PROMPT}]
     assert fmt.prompt_ids(PROMPT) == plain_ids(plain, user, add_generation_prompt=True)
     assert fmt.completion_ids(PROMPT, ANSWER) == plain_ids(plain, user + [{"role": "assistant", "content": ANSWER}])
-    assert fmt.conversation(THREE_TURNS)[0] == plain_ids(plain, THREE_TURNS)
+    assert fmt.conversation(three_turns(fmt))[0] == plain_ids(plain, three_turns(fmt))
     assert ChatFormat.load(tmp_path).eos_ids == fmt.eos_ids  # generation_config.json lists every stop id
 
 
@@ -60,8 +66,11 @@ def test_the_answer_starts_where_the_prompt_ends_with_no_invented_space(any_mode
     prompt = fmt.prompt_ids(PROMPT)
     ids, mask = fmt.conversation([{"role": "user", "content": PROMPT}, {"role": "assistant", "content": ANSWER}])
     assert ids == fmt.completion_ids(PROMPT, ANSWER)  # SFT trains the ids the score models read
-    assert ids[: len(prompt)] == prompt and mask.index(1) == len(prompt)
-    first = fmt.tokenizer.convert_ids_to_tokens(ids[len(prompt)])
+    # A reasoning format's prompt goes on past the stored turn's header (R1's "<think>\n"): that
+    # text is the start of the answer the policy writes, not of the stored one.
+    header = prompt[: len(prompt) - len(fmt.encode(fmt.generation_extra))] if fmt.generation_extra else prompt
+    assert ids[: len(header)] == header and mask.index(1) == len(header)
+    first = fmt.tokenizer.convert_ids_to_tokens(ids[len(header)])
     assert first.lstrip("Ġ▁").startswith("sure")
     targets = [t for t, m in zip(ids, mask) if m]
     assert targets[-len(fmt.turn_close):] == list(fmt.turn_close)  # the model learns where to stop
@@ -72,13 +81,13 @@ def test_one_bos_everywhere_for_a_tokenizer_that_adds_one(tiny_llama3_dir):
     fmt = ChatFormat.load(tiny_llama3_dir)
     bos = fmt.tokenizer.bos_token_id
     assert fmt.tokenizer("x")["input_ids"][0] == bos  # the tokenizer adds one on encode …
-    for ids in (fmt.prompt_ids(PROMPT), fmt.completion_ids(PROMPT, ANSWER), fmt.conversation(THREE_TURNS)[0]):
+    for ids in (fmt.prompt_ids(PROMPT), fmt.completion_ids(PROMPT, ANSWER), fmt.conversation(three_turns(fmt))[0]):
         assert ids[0] == bos and ids.count(bos) == 1  # … and the template writes one: never both
 
 
 def test_every_assistant_turn_of_a_three_turn_conversation_is_a_target(any_model_dir):
     fmt = ChatFormat.load(any_model_dir)
-    ids, mask = fmt.conversation(THREE_TURNS)
+    ids, mask = fmt.conversation(three_turns(fmt))
     spans, start = [], None
     for i, m in enumerate(mask + [0]):
         if m and start is None:
@@ -93,7 +102,8 @@ def test_every_assistant_turn_of_a_three_turn_conversation_is_a_target(any_model
         assert fmt.tokenizer.decode(span, skip_special_tokens=True).strip() == answer
     # system and user text is never a target
     masked_text = fmt.tokenizer.decode([t for t, m in zip(ids, mask) if not m], skip_special_tokens=True)
-    assert "good safe yes" in masked_text and "red green blue" in masked_text and "capital of france" in masked_text and "paris" not in masked_text
+    assert ("good safe yes" in masked_text) == (fmt.system_role == "kept")  # Mistral v3: dropped from answers
+    assert "red green blue" in masked_text and "capital of france" in masked_text and "paris" not in masked_text
 
 
 def test_rollout_ids_are_scored_as_the_trained_conversation(any_model_dir):
@@ -101,6 +111,9 @@ def test_rollout_ids_are_scored_as_the_trained_conversation(any_model_dir):
     text re-tokenises to the sampled ids this is exactly what reward training tokenised, whichever
     eos id ended the sample, and a truncated answer is closed the same way."""
     fmt = ChatFormat.load(any_model_dir)
+    if fmt.generation_extra:  # never scored by its own ids: test_a_reasoning_models_answer_…
+        assert not ScoreModelScorer(None, fmt, fmt).direct
+        return
     prompt = fmt.prompt_ids(PROMPT)
     trained = fmt.completion_ids(PROMPT, ANSWER)
     content = trained[len(prompt): len(trained) - len(fmt.turn_close) - len(fmt.turn_suffix)]
@@ -142,3 +155,84 @@ def test_truncation_keeps_the_turn_close(any_model_dir):
     assert len(cut) == len(full) - 3 and cut[-len(tail):] == tail and cut[: -len(tail)] == full[: len(cut) - len(tail)]
     with pytest.raises(ValueError):
         fmt.completion_ids(PROMPT, ANSWER, max_length=len(tail))
+
+
+# --- the families that store a conversation differently from how they prompt ------------------------
+
+
+def test_a_reasoning_models_answer_starts_with_the_reasoning_its_prompt_opened(tiny_r1_dir):
+    """DeepSeek-R1's template: the generation prompt opens "<think>\n" and a stored answer keeps
+    only what follows "</think>". The answer is everything after the stored turn's header (the
+    opened reasoning included); score models and SFT read it as the template stores it."""
+    fmt = ChatFormat.load(tiny_r1_dir)
+    plain = AutoTokenizer.from_pretrained(tiny_r1_dir)
+    assert (fmt.generation_extra, fmt.content_prefix) == ("<think>\n", "")
+    user = [{"role": "user", "content": PROMPT}]
+    prompt = fmt.prompt_ids(PROMPT)
+    assert prompt == plain_ids(plain, user, add_generation_prompt=True)
+    assert fmt.tokenizer.convert_ids_to_tokens(prompt[-2:]) == ["<think>", "Ċ"]
+    written = "the user wants a cake .</think>\n\n" + ANSWER  # what the policy samples after "<think>\n"
+    sampled = fmt.encode(written) + [fmt.tokenizer.eos_token_id]
+    answer = fmt.response_text(sampled)
+    assert answer == "<think>\n" + written
+    stored = fmt.completion_ids(PROMPT, answer)
+    assert stored == plain_ids(plain, user + [{"role": "assistant", "content": answer}])
+    assert "</think>" not in fmt.tokenizer.decode(stored) and "wants" not in fmt.tokenizer.decode(stored)
+    ids, mask = fmt.conversation(user + [{"role": "assistant", "content": answer}])
+    assert ids == stored
+    targets = [t for t, m in zip(ids, mask) if m]
+    assert fmt.tokenizer.decode(targets, skip_special_tokens=True) == "\n\n" + ANSWER
+    assert targets[-1] == fmt.tokenizer.eos_token_id
+    # PPO scores the rollout as the template stores its text, not by the sampled ids
+    scorer = ScoreModelScorer(None, fmt, fmt)
+    assert not scorer.direct
+    assert scorer.inputs(Rollout([PROMPT], [prompt], [sampled], [answer])) == [stored]
+
+
+MISTRAL_TURNS = [
+    {"role": "system", "content": "good safe yes"},
+    {"role": "user", "content": "how do i make a cake ?"},
+    {"role": "assistant", "content": "sure . step 1 : mix flour ."},
+    {"role": "user", "content": "red green blue ?"},
+    {"role": "assistant", "content": "step 2 : add eggs ."},
+]
+
+
+def test_mistral_v3_multi_turn_with_a_system_message_trains_every_answer(tiny_mistral_dir):
+    """Mistral v3 writes the system message into the last user turn: a prompt has it, a conversation
+    ending with an answer does not, so no prefix rendering is a prefix of the conversation. The
+    answers are still located, token for token with apply_chat_template."""
+    fmt = ChatFormat.load(tiny_mistral_dir)
+    plain = AutoTokenizer.from_pretrained(tiny_mistral_dir)
+    assert fmt.system_role == "prompt-only" and fmt.content_prefix == " "
+    prompt = fmt.prompt_ids(MISTRAL_TURNS[:4])
+    assert "good safe yes" in fmt.tokenizer.decode(prompt)  # at chat time, in the last user turn
+    ids, mask = fmt.conversation(MISTRAL_TURNS)
+    assert ids == plain_ids(plain, MISTRAL_TURNS)
+    assert not ids[: len(prompt)] == prompt  # why prefix renders cannot locate the second answer
+    spans, start = [], None
+    for i, m in enumerate(mask + [0]):
+        if m and start is None:
+            start = i
+        elif not m and start is not None:
+            spans.append(ids[start:i])
+            start = None
+    assert [fmt.tokenizer.decode(s, skip_special_tokens=True) for s in spans] == [
+        "sure . step 1 : mix flour .", "step 2 : add eggs ."]
+    assert all(s[-1] == fmt.tokenizer.eos_token_id for s in spans)
+    assert fmt.tokenizer.convert_ids_to_tokens(spans[0][0]) == "▁sure"  # the answer's own leading-space token
+
+
+def test_a_refused_message_is_named(tiny_gemma2_dir, tiny_qwen_dir):
+    """Gemma's template raises on a system message and on roles out of order: a TemplateRefused
+    (a ValueError) with the template's own words and the message it refuses."""
+    fmt = ChatFormat.load(tiny_gemma2_dir)
+    assert fmt.system_role == "refused" and ChatFormat.load(tiny_qwen_dir).system_role == "kept"
+    with pytest.raises(TemplateRefused) as refused:
+        fmt.prompt_ids([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}])
+    assert refused.value.reason == "System role not supported" and refused.value.param == "messages.0.role"
+    assert "refuses this conversation: System role not supported" in str(refused.value)
+    with pytest.raises(TemplateRefused) as refused:
+        fmt.conversation([{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}])
+    assert refused.value.param == "messages.1.role" and "must alternate" in refused.value.reason
+    assert isinstance(refused.value, ValueError)

@@ -24,6 +24,13 @@ def template_ids(tokenizer, messages, add_generation_prompt=False):
                                          add_generation_prompt=add_generation_prompt)["input_ids"]
 
 
+def header_len(fmt, messages) -> int:
+    """Tokens before an answer to ``messages``: the generation prompt, without the text a reasoning
+    format's prompt writes beyond the stored turn's header (R1's "<think>\\n", the answer's start)."""
+    prompt = template_ids(fmt.tokenizer, messages, add_generation_prompt=True)
+    return len(prompt) - (len(fmt.encode(fmt.generation_extra)) if fmt.generation_extra else 0)
+
+
 def target_runs(labels):
     """(start, end) of each run of consecutive target positions."""
     runs, start = [], None
@@ -44,7 +51,7 @@ def test_prompt_tokens_are_masked_and_the_answer_ends_with_eos(any_model_dir):
     user = [{"role": "user", "content": record["prompt"]}]
     assert ids == template_ids(tokenizer, user + [{"role": "assistant", "content": record["response"]}])
     # everything up to the template's generation prompt is masked; the answer follows it directly
-    n_prompt = len(template_ids(tokenizer, user, add_generation_prompt=True))
+    n_prompt = header_len(fmt, user)
     assert labels[:n_prompt] == [IGNORE] * n_prompt
     ((start, end),) = target_runs(labels)
     assert start == n_prompt and labels[start:end] == ids[start:end]
@@ -70,8 +77,7 @@ def test_multi_turn_every_assistant_turn_is_a_target_and_user_turns_are_masked(a
     # one run of targets per assistant turn, each right after that turn's generation prompt
     runs = target_runs(labels)
     assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    assert [start for start, _ in runs] == [len(template_ids(tokenizer, messages[:i], add_generation_prompt=True))
-                                            for i in assistant_turns]
+    assert [start for start, _ in runs] == [header_len(fmt, messages[:i]) for i in assistant_turns]
     for (start, end), i in zip(runs, assistant_turns):
         assert labels[start:end] == ids[start:end]
         assert tokenizer.decode(ids[start:end], skip_special_tokens=True).strip() == messages[i]["content"]
