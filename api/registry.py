@@ -209,6 +209,15 @@ def check_model(session: Session, param: str, ref: str, expected: str) -> ModelR
             what = f"a {', '.join(found.architectures)}" if found.architectures else \
                 "a model without architectures in its config.json"
             raise WrongModelKind(f"{ref!r} is {what}, not a score model (*ForSequenceClassification)")
+        if expected == "score" and found.path is not None:  # one label, and its head in the checkpoint
+            from models.loading import kind_problem
+
+            try:
+                problem = kind_problem(found.path, SCORE_KINDS.get(param, "reward"))
+            except (OSError, ValueError) as e:  # an unreadable config.json or checkpoint
+                problem = "path", f"{ref!r}: {str(e).splitlines()[0][:300]}"
+            if problem is not None:
+                raise WrongModelKind(problem[1])
     return found
 
 

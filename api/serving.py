@@ -22,6 +22,7 @@ from api.errors import ApiError
 from api.registry import find_model, find_round
 from api.settings import Settings, get_settings
 from api.tables import Model, Round
+from models.chat_format import TemplateRefused
 from models.engine import (Engine, EngineError, InvalidRequestError, ModelLoadError, TransformersEngine,
                            UnknownModelError)
 from models.vllm_engine import VLLMEngine, VLLMModel
@@ -155,10 +156,16 @@ def resolve_judges(session: Session, ref: str | None, reward_ref: str | None = N
 
 
 @contextlib.contextmanager
-def engine_errors(param: str = "model"):
-    """Engine errors as API errors: unknown → 404, load failure → 503 with the reason, bad → 400."""
+def engine_errors(param: str = "model", messages: str = "messages"):
+    """Engine errors as API errors: unknown → 404, load failure → 503 with the reason, bad → 400, a
+    conversation the model's chat template refuses → 422 naming the message (``messages``: where the
+    request holds the conversation; ``{pair}`` in it stands for the index of a scored pair)."""
     try:
         yield
+    except TemplateRefused as e:
+        where = messages.format(pair=e.pair or 0)
+        raise ApiError(422, str(e) if param == "model" else f"{param}: {e}",
+                       param=where if e.index is None else f"{where}.{e.index}.{e.field}") from None
     except UnknownModelError as e:
         raise ApiError(404, str(e), param=param, code="model_not_found") from None
     except ModelLoadError as e:
@@ -169,8 +176,10 @@ def engine_errors(param: str = "model"):
         raise ApiError(500, str(e)) from None
 
 
-async def score_pairs(judges: Judges, pairs: list) -> tuple[list[float] | None, list[float] | None]:
-    """Reward and cost end scores of ``pairs`` (each None without that model), both at once."""
+async def score_pairs(judges: Judges, pairs: list, messages: str = "messages") -> tuple[list[float] | None,
+                                                                                       list[float] | None]:
+    """Reward and cost end scores of ``pairs`` (each None without that model), both at once;
+    ``messages`` as in ``engine_errors``."""
     import asyncio
 
     pool = get_pool()
@@ -178,7 +187,7 @@ async def score_pairs(judges: Judges, pairs: list) -> tuple[list[float] | None, 
     async def run(served: Served | None, param: str):
         if served is None:
             return None
-        with engine_errors(param):
+        with engine_errors(param, messages):
             return await pool.engine(served).score(served.id, pairs)
 
     return tuple(await asyncio.gather(run(judges.reward, "reward_model"), run(judges.cost, "cost_model")))

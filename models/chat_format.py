@@ -70,6 +70,7 @@ class TemplateRefused(ValueError):
         where = f" (message {index}, {role!r})" if index is not None else ""
         super().__init__(f"the model's chat template refuses this conversation: {reason}{where}")
         self.reason, self.index, self.field = reason, index, field
+        self.pair: int | None = None  # set by a scorer: which of the (prompt, response) pairs it is
 
     @property
     def param(self) -> str:

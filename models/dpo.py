@@ -20,8 +20,8 @@ from models.jobs import Artifact, JobCancelled, JobContext, JobResult
 from models.losses import dpo_loss
 from models.records import check_records
 from models.training import (IGNORE, OptimConfig, Stepper, TrainingConfig, adapters_disabled, autocast,
-                             collate_labelled, labelled_conversation, load_frozen, micro_batches, read_checkpoint,
-                             save_artifact, start_policy, without_dropout, write_checkpoint)
+                             check_conversations, collate_labelled, labelled_conversation, load_frozen, micro_batches,
+                             read_checkpoint, save_artifact, start_policy, without_dropout, write_checkpoint)
 
 
 @dataclass
@@ -103,11 +103,13 @@ def reference_log_probs(policy, reference, batch) -> torch.Tensor:
 def run(config: DPOConfig, ctx: JobContext) -> JobResult:
     """The ``dpo`` job: DPO from ``config.model`` on the job's preference datasets."""
     torch.manual_seed(config.seed)
-    records = [r for dataset_id in ctx.datasets for r in ctx.load_dataset(dataset_id)]
+    datasets = [(dataset_id, ctx.load_dataset(dataset_id)) for dataset_id in ctx.datasets]
+    records = [r for _, part in datasets for r in part]
     check_records("preference", records)
     if not records:
         raise ValueError("dpo needs at least one preference dataset with records")
     fmt, policy, device, dtype, _ = start_policy(config, ctx)
+    check_conversations(fmt, datasets)
     # With LoRA and no separate reference, the reference is the policy's own base (adapters off).
     reference = None if config.lora and not config.reference else load_frozen(
         ctx.resolve_model(config.reference or config.model), "causal", fmt, dtype, device)

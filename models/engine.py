@@ -34,10 +34,10 @@ from typing import AsyncIterator, Callable, Mapping, Protocol, Sequence
 
 import torch
 
-from models.chat_format import ChatFormat
+from models.chat_format import ChatFormat, TemplateRefused
 from models.generation import SamplingConfig, cache_kwarg, draw, kv_cache, left_pad, position_ids, sampling_log_probs
 from models.loading import load_causal_lm, load_score_model
-from models.score_model import score
+from models.score_model import score_ids
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,35 @@ class InvalidRequestError(EngineError, ValueError):
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
         self.param = param
+
+
+# A conversation the model's chat template refuses is ``models.chat_format.TemplateRefused`` (→ 422
+# naming the message); both engines let it through as it is.
+
+
+def prompt_inputs(fmt: ChatFormat, prompt: Prompt) -> list[int]:
+    """The prompt ids a policy continues; a malformed prompt is an ``InvalidRequestError``."""
+    try:
+        return fmt.prompt_ids(prompt)
+    except TemplateRefused:
+        raise
+    except ValueError as e:
+        raise InvalidRequestError(str(e), "messages") from e
+
+
+def score_inputs(fmt: ChatFormat, pairs: Sequence[tuple[Prompt, str]], max_length: int | None = None) -> list[list[int]]:
+    """The ids a score model reads for each ``(prompt, response)`` pair, computed per request before
+    it joins a batch, so one bad pair fails its own request and never its batch-mates."""
+    ids = []
+    for k, (prompt, response) in enumerate(pairs):
+        try:
+            ids.append(fmt.completion_ids(prompt, response, max_length))
+        except TemplateRefused as e:
+            e.pair = k
+            raise
+        except ValueError as e:
+            raise InvalidRequestError(str(e), "messages") from e
+    return ids
 
 
 # --- the interface ---------------------------------------------------------------------------------
@@ -226,8 +255,7 @@ class _GenRequest:
 
 @dataclass
 class _ScoreItem:
-    prompt: Prompt
-    response: str
+    ids: list[int]  # the conversation's ids, as the trainers' ``score`` reads them
     future: asyncio.Future
     loaded: _Loaded = field(repr=False, default=None)
 
@@ -287,10 +315,7 @@ class TransformersEngine:
     async def generate(self, model_id: str, prompt: Prompt, params: SamplingParams) -> AsyncIterator[Chunk]:
         """Start generating; returns the chunk stream (errors are raised here, before streaming)."""
         loaded = await self._get(model_id, "policy")
-        try:
-            prompt_ids = loaded.fmt.prompt_ids(prompt)
-        except ValueError as e:
-            raise InvalidRequestError(str(e), "messages") from e
+        prompt_ids = prompt_inputs(loaded.fmt, prompt)
         room = loaded.context - len(prompt_ids)
         if room < 1:
             raise InvalidRequestError(
@@ -318,7 +343,8 @@ class TransformersEngine:
             return []
         loaded = await self._get(model_id, "score")
         loop = asyncio.get_running_loop()
-        items = [_ScoreItem(p, r, loop.create_future(), loaded) for p, r in pairs]
+        # A text too long keeps its head and its EOS, as in training (the trainers' own ``completion_ids``).
+        items = [_ScoreItem(ids, loop.create_future(), loaded) for ids in score_inputs(loaded.fmt, pairs, loaded.context)]
         for item in items:
             self._enqueue(model_id, "score", item)
         return list(await asyncio.gather(*(item.future for item in items)))
@@ -449,11 +475,11 @@ class TransformersEngine:
 
     @torch.inference_mode()
     def _score_sync(self, batch: list[_ScoreItem]) -> list[float]:
-        # The trainers' own scoring function on one batch, so serving equals training by
-        # construction (a text too long keeps its head and its EOS, as in training).
+        # The trainers' own scoring of ids (``models.score_model.score`` = ``completion_ids`` +
+        # ``score_ids``) on one batch, so serving equals training by construction.
         loaded = batch[0].loaded  # all items of a queue name the same model directory
-        return score(loaded.model, loaded.fmt, [i.prompt for i in batch], [i.response for i in batch],
-                     batch_size=len(batch), max_length=loaded.context)
+        return score_ids(loaded.model, [i.ids for i in batch], loaded.fmt.tokenizer.pad_token_id,
+                         batch_size=len(batch))
 
     async def _generate_batcher(self, model_id: str, queue: asyncio.Queue) -> None:
         sizes = self.generate_batches.setdefault(model_id, deque(maxlen=1000))

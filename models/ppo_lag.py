@@ -48,7 +48,7 @@ from models.jobs import Artifact, JobCancelled, JobContext, JobResult
 from models.rl import gae, masked_mean, sequence_mean
 from models.score_model import score_ids
 from models.training import (OptimConfig, Stepper, TrainingConfig, adapters_disabled, autocast, checkpoint_source,
-                             collate_labelled, compute_dtype, labelled_conversation, load_frozen,
+                             check_conversations, collate_labelled, compute_dtype, labelled_conversation, load_frozen,
                              load_trainable, micro_batches, read_checkpoint, save_artifact, start_policy,
                              target_count, token_losses, unwrap, without_dropout, write_checkpoint)
 
@@ -586,12 +586,14 @@ def split_records(records: Sequence[dict]) -> tuple[list, list[dict]]:
 
 def _run(config: PPOLagConfig, ctx: JobContext, reward_fn: Scorer | None, cost_fn: Scorer | None) -> JobResult:
     torch.manual_seed(config.seed)
-    prompts, ptx_records = split_records([r for d in ctx.datasets for r in ctx.load_dataset(d)])
+    datasets = [(d, ctx.load_dataset(d)) for d in ctx.datasets]
+    prompts, ptx_records = split_records([r for _, part in datasets for r in part])
     if not prompts:
         raise ValueError("PPO needs at least one prompt (a prompt or preference dataset)")
     checkpoint = ctx.resume_from
 
     fmt, policy, device, dtype, policy_path = start_policy(config, ctx, "policy", padding_side="left")
+    check_conversations(fmt, datasets, prompts=True)
     # Under LoRA the reference is the policy's own base (adapters off): no second copy.
     # Frozen models are replicated on every rank, or sharded under ZeRO-3 inference at stage 3.
     ref_policy = None if config.lora else distributed.frozen_model(

@@ -17,7 +17,7 @@ from models.chat_format import ChatFormat, Prompt
 from models.generation import Sampler, SamplingConfig
 from models.jobs import Artifact, JobContext, JobResult
 from models.loading import load_causal_lm
-from models.training import compute_dtype, get_device
+from models.training import check_conversations, compute_dtype, get_device
 
 
 @dataclass
@@ -67,7 +67,8 @@ def generate_responses(model, fmt: ChatFormat, prompts: list[Prompt], sampling: 
 def run(config: GenerateConfig, ctx: JobContext) -> JobResult:
     """Job entry point: every prompt of ``ctx.datasets``, ``samples_per_prompt`` times."""
     torch.manual_seed(config.seed)
-    records = [r for dataset_id in ctx.datasets for r in ctx.load_dataset(dataset_id)]
+    datasets = [(dataset_id, ctx.load_dataset(dataset_id)) for dataset_id in ctx.datasets]
+    records = [r for _, part in datasets for r in part]
     if not records:
         raise ValueError("generate needs at least one dataset with prompts")
     path = ctx.resolve_model(config.model)

@@ -30,8 +30,8 @@ from models.losses import cost_loss, reward_loss
 from models.preference import collate_pairs, length_grouped_batches, preference_pairs, tokenize_pairs
 from models.records import InvalidRecords, check_records
 from models.score_model import end_scores, save_score_model
-from models.training import (OptimConfig, Stepper, TrainingConfig, autocast, compute_dtype, get_device,
-                             load_trainable, micro_batches)
+from models.training import (OptimConfig, Stepper, TrainingConfig, autocast, check_conversations, compute_dtype,
+                             get_device, load_trainable, micro_batches)
 
 
 @dataclass
@@ -201,7 +201,7 @@ def _run(config: ScoreTrainingConfig, ctx: JobContext, score_type: str) -> JobRe
     if not ctx.datasets:
         raise ValueError(f"a {score_type} job needs at least one preference dataset")
     ctx.check_cancel()  # cancelled while queued: don't load anything
-    records = []
+    records, datasets = [], []
     for dataset_id in ctx.datasets:
         part = ctx.load_dataset(dataset_id)
         try:  # validated per dataset, so an error names the dataset and the line inside it
@@ -209,7 +209,9 @@ def _run(config: ScoreTrainingConfig, ctx: JobContext, score_type: str) -> JobRe
         except InvalidRecords as e:
             raise ValueError(f"dataset {dataset_id}: {e}") from e
         records.extend(part)
+        datasets.append((dataset_id, part))
     config = dataclasses.replace(config, model=str(ctx.resolve_model(config.model)))
+    check_conversations(ChatFormat.load(config.model, config.chat_template), datasets)
     metrics = train(config, score_type, records, ctx.output_dir, report=ctx.report,
                     should_stop=ctx.should_stop, dataset_ids=ctx.datasets)
     output_dir = Path(ctx.output_dir)

@@ -19,7 +19,8 @@ from models import distributed
 from models.chat_format import ChatFormat
 from models.jobs import Artifact, JobCancelled, JobContext, JobResult
 from models.records import check_records
-from models.training import (OptimConfig, Stepper, TrainingConfig, autocast, collate_labelled, labelled_conversation,
+from models.training import (OptimConfig, Stepper, TrainingConfig, autocast, check_conversations, collate_labelled,
+                             labelled_conversation,
                              micro_batches, read_checkpoint, save_artifact, start_policy, target_count, token_losses,
                              write_checkpoint)
 
@@ -62,7 +63,8 @@ def evaluate_loss(model, fmt: ChatFormat, records: list[dict], batch_size: int =
 def run(config: SFTConfig, ctx: JobContext) -> JobResult:
     """The ``sft`` job: fine-tune ``config.model`` on the job's sft datasets; the result is a policy."""
     torch.manual_seed(config.seed)
-    records = [r for dataset_id in ctx.datasets for r in ctx.load_dataset(dataset_id)]
+    datasets = [(dataset_id, ctx.load_dataset(dataset_id)) for dataset_id in ctx.datasets]
+    records = [r for _, part in datasets for r in part]
     check_records("sft", records)
     if not records:
         raise ValueError("sft needs at least one sft dataset with records")
@@ -72,6 +74,7 @@ def run(config: SFTConfig, ctx: JobContext) -> JobResult:
     eval_records, train_records = records[:n_eval], records[n_eval:]
 
     fmt, model, device, dtype, _ = start_policy(config, ctx)
+    check_conversations(fmt, datasets)
     model.train()
     examples = [labelled_conversation(fmt, r, config.max_length) for r in train_records]
     pad_id = fmt.tokenizer.pad_token_id

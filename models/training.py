@@ -26,7 +26,7 @@ from typing import Iterator, Literal, Sequence
 import torch
 
 from models import distributed
-from models.chat_format import ChatFormat
+from models.chat_format import ChatFormat, TemplateRefused, as_messages
 from models.loading import load_causal_lm, load_score_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -396,6 +396,30 @@ def sft_messages(record: dict) -> list[dict]:
     if "messages" in record:
         return record["messages"]
     return [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["response"]}]
+
+
+def check_conversations(fmt: ChatFormat, datasets: Sequence[tuple[str, Sequence[dict]]], prompts: bool = False) -> None:
+    """Render every record of ``datasets`` (``(dataset id, records)``) as the job will, before it
+    trains: an sft record's conversation, a preference record's prompt with each answer, or — with
+    ``prompts`` (jobs that generate) — a record's prompt with the generation prompt. A record the
+    model's chat template refuses fails the job as ``invalid_input`` naming its dataset and line and
+    the template's own message, instead of failing mid-run (or quietly)."""
+    for dataset_id, records in datasets:
+        for line, record in enumerate(records, start=1):
+            if "messages" in record or ("response" in record and not prompts):
+                conversations = [(sft_messages(record), False)]
+            elif "response_0" in record and not prompts:
+                conversations = [(as_messages(record["prompt"]) + [{"role": "assistant", "content": record[k]}], False)
+                                 for k in ("response_0", "response_1")]
+            elif record.get("prompt"):
+                conversations = [(as_messages(record["prompt"]), True)]
+            else:
+                continue
+            for messages, generation_prompt in conversations:
+                try:
+                    fmt.render(messages, add_generation_prompt=generation_prompt)
+                except TemplateRefused as e:
+                    raise ValueError(f"dataset {dataset_id}, line {line}: {e}") from None
 
 
 def labelled_conversation(fmt: ChatFormat, record: dict, max_length: int = 512) -> tuple[list[int], list[int]]:

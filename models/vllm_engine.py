@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import AsyncIterator, Callable, Mapping, Sequence
 
 from models.engine import (Chunk, Completion, InvalidRequestError, ModelLoadError, Prompt, SamplingParams,
-                           TextStream, UnknownModelError)
+                           TextStream, UnknownModelError, prompt_inputs, score_inputs)
 from models.chat_format import ChatFormat
 
 
@@ -113,10 +113,7 @@ class VLLMEngine:
         """POST /v1/completions on Beaver's own prompt token ids → (response, decoder)."""
         spec = self._resolve(model_id)
         fmt = self._format(model_id, spec)
-        try:
-            prompt_ids = fmt.prompt_ids(prompt)
-        except ValueError as e:
-            raise InvalidRequestError(str(e), "messages") from e
+        prompt_ids = prompt_inputs(fmt, prompt)
         body = {"model": await self._name(model_id, spec), "prompt": prompt_ids, "stream": stream,
                 "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k or -1,
                 "min_p": 0.0, "repetition_penalty": params.repetition_penalty, "presence_penalty": 0.0,
@@ -165,10 +162,7 @@ class VLLMEngine:
             return []
         spec = self._resolve(model_id)
         fmt = self._format(model_id, spec)
-        try:
-            ids = [fmt.completion_ids(p, r) for p, r in pairs]
-        except ValueError as e:
-            raise InvalidRequestError(str(e), "messages") from e
+        ids = score_inputs(fmt, pairs)
         body = {"model": await self._name(model_id, spec), "input": ids, "use_activation": False}
         response = await self._post(model_id, spec, "/classify", body)
         data = json.loads(await response.aread())["data"]

@@ -95,7 +95,22 @@ async def battle_chat(battle_id: str, body: ArenaChatRequest, session: SessionDe
     messages = _conversation(battle, body.messages)
     request = ChatCompletionRequest(model=battle.rounds[body.side], messages=messages, temperature=body.temperature,
                                     max_tokens=body.max_tokens, stream=body.stream, seed=body.seed)
-    return await chat_completion(request, session, shown_as=shown(battle)[body.side])
+    try:
+        return await chat_completion(request, session, shown_as=shown(battle)[body.side])
+    except ApiError as e:
+        raise _as_pane_sent_it(e, battle) from None
+
+
+def _as_pane_sent_it(error: ApiError, battle: Battle) -> ApiError:
+    """An error about message i of the conversation the round read, named as the pane's request
+    holds it: the battle's system prompt (``system``) comes before the pane's ``messages``."""
+    parts = (error.param or "").split(".")
+    if battle.system and parts[0] == "messages" and len(parts) > 1 and parts[1].isdigit():
+        index = int(parts[1]) - 1
+        error.param = "system" if index < 0 else ".".join(["messages", str(index), *parts[2:]])
+        if index < 0:
+            error.message += " (the battle's system prompt: start a battle without one to talk to this model)"
+    return error
 
 
 def _conversation(battle: Battle, messages: list) -> list[dict]:

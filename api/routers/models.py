@@ -52,14 +52,38 @@ def round_as_model(session: Session, r: Round) -> dict:
 @router.post("", status_code=201, responses=responses(403))
 def create_model(body: ModelCreate, session: SessionDep, _: Trainer) -> dict:
     """Register a model directory (for example a base model to train from); it must lie under a
-    model root, after symlinks are resolved."""
+    model root, after symlinks are resolved, and be what ``kind`` says: a policy a causal LM, a
+    reward or cost model a ``*ForSequenceClassification`` with one label whose score head is in its
+    checkpoint; and its tokenizer must give a chat format Beaver can use."""
     try:
         path = local_model_dir(body.path)
     except OutsideModelRoots as e:
         raise ApiError(422, str(e), param="path") from None
     if not is_model_dir(path):
         raise ApiError(422, f"{body.path!r} is not a Hugging Face model directory (no config.json)", param="path")
+    check_model_dir(path, body.kind)
     return model_public(register_model(session, body.name, body.kind, str(path), metrics=body.metrics))
+
+
+def check_model_dir(path: Path, kind: str) -> None:
+    """422 naming ``kind`` or ``path`` when the folder is not a ``kind`` model Beaver can serve and
+    train: what it is (``models.loading.kind_problem``), or why its chat format cannot be used."""
+    from models.chat_format import ChatFormat
+    from models.loading import kind_problem
+
+    try:
+        problem = kind_problem(path, kind)
+    except (OSError, ValueError) as e:  # an unreadable config.json or checkpoint
+        problem = "path", f"{path}: {str(e).splitlines()[0][:300]}"
+    if problem is not None:
+        raise ApiError(422, problem[1], param=problem[0])
+    try:
+        ChatFormat.load(path)
+    except Exception as e:  # noqa: BLE001 — a missing tokenizer, a template Beaver cannot line up
+        raise ApiError(422, f"{path}: Beaver cannot read conversations with its tokenizer: "
+                       f"{str(e).splitlines()[0][:500]}. Give the folder a tokenizer whose chat template writes an "
+                       f"assistant turn after the conversation it prompts with and closes it with an end-of-sequence "
+                       f"or special token (or none: Beaver then writes the Safe RLHF template)", param="path") from None
 
 
 @router.get("")

@@ -36,7 +36,7 @@ async def score(body: ScoreRequest, session: SessionDep, _: Reader):
     await release(session)  # no database connection held while the engine scores
     if judges.reward is None and judges.cost is None:
         raise ApiError(400, f"{body.model!r} has neither a reward nor a cost model", param="model")
-    rewards, costs = await score_pairs(judges, [i.pair() for i in body.items])
+    rewards, costs = await score_pairs(judges, [i.pair() for i in body.items], messages="items.{pair}.prompt")
     data = [ScoreResult(index=k, reward=rewards[k] if rewards else None, cost=costs[k] if costs else None,
                         safe=costs[k] <= 0 if costs else None) for k in range(len(body.items))]
     return ScoreResponse(model=body.model, reward_model=judges.reward.id if judges.reward else None,
@@ -54,7 +54,7 @@ async def moderations(body: ModerationRequest, session: SessionDep, _: Reader):
     await release(session)
     if judges.cost is None:
         raise ApiError(400, f"{body.model!r} has no cost model to moderate with", param="model")
-    rewards, costs = await score_pairs(judges, pairs)
+    rewards, costs = await score_pairs(judges, pairs, messages="input.{pair}")
     results = [ModerationResult(flagged=c > body.threshold, categories={"unsafe": c > body.threshold},
                                 category_scores={"unsafe": sigmoid(c)}, reward=rewards[k] if rewards else None,
                                 cost=c, threshold=body.threshold) for k, c in enumerate(costs)]

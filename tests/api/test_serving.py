@@ -200,12 +200,15 @@ def test_bad_requests_get_the_documented_error(app_client, keys, path, body, sta
     assert r.json()["error"]["param"] == param
 
 
-def test_a_model_that_fails_to_load_is_503_and_the_rest_keeps_serving(app_client, keys, tmp_path):
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / "config.json").write_text('{"model_type": "llama", "hidden_size": "huge"}')
+def test_a_model_that_fails_to_load_is_503_and_the_rest_keeps_serving(app_client, keys, tmp_path, tiny_llama_dir):
+    import shutil
+
+    broken = shutil.copytree(tiny_llama_dir, tmp_path / "broken")
     r = app_client.post("/v1/models", json={"name": "broken", "kind": "policy", "path": str(broken)},
                         headers=auth(keys["trainer"]))
+    assert r.status_code == 201, r.text
+    # Registration checked the folder; broken afterwards, it no longer loads.
+    (broken / "config.json").write_text('{"model_type": "llama", "hidden_size": "huge"}')
     messages = [{"role": "user", "content": "hi"}]
     failed = app_client.post("/v1/chat/completions", json={"model": r.json()["id"], "messages": messages},
                              headers=auth(keys["viewer"]))

@@ -36,13 +36,14 @@ def test_decoder_detokenizes_locally_and_applies_stop(any_model_dir):
     decoder = _Decoder(fmt, SamplingParams(stop=("mix",)), prompt_tokens=7)
     first = decoder.chunk({"token_ids": ids[:3], "finish_reason": None})
     last = decoder.chunk({"token_ids": ids[3:] + [fmt.eos_ids[0]], "finish_reason": "stop"})
-    assert first.text + last.text == "sure . step 1 : " and last.finish_reason == "stop"
+    lead = fmt.generation_extra  # what the generation prompt wrote for the model starts the text (R1's "<think>\n")
+    assert first.text + last.text == lead + "sure . step 1 : " and last.finish_reason == "stop"
     assert decoder.finished and last.prompt_tokens == 7 and last.completion_tokens == through_mix
 
     for eos in fmt.eos_ids:  # every stop id of the model ends the text and is not returned
         decoder = _Decoder(fmt, SamplingParams(), prompt_tokens=1)
         done = decoder.chunk({"token_ids": ids + [eos], "finish_reason": "stop"})
-        assert done.text == "sure . step 1 : mix flour" and eos not in done.token_ids
+        assert done.text == lead + "sure . step 1 : mix flour" and eos not in done.token_ids
         assert done.token_ids == ids and done.completion_tokens == len(ids)
 
 
