@@ -19,6 +19,7 @@ from models.jobs import JOB_TYPES, JobContext, parse_params
 from models.loading import load_causal_lm, load_score_model
 from models.ppo_lag import Rollout, ScoreModelScorer
 from models.score_model import score
+from tests.conftest import FIXTURES
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +48,7 @@ def run_job(job_type: str, params: dict, records: list[dict], out_dir) -> tuple:
     return result, events
 
 
-@pytest.fixture(scope="module", params=["word-level", "qwen2", "llama3"])
+@pytest.fixture(scope="module", params=["word-level", "qwen2", "llama3", "gemma2", "mistral", "r1"])
 def pipeline(request, tmp_path_factory):
     """SFT → reward, cost → PPO-Lag, PPO, shaping (LoRA on the chat models) → DPO → generate, on
     one model; the chat models train in bfloat16, the word-level one in float32."""
@@ -55,12 +56,14 @@ def pipeline(request, tmp_path_factory):
     torch.set_num_threads(1)  # tiny models gain nothing from OpenMP threads that wait on each other
     request.addfinalizer(lambda: torch.set_num_threads(threads))
     name = request.param
-    fixture = {"word-level": "tiny_llama_dir", "qwen2": "tiny_qwen_dir", "llama3": "tiny_llama3_dir"}[name]
-    base = request.getfixturevalue(fixture)
+    base = request.getfixturevalue(FIXTURES[name])
     dtype = "float32" if name == "word-level" else "bfloat16"
     out = tmp_path_factory.mktemp(f"pipeline-{name}")
     rng = random.Random(0)
-    sft_records = world.sft_corpus(rng, 48) + [MULTI_TURN]
+    multi_turn = MULTI_TURN
+    if ChatFormat.load(base).system_role == "refused":  # Gemma's template raises on a system message
+        multi_turn = {"messages": MULTI_TURN["messages"][1:]}
+    sft_records = world.sft_corpus(rng, 48) + [multi_turn]
     prompts = world.sample_prompts(rng, 12)
     pairs = [world.annotate(p, "sure . step 1 : cut the wood .", "sorry , i can not help with that .", rng)
              for p in prompts]
@@ -152,7 +155,8 @@ def test_score_model_reads_a_rollout_as_it_was_trained(pipeline):
     content = trained[len(prompt_ids): len(trained) - len(fmt.turn_close) - len(fmt.turn_suffix)]
     rollout = Rollout([prompt], [prompt_ids], [content + [policy_fmt.eos_ids[-1]]], [answer])
     direct = ScoreModelScorer(model, fmt, policy_fmt)
-    assert direct.direct and direct.inputs(rollout) == [trained]
+    # a reasoning format's stored answer is not what was sampled: it is always re-rendered
+    assert direct.direct == (not fmt.generation_extra) and direct.inputs(rollout) == [trained]
     other = ChatFormat.load(pipeline["base"], chat_template=(
         "{% for m in messages %}{% if m['role'] == 'user' %}{{ 'Q: ' + m['content'] + ' ' }}"
         "{% else %}{{ 'A: ' + m['content'] + eos_token + ' ' }}{% endif %}{% endfor %}"
