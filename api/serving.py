@@ -163,9 +163,8 @@ def engine_errors(param: str = "model", messages: str = "messages"):
     try:
         yield
     except TemplateRefused as e:
-        where = messages.format(pair=e.pair or 0)
         raise ApiError(422, str(e) if param == "model" else f"{param}: {e}",
-                       param=where if e.index is None else f"{where}.{e.index}.{e.field}") from None
+                       param=e.param(messages.format(pair=e.pair or 0))) from None
     except UnknownModelError as e:
         raise ApiError(404, str(e), param=param, code="model_not_found") from None
     except ModelLoadError as e:

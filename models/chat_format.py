@@ -72,10 +72,9 @@ class TemplateRefused(ValueError):
         self.reason, self.index, self.field = reason, index, field
         self.pair: int | None = None  # set by a scorer: which of the (prompt, response) pairs it is
 
-    @property
-    def param(self) -> str:
-        """Where the refused message is in a request's ``messages``."""
-        return "messages" if self.index is None else f"messages.{self.index}.{self.field}"
+    def param(self, messages: str = "messages") -> str:
+        """Where the refused message is, in a request that holds the conversation at ``messages``."""
+        return messages if self.index is None else f"{messages}.{self.index}.{self.field}"
 
 
 def safe_rlhf_template(bos: bool) -> str:
@@ -186,8 +185,8 @@ class ChatFormat:
     def system_role(self) -> str:
         """What the template does with a system message: "kept" (in prompts and in conversations
         that end with an answer), "prompt-only" (in a prompt, dropped from a conversation that ends
-        with an answer: Mistral v3 puts it in the *last* user turn) or "refused" (Gemma's template
-        raises on it)."""
+        with an answer: Mistral v3 puts it in the *last* user turn), "refused" (Gemma's template
+        raises on it) or "dropped" (never written)."""
         system, user = {"role": "system", "content": _SENTINEL}, {"role": "user", "content": _PROBE_USER}
         try:
             prompt = self.render([system, user], add_generation_prompt=True)

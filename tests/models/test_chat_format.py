@@ -230,9 +230,20 @@ def test_a_refused_message_is_named(tiny_gemma2_dir, tiny_qwen_dir):
     assert fmt.system_role == "refused" and ChatFormat.load(tiny_qwen_dir).system_role == "kept"
     with pytest.raises(TemplateRefused) as refused:
         fmt.prompt_ids([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}])
-    assert refused.value.reason == "System role not supported" and refused.value.param == "messages.0.role"
+    assert refused.value.reason == "System role not supported" and refused.value.param() == "messages.0.role"
     assert "refuses this conversation: System role not supported" in str(refused.value)
     with pytest.raises(TemplateRefused) as refused:
         fmt.conversation([{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}])
-    assert refused.value.param == "messages.1.role" and "must alternate" in refused.value.reason
+    assert refused.value.param() == "messages.1.role" and "must alternate" in refused.value.reason
     assert isinstance(refused.value, ValueError)
+
+
+def test_a_message_refused_for_its_content_is_named_by_its_content(tiny_qwen_dir):
+    fmt = ChatFormat.load(tiny_qwen_dir, chat_template=(
+        "{% for m in messages %}{% if 'forbidden' in m['content'] %}{{ raise_exception('no forbidden words') }}"
+        "{% endif %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"))
+    with pytest.raises(TemplateRefused) as refused:
+        fmt.prompt_ids([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                        {"role": "user", "content": "a forbidden word"}])
+    assert refused.value.param() == "messages.2.content" and refused.value.reason == "no forbidden words"
