@@ -331,7 +331,13 @@ def clear_caches() -> None:
 
 
 def main() -> None:
-    cli()
+    from api.settings import SettingsInvalid
+
+    try:
+        cli()
+    except SettingsInvalid as e:  # e.g. a BEAVER_ENDPOINTS an admin mistyped: one line, no secret in it
+        typer.secho(f"error: bad setting: {e}", fg=typer.colors.RED, err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

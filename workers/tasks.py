@@ -28,7 +28,7 @@ from api.registry import (ModelNotFound, add_event, create_dataset_rows, load_re
                           resolve_model_path)
 from api.settings import get_settings
 from api.tables import Job, job_error, now
-from models.jobs import JOB_TYPES, JobCancelled, JobContext, build_config
+from models.jobs import JOB_TYPES, Endpoint, EndpointError, JobCancelled, JobContext, build_config
 from models.records import check_records
 from workers.celery_app import app, worker_identity
 from workers.ranks import RankFailed, run_on_ranks
@@ -175,7 +175,27 @@ def job_context(dataset_ids: list[str], output_dir: Path, resume_from: str | Non
             return resolve_model_path(session, ref)
 
     return JobContext(output_dir=output_dir, datasets=dataset_ids, load_dataset=load_dataset,
-                      resolve_model=resolve_model, report=report, should_stop=should_stop, resume_from=resume_from)
+                      resolve_model=resolve_model, report=report, should_stop=should_stop, resume_from=resume_from,
+                      resolve_endpoint=resolve_endpoint)
+
+
+def resolve_endpoint(name: str) -> Endpoint:
+    """An outbound endpoint by name, from this worker's own BEAVER_ENDPOINTS, with its key read (from
+    ``api_key_file`` when that is how the admin gave it). Errors name the endpoint, never a path or key."""
+    endpoint = get_settings().endpoint_map.get(name)
+    if endpoint is None:
+        raise ValueError(f"endpoint {name!r} is not configured on this worker (BEAVER_ENDPOINTS)")
+    if endpoint.api_key_file is None:
+        return endpoint
+    try:
+        key = Path(endpoint.api_key_file).read_text().strip()
+    except OSError as e:
+        log.error("endpoint %r: cannot read its api_key_file %s: %s", name, endpoint.api_key_file, e)
+        raise EndpointError(f"endpoint {name!r}: its api_key_file cannot be read on this worker (see the worker's "
+                            f"log)") from None
+    if not key:
+        raise EndpointError(f"endpoint {name!r}: its api_key_file is empty on this worker")
+    return Endpoint(endpoint.name, endpoint.url, endpoint.model, api_key=key)
 
 
 def _run(fence: Fence, settings) -> str:
@@ -279,6 +299,8 @@ def error_object(e: BaseException) -> dict:
         code = "out_of_memory"
     elif isinstance(e, ValueError):  # also models.records.InvalidRecords and models.jobs.ParamsError
         code = "invalid_input"
+    elif isinstance(e, EndpointError):  # its message is classified already: no URL, no body
+        code = "endpoint_failed"
     elif isinstance(e, (ModelNotFound, OSError)):  # OSError: from_pretrained on missing or unreadable files
         code = "model_not_found"
     else:
