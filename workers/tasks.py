@@ -32,7 +32,7 @@ from api.registry import (ModelNotFound, add_event, create_dataset_rows, load_re
 from api.settings import get_settings
 from api.tables import Job, job_error, now
 from models.jobs import JOB_TYPES, Endpoint, EndpointError, JobCancelled, JobContext, build_config
-from models.records import check_records
+from models.records import check_records, jsonl_lines
 from workers.celery_app import app, worker_identity
 from workers.ranks import RankFailed, run_on_ranks
 
@@ -259,7 +259,7 @@ def _read_artifacts(artifacts: list) -> list[tuple]:
     for artifact in artifacts:
         records = None
         if artifact.kind == "dataset":
-            records = [json.loads(line) for line in Path(artifact.path).read_text().splitlines() if line.strip()]
+            records = [json.loads(line) for _, line in jsonl_lines(Path(artifact.path).read_text()) if line.strip()]
             check_records(artifact.metadata.get("kind", "samples"), records)
         out.append((artifact, records))
     return out
