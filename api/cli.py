@@ -238,14 +238,17 @@ def serve_vllm(model: str = typer.Argument(..., help="Model id, model name or ro
     from api.errors import ApiError
     from api.serving import vllm_command_for
     from api.settings import get_settings
+    from models.vllm_engine import vllm_missing
 
     if dtype not in (None, "auto", "float32", "bfloat16", "float16"):
         _fail(f"--dtype must be auto, float32, bfloat16 or float16, not {dtype!r}")
+    python = python or get_settings().vllm_python or sys.executable
+    if (problem := vllm_missing(python)) is not None:  # before anything starts: say which Python, and the fix
+        _fail(problem)
     _prepare_database()
     with Session(get_engine()) as session:
         try:
-            cmd = vllm_command_for(session, model, port, python=python or get_settings().vllm_python or None, host=host,
-                                   dtype=dtype)
+            cmd = vllm_command_for(session, model, port, python=python, host=host, dtype=dtype)
         except ApiError as e:
             _fail(e.message)
     typer.echo(" ".join(cmd))
