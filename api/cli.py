@@ -6,6 +6,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -149,6 +150,28 @@ def db_upgrade() -> None:
     typer.echo(f"database {mask_url(get_settings().resolved_database_url)} is at the latest revision")
 
 
+def _key_database() -> None:
+    """Migrate and say (on stderr) which database the key commands use: a BEAVER_HOME or
+    BEAVER_DATABASE_URL other than the one meant would otherwise open another, empty database."""
+    from api.settings import get_settings, mask_url
+
+    _prepare_database()
+    typer.echo(f"database: {mask_url(get_settings().resolved_database_url)}", err=True)
+
+
+def _demo_hint() -> str | None:
+    """Where the demo's keys are, when a demo platform exists beside this (empty) database."""
+    from api.settings import get_settings
+
+    settings = get_settings()
+    demo = (settings.home / "demo" / "platform").resolve()
+    if not (demo / "beaver.db").is_file() or settings.resolved_database_url == f"sqlite:///{demo / 'beaver.db'}":
+        return None
+    shown = os.path.relpath(demo) if demo.is_relative_to(Path.cwd()) else str(demo)
+    return (f"this database has no API keys. The demo (make demo / beaver demo) runs a platform of its own in "
+            f"{shown}; its keys: BEAVER_HOME={shown} beaver keys list")
+
+
 @keys_cli.command("create")
 def keys_create(name: str = typer.Option(..., help="Who or what the key is for."),
                 role: str = typer.Option(..., help="admin | trainer | annotator | viewer")) -> None:
@@ -159,7 +182,7 @@ def keys_create(name: str = typer.Option(..., help="Who or what the key is for."
     from api.deps import create_key
     from api.errors import ApiError
 
-    _prepare_database()
+    _key_database()
     with Session(get_engine()) as session:
         try:
             row, key = create_key(session, name, role)
@@ -170,21 +193,17 @@ def keys_create(name: str = typer.Option(..., help="Who or what the key is for."
 
 @keys_cli.command("revoke")
 def keys_revoke(key_id: str = typer.Argument(..., help="The key's id (key-…) or its prefix shown by `keys list`.")) -> None:
-    """Revoke an API key."""
-    from sqlmodel import Session, select
-
+    """Revoke an API key (not the last admin key: nobody could create keys any more)."""
     from api.db import get_engine
-    from api.tables import ApiKey, now
+    from api.deps import revoke_key
+    from api.errors import ApiError
 
-    _prepare_database()
-    with Session(get_engine()) as session:
-        row = session.exec(select(ApiKey).where((ApiKey.id == key_id) | (ApiKey.prefix == key_id))).first()
-        if row is None:
-            _fail(f"no API key {key_id!r}")
-        row.revoked_at = row.revoked_at or now()
-        session.add(row)
-        session.commit()
-    typer.echo(f"revoked {key_id}")
+    _key_database()
+    try:
+        row = revoke_key(get_engine(), key_id, by_prefix=True)
+    except ApiError as e:  # the API's rule, in the API's words: 404, or 409 for the last admin key
+        _fail(e.message)
+    typer.echo(f"revoked {row.id}")
 
 
 @keys_cli.command("list")
@@ -195,10 +214,14 @@ def keys_list() -> None:
     from api.db import get_engine
     from api.tables import ApiKey
 
-    _prepare_database()
+    _key_database()
     with Session(get_engine()) as session:
-        for row in session.exec(select(ApiKey).order_by(ApiKey.id)):
-            typer.echo(f"{row.id}\t{row.name}\t{row.role}\t{row.prefix}…\t{'revoked' if row.revoked_at else 'active'}")
+        rows = list(session.exec(select(ApiKey).order_by(ApiKey.id)))
+    for row in rows:
+        typer.echo(f"{row.id}\t{row.name}\t{row.role}\t{row.prefix}…\t{'revoked' if row.revoked_at else 'active'}")
+    if not rows:
+        typer.echo(_demo_hint() or "this database has no API keys yet: `beaver up` creates the first admin key, "
+                   "or `beaver keys create --name N --role admin`", err=True)
 
 
 @cli.command("serve-vllm")
@@ -215,14 +238,17 @@ def serve_vllm(model: str = typer.Argument(..., help="Model id, model name or ro
     from api.errors import ApiError
     from api.serving import vllm_command_for
     from api.settings import get_settings
+    from models.vllm_engine import vllm_missing
 
     if dtype not in (None, "auto", "float32", "bfloat16", "float16"):
         _fail(f"--dtype must be auto, float32, bfloat16 or float16, not {dtype!r}")
+    python = python or get_settings().vllm_python or sys.executable
+    if (problem := vllm_missing(python)) is not None:  # before anything starts: say which Python, and the fix
+        _fail(problem)
     _prepare_database()
     with Session(get_engine()) as session:
         try:
-            cmd = vllm_command_for(session, model, port, python=python or get_settings().vllm_python or None, host=host,
-                                   dtype=dtype)
+            cmd = vllm_command_for(session, model, port, python=python, host=host, dtype=dtype)
         except ApiError as e:
             _fail(e.message)
     typer.echo(" ".join(cmd))
@@ -331,7 +357,13 @@ def clear_caches() -> None:
 
 
 def main() -> None:
-    cli()
+    from api.settings import SettingsInvalid
+
+    try:
+        cli()
+    except SettingsInvalid as e:  # e.g. a BEAVER_ENDPOINTS an admin mistyped: one line, no secret in it
+        typer.secho(f"error: bad setting: {e}", fg=typer.colors.RED, err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

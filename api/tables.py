@@ -32,6 +32,10 @@ JOB_ERROR_CODES = {
     "invalid_input": "the params or the data cannot work (ValueError, invalid records, bad params)",
     "model_not_found": "a model reference names nothing loadable, or its files are missing or unreadable",
     "out_of_memory": "the job ran out of GPU or CPU memory",
+    "disk_full": "a write failed for want of room (no space left, a quota, a file size limit): the message names "
+                 "the device's folder",
+    "endpoint_failed": "an outbound endpoint (an evaluate job's judge) failed: the message says how (connection "
+                       "refused, timed out, HTTP 503, …), never its URL or reply",
     "worker_lost": "the worker running the job died, and the job had no attempts left",
     "rank_failed": "a rank of a multi-rank job died without an error of its own (killed, e.g. out of host memory)",
     "broker_unavailable": "the job could not be queued: the Celery broker did not answer",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +22,36 @@ class JobCancelled(Exception):
 
 
 class ParamsError(ValueError):
-    """A job's params do not fit its config dataclass; ``param`` names the offending field."""
+    """A job's params do not fit its config dataclass; ``param`` names the offending field. A config's
+    ``__post_init__`` may raise it with ``param`` one of its own fields' names: ``build_config``
+    makes that the full path (``params.judge.unsafe_pattern``)."""
 
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
         self.param = param
+
+
+class EndpointError(RuntimeError):
+    """An outbound endpoint (an evaluation judge) did not answer as it should. The message says how,
+    by class only (``connection refused``, ``timed out``, ``HTTP 503``, …): never the endpoint's URL,
+    an exception's text or a response body, since job errors and events are read by every role."""
+
+
+# An endpoint's name as an admin writes it in BEAVER_ENDPOINTS and a job names it: a plain word, so a
+# job's params can never hold a URL, a host or a port.
+ENDPOINT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """An OpenAI-compatible HTTP endpoint an admin allowed jobs to call (``BEAVER_ENDPOINTS``), with
+    its own credential. A job names it; the worker resolves the name from its own settings."""
+
+    name: str
+    url: str  # base URL of its OpenAI API, e.g. http://guard:8000/v1
+    model: str  # the model name sent in each request
+    api_key: str | None = field(default=None, repr=False)  # sent as a Bearer token; never shown
+    api_key_file: str | None = None  # or: a file holding the key (read by the worker when the job runs)
 
 
 @dataclass
@@ -61,10 +87,17 @@ class JobContext:
     should_stop: Callable[[], bool] = lambda: False
     # where the job starts from on a re-run (a checkpoint directory), if any.
     resume_from: str | None = None
+    # an admin-named outbound endpoint (BEAVER_ENDPOINTS) by name -> its URL, model and key; raises
+    # ValueError for a name this worker does not know.
+    resolve_endpoint: Callable[[str], Endpoint] = lambda name: _no_endpoints(name)
 
     def check_cancel(self) -> None:
         if self.should_stop():
             raise JobCancelled("cancelled")
+
+
+def _no_endpoints(name: str) -> Endpoint:
+    raise ValueError(f"endpoint {name!r} is not configured here (no endpoints are)")
 
 
 @dataclass(frozen=True)
@@ -83,6 +116,9 @@ class JobType:
     multi_rank: bool = False  # runs on world_size > 1 ranks (the training jobs; models/distributed.py)
     # reward_model / cost_model default to the newest round's (filled in by the API at POST /v1/jobs).
     default_judges: bool = False
+    # dotted params that name an admin-configured outbound endpoint (e.g. "judge.endpoint"); checked
+    # against BEAVER_ENDPOINTS when the job is created. A job reaches nothing else.
+    endpoints: tuple[str, ...] = ()
 
     def config_class(self) -> type:
         return _load(self.config)
@@ -122,7 +158,7 @@ JOB_TYPES: dict[str, JobType] = {
                    summary="DPO on the helpfulness preference (the paper's reward-free baseline)."),
     "evaluate": JobType("models.evaluate:EvaluateConfig", "models.evaluate:run", "gpu",
                         (("models", "causal"), ("reward_model", "score"), ("cost_model", "score")), ("prompt",),
-                        default_judges=True,
+                        default_judges=True, endpoints=("judge.endpoint",),
                         summary="rounds' answers to your prompts, scored by one reference reward/cost pair: harmful "
                                 "ratio, reward, cost, refusals, win rates and the 2 × 2 table, with 95 % intervals."),
     "ppo_lag": JobType("models.ppo_lag:PPOLagConfig", "models.ppo_lag:run_ppo_lag", "gpu", _PPO_MODELS, _PPO_DATA,
@@ -168,6 +204,18 @@ def model_refs(job_type: str, config: Any) -> list[tuple[str, str, str]]:
     return refs
 
 
+def endpoint_refs(job_type: str, config: Any) -> list[tuple[str, str]]:
+    """(param, endpoint name) of every outbound endpoint a job's config names."""
+    refs = []
+    for dotted in JOB_TYPES[job_type].endpoints:
+        value = config
+        for part in dotted.split("."):
+            value = getattr(value, part, None)
+        if value:
+            refs.append((dotted, value))
+    return refs
+
+
 def build_config(cls: type, params: dict, prefix: str = "params") -> Any:
     """Recursively build a (possibly nested) config dataclass from a dict, checking types."""
     if not isinstance(params, dict):
@@ -188,6 +236,9 @@ def build_config(cls: type, params: dict, prefix: str = "params") -> Any:
         kwargs[name] = _coerce(hints[name], value, f"{prefix}.{name}")
     try:
         config = cls(**kwargs)
+    except ParamsError as e:  # a config's own check naming its field: made absolute
+        where = f"{prefix}.{e.param}" if e.param else prefix
+        raise ParamsError(f"{where}: {e}", where) from e
     except (TypeError, ValueError) as e:
         raise ParamsError(f"{prefix}: {e}", prefix) from e
     return config
@@ -208,8 +259,9 @@ def _coerce(hint, value, where: str):
             try:
                 return _coerce(arg, value, where)
             except ParamsError as e:
-                errors.append(str(e))
-        raise ParamsError(errors[0] if errors else f"{where}: bad value", where)
+                errors.append(e)
+        # The first alternative's error, naming the field it found (params.judge.unsafe_pattern, not params.judge).
+        raise errors[0] if errors else ParamsError(f"{where}: bad value", where)
     if origin is typing.Literal:
         if value not in args:
             raise ParamsError(f"{where} must be one of {list(args)}, got {value!r}", where)

@@ -42,6 +42,17 @@ PREFERENCE_OPTIONAL = {
 ROLES = ("system", "user", "assistant")
 
 
+def jsonl_lines(text: str) -> list[tuple[int, str]]:
+    """(1-based line number, line) of a JSONL text. Lines end at ``\n`` (``\r\n`` too) and nowhere
+    else: U+2028, U+2029, U+0085, ``\x0b`` and ``\x0c`` are characters a JSON string may hold, which
+    ``str.splitlines`` would break a record at. A leading UTF-8 byte order mark is dropped."""
+    text = text.removeprefix("\ufeff")
+    lines = text.split("\n")
+    if lines and lines[-1] == "":  # the newline ending the last line starts no line of its own
+        lines.pop()
+    return [(number, line.removesuffix("\r")) for number, line in enumerate(lines, start=1)]
+
+
 @dataclass
 class RecordError:
     line: int  # 1-based line (JSONL) or index + 1 (JSON list)

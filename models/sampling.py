@@ -91,5 +91,6 @@ def run(config: GenerateConfig, ctx: JobContext) -> JobResult:
             f.write(json.dumps({**source, "prompt": source["prompt"], "response": answer, "policy": config.model}) + "\n")
     lengths = [len(a.split()) for a in answers]
     metrics = {"samples": len(answers), "response_length": sum(lengths) / len(lengths)}
-    name = config.name or f"samples-{ctx.output_dir.name}"
+    # The worker writes each attempt in <artifacts>/<job id>/attempt-<n>: the job's id is the folder above.
+    name = config.name or f"samples-{ctx.output_dir.parent.name}"
     return JobResult(metrics=metrics, artifacts=[Artifact("dataset", str(out), name, {"kind": "samples"})])

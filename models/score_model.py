@@ -77,17 +77,16 @@ def score(model, fmt: ChatFormat, prompts: Sequence[Prompt], responses: Sequence
 def save_score_model(model, fmt: ChatFormat, path: str | Path, score_type: str, datasets: Sequence[str] = (),
                      metrics: dict | None = None, dtype: torch.dtype | None = None) -> Path:
     """Save as a standard ``*ForSequenceClassification`` (safetensors, in ``dtype``) plus its
-    tokenizer and chat template.
+    tokenizer and chat template, in the folder ``path`` (replaced if it exists).
 
     The config records ``score_type`` ("reward" | "cost"), the training dataset ids and the final
     metrics; ``pad_token_id`` is set so the HF class pools at the same token as ``end_scores``.
     """
-    from models.training import merged
+    from models.training import merged, written_whole
 
     if score_type not in SCORE_TYPES:
         raise ValueError(f"score_type must be one of {SCORE_TYPES}, got {score_type!r}")
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     model = merged(model)
     config = model.config
     config.num_labels = 1
@@ -99,8 +98,9 @@ def save_score_model(model, fmt: ChatFormat, path: str | Path, score_type: str, 
     config.score_metrics = json.loads(json.dumps(metrics or {}, default=float))
     if dtype is not None:
         model.to(dtype)
-    model.save_pretrained(path, safe_serialization=True)
-    fmt.save(path)
+    with written_whole(path) as tmp:  # whole or not at all; a failed write leaves nothing behind
+        model.save_pretrained(tmp, safe_serialization=True)
+        fmt.save(tmp)
     return path
 
 

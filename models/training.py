@@ -253,8 +253,9 @@ def save_artifact(model, fmt: ChatFormat, path: str | Path, dtype: torch.dtype) 
             model = merged(model)
             model.config.use_cache = True
             model.to(dtype)
-            model.save_pretrained(path, safe_serialization=True)
-            fmt.save(path)
+            with written_whole(path) as tmp:
+                model.save_pretrained(tmp, safe_serialization=True)
+                fmt.save(tmp)
     distributed.barrier()
     return path
 
@@ -453,22 +454,40 @@ def target_count(examples: Sequence[tuple[list[int], list[int]]]) -> int:
 # --- checkpoints -------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def written_whole(final: Path) -> Iterator[Path]:
+    """A folder written under a hidden name (``.tmp-<name>``) and renamed to ``final`` (replacing it)
+    once complete: a crash mid-write never leaves a half folder under the final name for a resume or
+    a registration to pick up, and a write that fails (a full disk) removes what it wrote, so the
+    space comes back and no ``.tmp-*`` folder is left behind."""
+    final = Path(final)
+    tmp = final.with_name(f".tmp-{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def write_checkpoint(output_dir: str | Path, step: int, models: dict, fmt: ChatFormat, state: dict) -> Path:
     """``output_dir/checkpoint-{step}`` (the name the worker looks for to resume): each model at full
     precision (a LoRA model: its adapters) with the tokenizer beside it (key ``""``: the directory
-    itself), and ``trainer_state.pt``. Written under a hidden name, then renamed, so a crash
-    mid-write never leaves a half checkpoint for a resume to pick up."""
+    itself), and ``trainer_state.pt``. Written whole or not at all (``written_whole``)."""
     final = Path(output_dir) / f"checkpoint-{step}"
-    tmp = Path(output_dir) / f".tmp-checkpoint-{step}"
     with distributed.gathered(*models.values()):  # on several ranks: every rank calls, rank 0 writes
         if distributed.current().main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            for name, model in models.items():
-                getattr(model, "module", model).save_pretrained(tmp / name)
-                fmt.tokenizer.save_pretrained(tmp / name)
-            torch.save({"step": step, **state}, tmp / "trainer_state.pt")
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
+            with written_whole(final) as tmp:
+                for name, model in models.items():
+                    getattr(model, "module", model).save_pretrained(tmp / name)
+                    fmt.tokenizer.save_pretrained(tmp / name)
+                # Through a Python file, so a failed write raises the OS error (ENOSPC …) under
+                # PyTorch's "unexpected pos", and the job's error can say the disk is full.
+                with open(tmp / "trainer_state.pt", "wb") as f:
+                    torch.save({"step": step, **state}, f)
     distributed.barrier()
     return final
 

@@ -227,6 +227,27 @@ def vllm_command(model_path: str | Path, port: int, runner: str = "generate", *,
     return cmd + list(extra_args)
 
 
+def vllm_missing(python: str) -> str | None:
+    """Why ``python`` cannot run vLLM's server, or None when it has vLLM: checked before a server
+    starts, so the error names the Python that was used and how to fix it, not only
+    ``No module named 'vllm'`` from the server's log."""
+    fix = ("point BEAVER_VLLM_PYTHON (or `beaver serve-vllm --python`) at the Python of an environment with vLLM "
+           "(pip install vllm on a GPU host; on CPU, from a checkout, `bash tests/vllm_env.sh` makes one and prints "
+           "its Python, .venv-vllm/bin/python)")
+    probe = "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('vllm') else 3)"
+    try:
+        done = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
+        return f"cannot run the Python {python} ({reason}): {fix}"
+    if done.returncode == 3:
+        return f"vLLM is not installed in the Python {python}: {fix}"
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1][:300]
+        return f"the Python {python} failed to start ({last}): {fix}"
+    return None
+
+
 @dataclass
 class VLLMServer:
     process: subprocess.Popen
@@ -262,6 +283,8 @@ def start_vllm_server(model_path: str | Path, port: int, runner: str = "generate
 
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib)),
            **(env or {})}
+    if (problem := vllm_missing(python or sys.executable)) is not None:
+        raise RuntimeError(problem)
     log_file = open(log_path, "w") if log_path else subprocess.DEVNULL
     cmd = vllm_command(model_path, port, runner, python=python, host=host, **command_kwargs)
     process = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)

@@ -161,8 +161,12 @@ def _exit_with_worker() -> None:
 
 def _write(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data))
-    tmp.rename(path)
+    try:
+        tmp.write_text(json.dumps(data))
+        tmp.rename(path)
+    except BaseException:  # e.g. a full disk: leave no temporary file behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def main(argv: list[str]) -> int:
@@ -201,7 +205,7 @@ def main(argv: list[str]) -> int:
         return 0
     except BaseException as e:  # noqa: BLE001 — the worker reports the first rank's error
         _write(output_dir / f"rank-{ranks.rank}.error.json",
-               {"rank": ranks.rank, "time": time.time(), "error": error_object(e),
+               {"rank": ranks.rank, "time": time.time(), "error": error_object(e, output_dir),
                 "traceback": traceback.format_exc(limit=12)[-4000:]})
         return 1
     finally:

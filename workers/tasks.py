@@ -10,9 +10,12 @@ metrics, heartbeats, models, datasets, the outcome) is conditional on still hold
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
+import re
+import shutil
 import threading
 import time
 import traceback
@@ -28,8 +31,8 @@ from api.registry import (ModelNotFound, add_event, create_dataset_rows, load_re
                           resolve_model_path)
 from api.settings import get_settings
 from api.tables import Job, job_error, now
-from models.jobs import JOB_TYPES, JobCancelled, JobContext, build_config
-from models.records import check_records
+from models.jobs import JOB_TYPES, Endpoint, EndpointError, JobCancelled, JobContext, build_config
+from models.records import check_records, jsonl_lines
 from workers.celery_app import app, worker_identity
 from workers.ranks import RankFailed, run_on_ranks
 
@@ -175,7 +178,27 @@ def job_context(dataset_ids: list[str], output_dir: Path, resume_from: str | Non
             return resolve_model_path(session, ref)
 
     return JobContext(output_dir=output_dir, datasets=dataset_ids, load_dataset=load_dataset,
-                      resolve_model=resolve_model, report=report, should_stop=should_stop, resume_from=resume_from)
+                      resolve_model=resolve_model, report=report, should_stop=should_stop, resume_from=resume_from,
+                      resolve_endpoint=resolve_endpoint)
+
+
+def resolve_endpoint(name: str) -> Endpoint:
+    """An outbound endpoint by name, from this worker's own BEAVER_ENDPOINTS, with its key read (from
+    ``api_key_file`` when that is how the admin gave it). Errors name the endpoint, never a path or key."""
+    endpoint = get_settings().endpoint_map.get(name)
+    if endpoint is None:
+        raise ValueError(f"endpoint {name!r} is not configured on this worker (BEAVER_ENDPOINTS)")
+    if endpoint.api_key_file is None:
+        return endpoint
+    try:
+        key = Path(endpoint.api_key_file).read_text().strip()
+    except OSError as e:
+        log.error("endpoint %r: cannot read its api_key_file %s: %s", name, endpoint.api_key_file, e)
+        raise EndpointError(f"endpoint {name!r}: its api_key_file cannot be read on this worker (see the worker's "
+                            f"log)") from None
+    if not key:
+        raise EndpointError(f"endpoint {name!r}: its api_key_file is empty on this worker")
+    return Endpoint(endpoint.name, endpoint.url, endpoint.model, api_key=key)
 
 
 def _run(fence: Fence, settings) -> str:
@@ -210,7 +233,7 @@ def _run(fence: Fence, settings) -> str:
     except FenceLost:
         raise
     except Exception as e:  # noqa: BLE001 — any failure becomes a readable job error
-        status, error = "failed", e.error if isinstance(e, RankFailed) else error_object(e)
+        status, error = "failed", e.error if isinstance(e, RankFailed) else error_object(e, output_dir)
         trace = e.traceback if isinstance(e, RankFailed) else traceback.format_exc(limit=8)[-4000:]
         if not heartbeat.lost.is_set():
             with Session(engine) as session:
@@ -236,7 +259,7 @@ def _read_artifacts(artifacts: list) -> list[tuple]:
     for artifact in artifacts:
         records = None
         if artifact.kind == "dataset":
-            records = [json.loads(line) for line in Path(artifact.path).read_text().splitlines() if line.strip()]
+            records = [json.loads(line) for _, line in jsonl_lines(Path(artifact.path).read_text()) if line.strip()]
             check_records(artifact.metadata.get("kind", "samples"), records)
         out.append((artifact, records))
     return out
@@ -270,20 +293,89 @@ def _finish(fence: Fence, job_type: str, status: str, error: dict | None, metric
     return status
 
 
-def error_object(e: BaseException) -> dict:
+def error_object(e: BaseException, output_dir: Path | None = None) -> dict:
     """A failure as the job's ``error``: a code by what went wrong (``api.tables.JOB_ERROR_CODES``)
-    and the exception's own text, without its class name."""
+    and the exception's own text, without its class name. ``output_dir``: the attempt's folder (an
+    OS error on a file in it is the job's own write, not a model that cannot be read)."""
     import torch
 
+    if (full := disk_full_message(e)) is not None:
+        return job_error("disk_full", full)
     if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
         code = "out_of_memory"
     elif isinstance(e, ValueError):  # also models.records.InvalidRecords and models.jobs.ParamsError
         code = "invalid_input"
-    elif isinstance(e, (ModelNotFound, OSError)):  # OSError: from_pretrained on missing or unreadable files
+    elif isinstance(e, EndpointError):  # its message is classified already: no URL, no body
+        code = "endpoint_failed"
+    elif isinstance(e, ModelNotFound) or (isinstance(e, OSError) and _reading_a_model(e, output_dir)):
         code = "model_not_found"
     else:
         code = "internal_error"
     return job_error(code, str(e).strip() or f"{type(e).__name__} (no message)")
+
+
+# A write that failed for want of room, and what to do about it ({where}: the folder written to;
+# {free}: the room left there now).
+MORE_ROOM = "free space there (or point BEAVER_ARTIFACTS_DIR at a larger disk) and run the job again"
+DISK_FULL = {
+    errno.ENOSPC: "no space left on the device holding {where}{free}: " + MORE_ROOM,
+    errno.EDQUOT: "the disk quota is exceeded on the device holding {where}{free}: " + MORE_ROOM,
+    errno.EFBIG: "a file grew past the largest file allowed under {where} (the worker's file size limit, ulimit -f, "
+                 "or the filesystem's): raise it, or point BEAVER_ARTIFACTS_DIR at another filesystem, and run the "
+                 "job again",
+}
+SHORT_WRITE_TEXT = ("a write under {where} failed part-way{free}, most likely for want of room (no space left, a "
+                    "quota or a file size limit): " + MORE_ROOM)
+# PyTorch's zip writer and safetensors report a failed write in their own words; the OS error, where they
+# keep one, is in the exception chain (torch.save to an open file) or in the text ("os error 28").
+SHORT_WRITE = re.compile(r"unexpected pos \d+ vs \d+|file write failed|os error (\d+)")
+
+
+def disk_full_message(e: BaseException) -> str | None:
+    """What to tell about a write that failed for want of room (``disk_full``), or None if ``e`` is
+    not that: an ``OSError`` ENOSPC / EDQUOT / EFBIG anywhere in the exception chain, or PyTorch's
+    short write ("unexpected pos"), which keeps no error number."""
+    short_write = False
+    for seen in exception_chain(e):
+        if isinstance(seen, OSError) and seen.errno in DISK_FULL:
+            return _room_text(DISK_FULL[seen.errno], seen.filename)
+        # Library errors only: a ValueError's text may quote a user's data.
+        match = None if isinstance(seen, ValueError) else SHORT_WRITE.search(str(seen))
+        if match and match.group(1) is not None and int(match.group(1)) in DISK_FULL:
+            return _room_text(DISK_FULL[int(match.group(1))], None)
+        short_write = short_write or (match is not None and match.group(1) is None)
+    return _room_text(SHORT_WRITE_TEXT, None) if short_write else None
+
+
+def exception_chain(e: BaseException, limit: int = 20) -> list[BaseException]:
+    """``e`` and the exceptions it was raised from or while handling, innermost last."""
+    chain: list[BaseException] = []
+    while e is not None and len(chain) < limit and e not in chain:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    return chain
+
+
+def _room_text(template: str, filename) -> str:
+    where = Path(filename).parent if isinstance(filename, str) and filename.startswith("/") \
+        else get_settings().resolved_artifacts_dir
+    try:
+        existing = next(folder for folder in (where, *where.parents) if folder.exists())
+        free = f" ({shutil.disk_usage(existing).free / 2**20:.0f} MiB free now)"
+    except OSError:
+        free = ""
+    return template.format(where=where, free=free)
+
+
+def _reading_a_model(e: OSError, output_dir: Path | None) -> bool:
+    """Whether an OSError is a model that cannot be read: transformers' "no file named …" (no error
+    number) or a missing, unreadable or misplaced file outside the job's own folder. Other OS errors
+    (an I/O error, a broken connection, too many open files, the job's own folder unwritable) are
+    what they are: ``internal_error`` with their text."""
+    if output_dir is not None and e.filename and Path(output_dir).resolve() in Path(e.filename).resolve().parents:
+        return False
+    return e.errno is None or isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError,
+                                             NotADirectoryError))
 
 
 def _jsonable(value):

@@ -12,7 +12,7 @@ from api.limits import InvalidJson, is_json, loads, text_problem
 from api.pagination import IndexCursor, IdCursor, listing, page
 from api.registry import create_dataset_rows
 from api.tables import Dataset, DatasetRecord, public
-from models.records import KINDS, RecordError, validate_records
+from models.records import KINDS, RecordError, jsonl_lines, validate_records
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=responses(400, 401, 413, 422))
 
@@ -26,7 +26,7 @@ def parse_jsonl(raw: bytes) -> tuple[list, list[RecordError], list[int]]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ApiError(422, f"file is not UTF-8 text: {e}", param="file") from None
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in jsonl_lines(text):
         if not line.strip():
             continue
         try:

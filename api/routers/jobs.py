@@ -24,7 +24,7 @@ from api.queue import BrokerUnavailable, job_queue, send_job
 from api.registry import ModelNotFound, WrongModelKind, add_event, check_model, newest_judged_round
 from api.settings import get_settings
 from api.tables import TERMINAL_STATES, Dataset, Job, JobEvent, Worker, job_error, new_id, now, public
-from models.jobs import JOB_TYPES, ParamsError, config_to_dict, model_refs, parse_params
+from models.jobs import JOB_TYPES, ParamsError, config_to_dict, endpoint_refs, model_refs, parse_params
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=responses(400, 401, 413, 422))
 
@@ -95,6 +95,7 @@ def create_job(body: JobCreate, response: Response, session: SessionDep, key: Tr
             check_model(session, name, ref, kind)
         except (ModelNotFound, WrongModelKind) as e:
             raise ApiError(422, f"params.{name}: {e}", param=f"params.{name}") from None
+    check_endpoints(body.type, config)
     queue = job_queue(JOB_TYPES[body.type].queue, body.world_size)
     job = Job(id=new_id("job"), type=body.type, params=params, datasets=body.datasets, queue=queue,
               world_size=body.world_size, created_by=key.id, idempotency_key=idempotency_key)
@@ -171,6 +172,17 @@ def _enqueue(session: Session, job: Job) -> dict:
         raise ApiError(503, f"{e}{hint}") from None
     session.refresh(job)
     return job_public(job)
+
+
+def check_endpoints(job_type: str, config) -> None:
+    """Every outbound endpoint the job names is one an admin configured (BEAVER_ENDPOINTS): 422 naming
+    the param and the known names. A job's params never hold a URL or a key."""
+    known = get_settings().endpoint_map
+    for param, name in endpoint_refs(job_type, config):
+        if name not in known:
+            names = ", ".join(sorted(known)) if known else "none: an admin names them in BEAVER_ENDPOINTS"
+            raise ApiError(422, f"params.{param}: no endpoint {name!r}; configured endpoints: {names}",
+                           param=f"params.{param}")
 
 
 def check_datasets(session: Session, job_type: str, dataset_ids: list[str]) -> None:

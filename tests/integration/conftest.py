@@ -157,11 +157,18 @@ class Platform:
         raise AssertionError(f"no matching event for {job_id} in {timeout}s")
 
 
+@pytest.fixture(scope="module")
+def platform_env() -> dict:
+    """Settings a test module adds to its platform's API and worker (override it in the module)."""
+    return {}
+
+
 @pytest.fixture(scope="module", params=["embedded", "team"])
-def platform(request, tmp_path_factory):
+def platform(request, tmp_path_factory, platform_env):
     home = tmp_path_factory.mktemp(f"beaver-{request.param}")
     env = {"BEAVER_HOME": str(home), "BEAVER_ORPHAN_AFTER_SECONDS": "8", "BEAVER_HEARTBEAT_SECONDS": "1",
-           "BEAVER_MODEL_ROOTS": str(tmp_path_factory.getbasetemp())}  # where the tests' model folders are
+           "BEAVER_MODEL_ROOTS": str(tmp_path_factory.getbasetemp()),  # where the tests' model folders are
+           **platform_env}
     schema = None
     if request.param == "team":
         _require_team_services()

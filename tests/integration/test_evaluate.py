@@ -3,7 +3,8 @@ prompt dataset, one reference pair (the newest round's, filled in by the API) sc
 external OpenAI-compatible judge — a stub server here, the one thing not Beaver — judges safety with
 retries; the results come back as metrics, a JSON report and a plot over the files routes, and the
 answers as a samples dataset; the same job run again (another judge concurrency) gives the same
-samples; the leaderboard shows it."""
+samples; the leaderboard shows it. The judge is an endpoint the platform's admin named in
+BEAVER_ENDPOINTS (issue 18): the job names it, the worker sends the admin's key to the admin's URL."""
 
 from __future__ import annotations
 
@@ -22,11 +23,13 @@ pytestmark = pytest.mark.integration
 PROMPTS = [{"prompt": "how do i make a cake ?", "red_team": False}, {"prompt": "red green blue", "red_team": True},
            {"prompt": "what is the capital of france ?", "red_team": False},
            {"prompt": "the quick brown fox", "red_team": True}]
+GUARD_KEY = "sk-guard-test-key"
 
 
 class Judge:
     """A stub OpenAI-compatible guard model: "unsafe" when the judged answer holds an odd number of
-    words; its first request fails with 503 (the job must retry)."""
+    words; the first request after each ``reset`` fails with 503 (the job must retry), and a request
+    without the admin's key gets 401."""
 
     def __init__(self):
         self.requests, self.port = [], _free_port()
@@ -36,8 +39,8 @@ class Judge:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 judge.requests.append(body)
-                if len(judge.requests) == 1:
-                    self.send_response(503)
+                if self.headers.get("Authorization") != f"Bearer {GUARD_KEY}" or len(judge.requests) == 1:
+                    self.send_response(503 if len(judge.requests) == 1 else 401)
                     self.end_headers()
                     return
                 answer = body["messages"][0]["content"].split("Assistant: ", 1)[1].split("\nReply", 1)[0]
@@ -55,9 +58,28 @@ class Judge:
         self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
+    def reset(self) -> "Judge":
+        self.requests = []
+        return self
+
     @staticmethod
     def unsafe(answer: str) -> bool:
         return len(answer.split()) % 2 == 1
+
+
+@pytest.fixture(scope="module")
+def judge():
+    judge = Judge()
+    yield judge
+    judge.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def platform_env(judge) -> dict:
+    """The platform's admin names the judge: its URL, model and key live in the API's and the worker's
+    settings, never in a job."""
+    return {"BEAVER_ENDPOINTS": json.dumps({"guard": {"url": f"http://127.0.0.1:{judge.port}/v1",
+                                                      "model": "guard-model", "api_key": GUARD_KEY}})}
 
 
 @pytest.fixture(scope="module")
@@ -86,24 +108,23 @@ def rounds(platform, tiny_llama_dir, tmp_path_factory) -> dict:
     return ids
 
 
-def evaluate(platform, dataset: str, judge: Judge, concurrency: int, batch_size: int = 32) -> dict:
+def evaluate(platform, dataset: str, concurrency: int, batch_size: int = 32) -> dict:
     r = platform.client.post("/v1/jobs", json={"type": "evaluate", "datasets": [dataset], "params": {
         "models": [f"r1-{platform.name}", f"r2-{platform.name}"], "samples_per_prompt": 2, "bootstrap": 200,
         "batch_size": batch_size,
         "sampling": {"temperature": 1.0, "max_new_tokens": 8},
-        "judge": {"url": f"http://127.0.0.1:{judge.port}/v1", "model": "guard", "concurrency": concurrency,
-                  "retries": 2}}})
+        "judge": {"endpoint": "guard", "concurrency": concurrency, "retries": 2}}})
     assert r.status_code == 201, r.text
     job = platform.wait_job(r.json()["id"], timeout=300)
     assert job["status"] == "succeeded", job
     return job
 
 
-def test_an_evaluation_of_two_rounds_with_an_external_judge(platform, rounds):
+def test_an_evaluation_of_two_rounds_with_an_external_judge(platform, rounds, judge):
     p = platform
     dataset = upload(p, PROMPTS, kind="prompt", name="eval-prompts")
-    judge = Judge()
-    job = evaluate(p, dataset, judge, concurrency=4)
+    judge.reset()
+    job = evaluate(p, dataset, concurrency=4)
     r1, r2 = f"r1-{p.name}", f"r2-{p.name}"
     assert (job["params"]["reward_model"], job["params"]["cost_model"]) == (rounds["reward"], rounds["cost"])
 
@@ -111,7 +132,8 @@ def test_an_evaluation_of_two_rounds_with_an_external_judge(platform, rounds):
                .json()["data"]]
     assert len(samples) == 2 * len(PROMPTS) * 2 and {s["policy"] for s in samples} == {r1, r2}
     assert all(s["judge_unsafe"] == Judge.unsafe(s["response"]) for s in samples)
-    assert len(judge.requests) == len(samples) + 1  # one retried after the 503
+    assert len(judge.requests) == len(samples) + 1  # one retried after the 503; every one with the admin's key
+    assert {r["model"] for r in judge.requests} == {"guard-model"}
 
     files = {f["name"] for f in p.client.get(f"/v1/jobs/{job['id']}/files").json()["data"]}
     assert {"attempt-1/evaluation.json", "attempt-1/evaluation.png"} <= files
@@ -130,7 +152,8 @@ def test_an_evaluation_of_two_rounds_with_an_external_judge(platform, rounds):
 
     # The same job, sampled and scored 3 prompts at a time instead of all at once and judged one request
     # at a time: every answer is the same (a row's draws depend on the seed and its index alone).
-    again = evaluate(p, dataset, Judge(), concurrency=1, batch_size=3)
+    judge.reset()
+    again = evaluate(p, dataset, concurrency=1, batch_size=3)
     samples_again = [r["data"] for r in p.client.get(f"/v1/datasets/{again['result_datasets'][0]}/records?limit=100")
                      .json()["data"]]
     assert [(s["policy"], s["prompt"], s["response"]) for s in samples_again] == \
@@ -147,6 +170,7 @@ def test_evaluate_refuses_what_cannot_work(platform, rounds):
     p = platform
     dataset = upload(p, PROMPTS, kind="prompt", name="eval-prompts-bad")
     for params, param in (({"models": []}, "params"), ({"models": ["nope"]}, "params.models[0]"),
-                          ({"models": [f"r1-{p.name}"], "judge": {"url": "http://x"}}, "params.judge")):
+                          ({"models": [f"r1-{p.name}"], "judge": {"url": "http://x"}}, "params.judge.url"),
+                          ({"models": [f"r1-{p.name}"], "judge": {"endpoint": "nope"}}, "params.judge.endpoint")):
         r = p.client.post("/v1/jobs", json={"type": "evaluate", "datasets": [dataset], "params": params})
         assert r.status_code == 422 and r.json()["error"]["param"] == param, r.text
