@@ -16,8 +16,10 @@ broken SSE stream.
 Prompts are the chat template's rendering (``models.chat_format``), generation stops at every eos
 id of the model's format, and sampling is explicit (``SamplingParams``; nothing is read from the
 model's ``generation_config.json``). Scores are the score model's end score on the template's
-rendering of ``[user, assistant]``, computed by ``models.score_model.score``, the trainers' own
-function, so serving equals training.
+rendering of ``[user, assistant]``, with the trainers' own ids (``ChatFormat.completion_ids``) and
+forward (``models.score_model.score_ids``), so serving equals training. A conversation longer than
+the model's context keeps its answer and loses the oldest prompt tokens; an answer that does not fit
+even so is refused (``AnswerTooLongError``, naming the pair), never scored without its answer.
 """
 
 from __future__ import annotations
@@ -34,10 +36,10 @@ from typing import AsyncIterator, Callable, Mapping, Protocol, Sequence
 
 import torch
 
-from models.chat_format import ChatFormat
+from models.chat_format import AnswerTooLong, ChatFormat
 from models.generation import SamplingConfig, cache_kwarg, draw, kv_cache, left_pad, position_ids, sampling_log_probs
 from models.loading import load_causal_lm, load_score_model
-from models.score_model import score
+from models.score_model import score_ids
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,29 @@ class InvalidRequestError(EngineError, ValueError):
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
         self.param = param
+
+
+class AnswerTooLongError(InvalidRequestError):
+    """Pair ``index`` of a scoring request: its answer alone is longer than the score model reads
+    (→ 422 naming the item)."""
+
+    def __init__(self, index: int, error: AnswerTooLong):
+        super().__init__(f"pair {index}: {error}")
+        self.index, self.needed, self.max_length = index, error.needed, error.max_length
+
+
+def pair_ids(fmt: ChatFormat, pairs: Sequence[tuple[Prompt, str]], max_length: int) -> list[list[int]]:
+    """The ids a score model reads for each pair (both engines): an answer that does not fit raises
+    ``AnswerTooLongError`` with its index, a malformed conversation ``InvalidRequestError``."""
+    out = []
+    for i, (prompt, response) in enumerate(pairs):
+        try:
+            out.append(fmt.completion_ids(prompt, response, max_length))
+        except AnswerTooLong as e:
+            raise AnswerTooLongError(i, e) from None
+        except ValueError as e:
+            raise InvalidRequestError(str(e), "messages") from e
+    return out
 
 
 # --- the interface ---------------------------------------------------------------------------------
@@ -224,8 +249,7 @@ class _GenRequest:
 
 @dataclass
 class _ScoreItem:
-    prompt: Prompt
-    response: str
+    ids: list[int]  # the conversation as the score model reads it (``pair_ids``)
     future: asyncio.Future
     loaded: _Loaded = field(repr=False, default=None)
 
@@ -314,8 +338,11 @@ class TransformersEngine:
         if not pairs:
             return []
         loaded = await self._get(model_id, "score")
+        # Token ids first, in this request alone: one request's answer that does not fit fails that
+        # request, not the batch it would have shared with others.
         loop = asyncio.get_running_loop()
-        items = [_ScoreItem(p, r, loop.create_future(), loaded) for p, r in pairs]
+        ids = await loop.run_in_executor(self._compute, pair_ids, loaded.fmt, pairs, loaded.context)
+        items = [_ScoreItem(i, loop.create_future(), loaded) for i in ids]
         for item in items:
             self._enqueue(model_id, "score", item)
         return list(await asyncio.gather(*(item.future for item in items)))
@@ -446,11 +473,9 @@ class TransformersEngine:
 
     @torch.inference_mode()
     def _score_sync(self, batch: list[_ScoreItem]) -> list[float]:
-        # The trainers' own scoring function on one batch, so serving equals training by
-        # construction (a text too long keeps its head and its EOS, as in training).
+        # The trainers' own forward on one batch, so serving equals training by construction.
         loaded = batch[0].loaded  # all items of a queue name the same model directory
-        return score(loaded.model, loaded.fmt, [i.prompt for i in batch], [i.response for i in batch],
-                     batch_size=len(batch), max_length=loaded.context)
+        return score_ids(loaded.model, [i.ids for i in batch], loaded.tokenizer.pad_token_id, batch_size=len(batch))
 
     async def _generate_batcher(self, model_id: str, queue: asyncio.Queue) -> None:
         sizes = self.generate_batches.setdefault(model_id, deque(maxlen=1000))
