@@ -266,11 +266,19 @@ class ScoreResponse(BaseModel):
 # --- moderation ------------------------------------------------------------------------------------
 
 class ModerationRequest(_Request):
-    """OpenAI's moderation request. ``input``: a string or a list of strings (each scored as an
-    answer to an empty prompt) or — Beaver extension — a list of ``{"prompt", "response"}``."""
+    """OpenAI's moderation request, answered by a cost model. What is scored is an **answer**: each
+    string of ``input`` is read as an assistant's reply to an empty user message, so ``flagged``
+    means "this text, said by an assistant, is harmful" (cost > threshold) — the cost model judges
+    answers, not requests. To moderate an answer in its conversation, send — Beaver extension —
+    ``{"prompt", "response"}`` items (the prompt a user message or the conversation before the
+    answer)."""
 
-    input: str | list[str] | list[ScoreItem]
-    model: str = Field(min_length=1, description="A round name (its cost and reward models) or a cost model id.")
+    input: str | list[str] | list[ScoreItem] = Field(
+        description="A string, a list of strings (each scored as an assistant's answer to an empty user message), "
+                    "or — Beaver — a list of {prompt, response} (the response scored as the answer to the prompt).")
+    model: str | None = Field(None, min_length=1, description="A round name (its cost and reward models) or a cost "
+                              "model id (default: the reference pair — BEAVER_ARENA_JUDGES, else the newest round "
+                              "that has both a reward and a cost model).")
     # --- Beaver extension ---
     threshold: float = Field(0.0, description="Beaver: flagged ⇔ cost > threshold (0: the cost model's own "
                              "safe/unsafe boundary).")
@@ -280,9 +288,22 @@ class ModerationRequest(_Request):
         items = [self.input] if isinstance(self.input, str) else self.input
         return [i.pair() if isinstance(i, ScoreItem) else ("", i) for i in items]
 
+    def answer_param(self) -> str:
+        """The param that names item ``{}`` in an error: ``input``, ``input.3`` or ``input.3.response``."""
+        if isinstance(self.input, str):
+            return "input"
+        return "input.{}.response" if self.input and isinstance(self.input[0], ScoreItem) else "input.{}"
+
+    def messages_param(self) -> str:
+        """Where a refused message of item ``{pair}`` is: the item's prompt, or the item itself."""
+        if isinstance(self.input, str):
+            return "input"
+        return "input.{pair}.prompt" if self.input and isinstance(self.input[0], ScoreItem) else "input.{pair}"
+
 
 class ModerationResult(BaseModel):
-    flagged: bool = Field(description="cost > threshold.")
+    flagged: bool = Field(description="cost > threshold: the text, as an assistant's answer (to its prompt, if "
+                          "given), is harmful by the cost model.")
     categories: dict[str, bool] = Field(description="{'unsafe': flagged}: Beaver's cost model scores harm as one category.")
     category_scores: dict[str, float] = Field(description="{'unsafe': σ(cost)}: the cost model's probability of unsafe.")
     # --- Beaver extension ---
@@ -294,7 +315,7 @@ class ModerationResult(BaseModel):
 
 class ModerationResponse(BaseModel):
     id: str = Field(default_factory=lambda: new_id("modr"))
-    model: str
+    model: str = Field(description="The model of the request, or the reference round that moderated it.")
     results: list[ModerationResult]
     # --- Beaver extension ---
     reward_model: str | None = Field(None, description="Beaver: the reward model's id.")
@@ -315,8 +336,9 @@ class ChatCompareRequest(_Request):
     stop: str | list[str] | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    reward_model: str | None = Field(None, description="Score every answer with this reward model "
-                                     "(default: each round's own), so the scores are comparable.")
+    reward_model: str | None = Field(None, description="Score every answer with this reward model instead of "
+                                     "the reference pair's (`BEAVER_ARENA_JUDGES`, else the newest round that has "
+                                     "both a reward and a cost model).")
     cost_model: str | None = Field(None, description="Likewise for the cost model.")
 
     @property
@@ -329,11 +351,12 @@ class CompareAnswer(BaseModel):
     message: AssistantMessage
     finish_reason: Literal["stop", "length"]
     usage: Usage
-    reward: float | None = None
-    cost: float | None = None
-    safe: bool | None = None
-    reward_model: str | None = None
-    cost_model: str | None = None
+    reward: float | None = Field(None, description="The answer's end score by the response's reward_model "
+                                 "(null without one).")
+    cost: float | None = Field(None, description="By the response's cost_model (null without one).")
+    safe: bool | None = Field(None, description="cost ≤ 0 (null without a cost model).")
+    reward_model: str | None = Field(None, description="The reward model that scored it: the same for every answer.")
+    cost_model: str | None = Field(None, description="The cost model that scored it: the same for every answer.")
 
 
 class ChatCompareResponse(BaseModel):
@@ -341,6 +364,11 @@ class ChatCompareResponse(BaseModel):
     object: Literal["chat.compare"] = "chat.compare"
     created: int = Field(default_factory=lambda: int(time.time()))
     answers: list[CompareAnswer]
+    judges: str | None = Field(None, description="The reference round whose reward and cost models scored every "
+                               "answer (null when the request named a reward_model or cost_model: then see those "
+                               "fields; or when no round has both).")
+    reward_model: str | None = Field(None, description="The reward model id that scored every answer.")
+    cost_model: str | None = Field(None, description="The cost model id that scored every answer.")
 
 
 # --- the arena ----------------------------------------------------------------------------------

@@ -19,12 +19,12 @@ import torch
 from sqlmodel import Session
 
 from api.errors import ApiError
-from api.registry import find_model, find_round
+from api.registry import find_model, find_round, newest_judged_round
 from api.settings import Settings, get_settings
 from api.tables import Model, Round
 from models.chat_format import TemplateRefused
-from models.engine import (Engine, EngineError, InvalidRequestError, ModelLoadError, TransformersEngine,
-                           UnknownModelError)
+from models.engine import (AnswerTooLongError, Engine, EngineError, InvalidRequestError, ModelLoadError,
+                           TransformersEngine, UnknownModelError)
 from models.vllm_engine import VLLMEngine, VLLMModel
 
 REFUSAL = "I'm sorry, but I can't help with that."  # what guard mode answers instead of an unsafe answer
@@ -155,6 +155,18 @@ def resolve_judges(session: Session, ref: str | None, reward_ref: str | None = N
     return Judges(pool.serve(reward, name) if reward else None, pool.serve(cost, name) if cost else None)
 
 
+def reference_judges(session: Session) -> tuple[str | None, Judges]:
+    """The reference pair: the round whose reward and cost models score every answer that is
+    compared or moderated without naming a model (the arena, ``/v1/chat/compare``,
+    ``/v1/moderations``), so scores compare across rounds: ``BEAVER_ARENA_JUDGES``, else the newest
+    round that has both. ``(None, no judges)`` when there is none."""
+    name = get_settings().arena_judges
+    round_ = find_round(session, name) if name else newest_judged_round(session)
+    if round_ is None:
+        return None, Judges(None, None)
+    return round_.name, resolve_judges(session, None, round_=round_)
+
+
 @contextlib.contextmanager
 def engine_errors(param: str = "model", messages: str = "messages"):
     """Engine errors as API errors: unknown → 404, load failure → 503 with the reason, bad → 400, a
@@ -175,21 +187,29 @@ def engine_errors(param: str = "model", messages: str = "messages"):
         raise ApiError(500, str(e)) from None
 
 
-async def score_pairs(judges: Judges, pairs: list, messages: str = "messages") -> tuple[list[float] | None,
-                                                                                       list[float] | None]:
-    """Reward and cost end scores of ``pairs`` (each None without that model), both at once;
-    ``messages`` as in ``engine_errors``."""
+async def score_pairs(judges: Judges, pairs: list, messages: str = "messages", answers: str = "items.{}.response"
+                      ) -> tuple[list[float] | None, list[float] | None]:
+    """Reward and cost end scores of ``pairs`` (each None without that model), both at once.
+    ``messages`` as in ``engine_errors``. An answer longer than a judge reads, even with its whole
+    prompt cut, is a 422 whose param is ``answers`` formatted with the pair's index (never a score of
+    a conversation without its answer)."""
     import asyncio
 
     pool = get_pool()
 
-    async def run(served: Served | None, param: str):
+    async def run(served: Served | None, kind: str):
         if served is None:
             return None
-        with engine_errors(param, messages):
-            return await pool.engine(served).score(served.id, pairs)
+        with engine_errors(f"{kind}_model", messages):
+            try:
+                return await pool.engine(served).score(served.id, pairs)
+            except AnswerTooLongError as e:
+                raise ApiError(422, f"the answer alone is {e.needed} tokens (with the chat template's head and the "
+                               f"answer turn's header and close); the {kind} model {served.id!r} reads at most "
+                               f"{e.max_length} (a long prompt is cut from the left, the answer never)",
+                               param=answers.format(e.index)) from None
 
-    return tuple(await asyncio.gather(run(judges.reward, "reward_model"), run(judges.cost, "cost_model")))
+    return tuple(await asyncio.gather(run(judges.reward, "reward"), run(judges.cost, "cost")))
 
 
 def vllm_command_for(session: Session, ref: str, port: int, python: str | None = None,

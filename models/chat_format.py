@@ -40,6 +40,13 @@ supported as such:
 A template that refuses a conversation (Gemma's ``raise_exception('System role not supported')``)
 raises ``TemplateRefused`` (a ``ValueError``) naming the message, from ``render``, the one place
 templates run.
+
+A score model reads its answer, always. A conversation longer than a score model's ``max_length``
+keeps the template's head (``head_ids``: what the template writes before the first message — BOS,
+a default system block) and the whole answer turn (its header, the content, the turn close and
+suffix), and loses the conversation between them from the left, oldest tokens first
+(``ChatFormat.fit``). Where head and answer turn alone do not fit, ``AnswerTooLong`` is raised: the
+callers answer 422 or skip the pair and count it, never score a conversation without its answer.
 """
 
 from __future__ import annotations
@@ -55,7 +62,7 @@ Messages = list[dict]  # [{"role": "system" | "user" | "assistant", "content": s
 Prompt = str | Messages  # a user message, or a conversation that ends with a user turn
 
 ROLES = ("system", "user", "assistant")
-_PROBE_USER, _PROBE_ANSWER = "PROBEUSER", "PROBEANSWER"
+_PROBE_USER, _PROBE_ANSWER, _PROBE_SECOND = "PROBEUSER", "PROBEANSWER", "PROBESECOND"
 _SENTINEL = "BEAVERANSWERSENTINEL"  # an assistant turn's stand-in, to find where the template writes it
 
 
@@ -75,6 +82,26 @@ class TemplateRefused(ValueError):
     def param(self, messages: str = "messages") -> str:
         """Where the refused message is, in a request that holds the conversation at ``messages``."""
         return messages if self.index is None else f"{messages}.{self.index}.{self.field}"
+
+
+class AnswerTooLong(ValueError):
+    """A conversation whose answer does not fit the tokens a model reads, even with every token of
+    the prompt cut: ``needed`` = the template's head + the whole answer turn."""
+
+    def __init__(self, needed: int, max_length: int):
+        super().__init__(f"the answer alone is {needed} tokens (with the chat template's head and the answer turn's "
+                         f"header and close); the model reads at most {max_length}")
+        self.needed, self.max_length = needed, max_length
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading ids ``a`` and ``b`` share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def safe_rlhf_template(bos: bool) -> str:
@@ -293,18 +320,70 @@ class ChatFormat:
 
     def completion_ids(self, prompt: Prompt, response: str, max_length: int | None = None) -> list[int]:
         """Ids of the conversation ``prompt`` + the assistant's ``response``: what a reward or cost
-        model reads (its end score sits on the last id). A longer one keeps its head and its turn
-        close, so the score is still read where training read it."""
-        ids = self.encode(self.render(as_messages(prompt) + [{"role": "assistant", "content": response}]))
-        return self.truncate(ids, max_length)
-
-    def truncate(self, ids: list[int], max_length: int | None) -> list[int]:
-        tail = list(self.turn_close + self.turn_suffix)
+        model reads (its end score sits on the last id). A longer one than ``max_length`` is cut by
+        ``fit``: head and answer kept, the prompt cut from the left; ``AnswerTooLong`` when even
+        the answer does not fit."""
+        messages = as_messages(prompt)
+        ids = self.encode(self.render(messages + [{"role": "assistant", "content": response}]))
         if max_length is None or len(ids) <= max_length:
             return ids
-        if max_length <= len(tail):
-            raise ValueError(f"max_length {max_length} leaves no room for an answer")
-        return ids[: max_length - len(tail)] + tail
+        return self.fit(ids, _common_prefix(self.encode(self.render(messages)), ids), max_length)
+
+    def answer_ids(self, prompt: Prompt, response: str, max_length: int | None = None) -> tuple[list[int], list[int]]:
+        """``completion_ids`` and its mask: 1 on the answer's content and turn close (what DPO
+        scores, as SFT's mask marks an assistant turn), 0 on the prompt and the template's text."""
+        messages = as_messages(prompt)
+        full, mask = self.conversation(messages + [{"role": "assistant", "content": response}])
+        start = len(mask) - len(self.turn_suffix)  # the answer: the last run of ones (earlier turns are prompt)
+        while start > 0 and mask[start - 1]:
+            start -= 1
+        mask = [0] * start + mask[start:]
+        if max_length is None or len(full) <= max_length:
+            return full, mask
+        ids = self.fit(full, _common_prefix(self.encode(self.render(messages)), full), max_length)
+        cut = len(full) - len(ids)  # tokens removed, all of them before the answer turn
+        return ids, [0] * (start - cut) + mask[start:]
+
+    def fit(self, ids: Sequence[int], turn_start: int, max_length: int | None) -> list[int]:
+        """``ids`` of a conversation whose answer turn starts at ``turn_start``, within
+        ``max_length`` for a model that must read the answer: the template's head and the whole
+        answer turn are kept, the conversation between them is cut from the left (its oldest tokens
+        go first). Raises ``AnswerTooLong`` when head and answer turn alone are longer."""
+        ids = [int(t) for t in ids]
+        if max_length is None or len(ids) <= max_length:
+            return ids
+        head = _common_prefix(self.head_ids, ids[:turn_start])  # a system message may replace a default one
+        turn = ids[turn_start:]
+        room = max_length - head - len(turn)
+        if room < 0:
+            raise AnswerTooLong(head + len(turn), max_length)
+        return ids[:head] + ids[turn_start - room: turn_start] + turn
+
+    @functools.cached_property
+    def head_ids(self) -> tuple[int, ...]:
+        """What the template writes before the first message (BOS, a default system block), read
+        off probes: the text before the first user message's header, where that header is the one
+        the template writes for a later user message. Empty when the two headers differ."""
+        user = [{"role": "user", "content": _PROBE_USER}]
+        turn = user + [{"role": "assistant", "content": _PROBE_ANSWER}]
+        first, before = self.render(user), self.render(turn)
+        after = self.render(turn + [{"role": "user", "content": _PROBE_SECOND}])
+        if not after.startswith(before) or _PROBE_SECOND not in after[len(before):]:
+            return ()
+        header = after[len(before): after.index(_PROBE_SECOND, len(before))]
+        start = first.index(_PROBE_USER)
+        if not first[:start].endswith(header):
+            return ()
+        head = first[: start - len(header)]
+        return tuple(self.encode(head)) if head else ()
+
+    @functools.cached_property
+    def generation_header(self) -> tuple[int, ...]:
+        """The ids the generation prompt adds after a conversation (``<|im_start|>assistant\\n``,
+        Safe RLHF's `` ASSISTANT:``): the header of the answer turn, kept with the answer."""
+        user = [{"role": "user", "content": _PROBE_USER}]
+        plain, prompt = self.encode(self.render(user)), self.encode(self.render(user, add_generation_prompt=True))
+        return tuple(prompt[_common_prefix(plain, prompt):])
 
     def conversation(self, messages: Messages, max_length: int | None = None) -> tuple[list[int], list[int]]:
         """Ids of a whole conversation — exactly ``apply_chat_template(messages, tokenize=True)`` — and
@@ -374,12 +453,20 @@ class ChatFormat:
             out = out[: -len(closing)]
         return out
 
-    def score_ids(self, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> list[int]:
+    def score_ids(self, prompt_ids: Sequence[int], response_ids: Sequence[int],
+                  max_length: int | None = None) -> list[int]:
         """The conversation a score model reads for a rollout, in the rollout's own ids: prompt,
         content, then the turn close and suffix the template writes (a truncated answer is closed
-        too, as re-rendering its text would). Equal to ``completion_ids(prompt, text)`` whenever
-        the text re-tokenises to the sampled ids."""
-        return [int(t) for t in prompt_ids] + self.content_ids(response_ids) + list(self.turn_close + self.turn_suffix)
+        too, as re-rendering its text would); cut to ``max_length`` by ``fit``, as
+        ``completion_ids`` is. Equal to ``completion_ids(prompt, text, max_length)`` whenever the
+        text re-tokenises to the sampled ids."""
+        prompt_ids = [int(t) for t in prompt_ids]
+        ids = prompt_ids + self.content_ids(response_ids) + list(self.turn_close + self.turn_suffix)
+        if max_length is None or len(ids) <= max_length:
+            return ids
+        header = list(self.generation_header)
+        ends_with_header = bool(header) and prompt_ids[len(prompt_ids) - len(header):] == header
+        return self.fit(ids, len(prompt_ids) - (len(header) if ends_with_header else 0), max_length)
 
     def response_text(self, response_ids: Sequence[int]) -> str:
         """The answer as a message's ``content``: the decoded content without the text the template

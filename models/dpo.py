@@ -3,8 +3,10 @@
 Records are kind ``preference`` (PKU-SafeRLHF). Each pair is the better and the worse response
 to one prompt, rendered by the chat template exactly as SFT renders a conversation; the policy is
 pushed to widen β·[(log π − log π_ref)(y_w) − (log π − log π_ref)(y_l)] (``models.losses.dpo_loss``),
-with the log-probabilities summed over the assistant turn's tokens only. With LoRA the reference is
-the policy with its adapters switched off (no second copy of the model).
+with the log-probabilities summed over the assistant turn's tokens only. A conversation longer than
+``max_length`` loses prompt tokens from the left, never answer tokens; a pair whose answer does not
+fit even so is left out and counted (``data/skipped_too_long``). With LoRA the reference is the
+policy with its adapters switched off (no second copy of the model).
 """
 
 from __future__ import annotations
@@ -15,13 +17,13 @@ from pathlib import Path
 import torch
 
 from models import distributed
-from models.chat_format import ChatFormat
+from models.chat_format import AnswerTooLong, ChatFormat
 from models.jobs import Artifact, JobCancelled, JobContext, JobResult
 from models.losses import dpo_loss
 from models.records import check_records
 from models.training import (IGNORE, OptimConfig, Stepper, TrainingConfig, adapters_disabled, autocast,
-                             check_conversations, collate_labelled, labelled_conversation, load_frozen, micro_batches,
-                             read_checkpoint, save_artifact, start_policy, without_dropout, write_checkpoint)
+                             check_conversations, collate_labelled, load_frozen, micro_batches, read_checkpoint,
+                             save_artifact, start_policy, without_dropout, write_checkpoint)
 
 
 @dataclass
@@ -46,17 +48,29 @@ class DPOConfig(TrainingConfig):
             raise ValueError("beta must be > 0, epochs and batch_size ≥ 1")
 
 
-def tokenize_dpo_pairs(fmt: ChatFormat, records: list[dict], max_length: int) -> list[tuple]:
-    """(better, worse) tokenised conversations of each record, by ``better_response_id``."""
-    pairs = []
+def tokenize_dpo_pairs(fmt: ChatFormat, records: list[dict], max_length: int) -> tuple[list[tuple], int]:
+    """(better, worse) labelled conversations of each record, by ``better_response_id``, and how
+    many pairs were left out because an answer does not fit ``max_length``.
+
+    As for reward and cost models, an answer is always read whole: a long prompt is cut from the
+    left (``ChatFormat.answer_ids``), and a pair whose answer does not fit even so is skipped, since
+    log π(y|x) of a cut answer is not the answer's."""
+    pairs, too_long = [], 0
     for r in records:
         if r["better_response_id"] is None:  # a tie: nothing to prefer
             continue
         better = r[f"response_{r['better_response_id']}"]
         worse = r[f"response_{1 - r['better_response_id']}"]
-        pairs.append((labelled_conversation(fmt, {"prompt": r["prompt"], "response": better}, max_length),
-                      labelled_conversation(fmt, {"prompt": r["prompt"], "response": worse}, max_length)))
-    return pairs
+        try:
+            pairs.append(tuple(labelled(*fmt.answer_ids(r["prompt"], a, max_length)) for a in (better, worse)))
+        except AnswerTooLong:
+            too_long += 1
+    return pairs, too_long
+
+
+def labelled(ids: list[int], mask: list[int]) -> tuple[list[int], list[int]]:
+    """(input_ids, labels): labels are −100 except where ``mask`` marks the answer."""
+    return ids, [t if m else IGNORE for t, m in zip(ids, mask)]
 
 
 def sequence_log_probs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -80,7 +94,7 @@ def evaluate_margin(policy, reference, fmt: ChatFormat, records: list[dict], bet
                     max_length: int = 512, batch_size: int = 16) -> float:
     """Mean DPO margin β·[(log π − log π_ref)(y_w) − (log π − log π_ref)(y_l)] on ``records``
     (``reference`` None: the policy with its LoRA adapters off)."""
-    pairs = tokenize_dpo_pairs(fmt, records, max_length)
+    pairs, _ = tokenize_dpo_pairs(fmt, records, max_length)
     margins = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
@@ -117,7 +131,10 @@ def run(config: DPOConfig, ctx: JobContext) -> JobResult:
         reference = distributed.frozen_model(reference, config.zero_stage, config.zero_offload)
     without_dropout(policy)  # π and π_ref must agree at the start (margin 0)
 
-    pairs = tokenize_dpo_pairs(fmt, records, config.max_length)
+    pairs, too_long = tokenize_dpo_pairs(fmt, records, config.max_length)
+    if too_long and not pairs:
+        raise ValueError(f"every one of the {too_long} preference pairs has an answer longer than max_length "
+                         f"{config.max_length} (with the chat template's head): nothing to train on; raise max_length")
     pad_id = fmt.tokenizer.pad_token_id
     ranks = distributed.current()
 
@@ -138,6 +155,10 @@ def run(config: DPOConfig, ctx: JobContext) -> JobResult:
         step = state["step"]
 
     metrics: dict = {}
+    if too_long:
+        ctx.report({"step": step, "total_steps": total_steps, "data/skipped_too_long": too_long,
+                    "message": f"{too_long} preference pairs left out: an answer longer than max_length "
+                               f"{config.max_length}"})
     for epoch in range(step // steps_per_epoch, config.epochs):
         batches = epoch_batches(epoch)  # the same order on a resumed run
         for b in range(step - epoch * steps_per_epoch, steps_per_epoch):
@@ -174,6 +195,7 @@ def run(config: DPOConfig, ctx: JobContext) -> JobResult:
                                                            {"stepper": stepper.state_dict()}))
             ctx.report(event)
 
+    metrics["data/skipped_too_long"] = too_long
     out = save_artifact(policy, fmt, Path(ctx.output_dir) / "policy", dtype)
     return JobResult(metrics=metrics, artifacts=[Artifact(kind="policy", path=str(out),
                                                           metadata={"trainer": "dpo", **metrics, **fmt.info()})])

@@ -16,8 +16,10 @@ broken SSE stream.
 Prompts are the chat template's rendering (``models.chat_format``), generation stops at every eos
 id of the model's format, and sampling is explicit (``SamplingParams``; nothing is read from the
 model's ``generation_config.json``). Scores are the score model's end score on the template's
-rendering of ``[user, assistant]``, computed by ``models.score_model.score``, the trainers' own
-function, so serving equals training.
+rendering of ``[user, assistant]``, with the trainers' own ids (``ChatFormat.completion_ids``) and
+forward (``models.score_model.score_ids``), so serving equals training. A conversation longer than
+the model's context keeps its answer and loses the oldest prompt tokens; an answer that does not fit
+even so is refused (``AnswerTooLongError``, naming the pair), never scored without its answer.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from typing import AsyncIterator, Callable, Mapping, Protocol, Sequence
 
 import torch
 
-from models.chat_format import ChatFormat, TemplateRefused
+from models.chat_format import AnswerTooLong, ChatFormat, TemplateRefused
 from models.generation import SamplingConfig, cache_kwarg, draw, kv_cache, left_pad, position_ids, sampling_log_probs
 from models.loading import load_causal_lm, load_score_model
 from models.score_model import score_ids
@@ -80,6 +82,15 @@ class InvalidRequestError(EngineError, ValueError):
 # naming the message); both engines let it through as it is.
 
 
+class AnswerTooLongError(InvalidRequestError):
+    """Pair ``index`` of a scoring request: its answer alone is longer than the score model reads
+    (→ 422 naming the item)."""
+
+    def __init__(self, index: int, error: AnswerTooLong):
+        super().__init__(f"pair {index}: {error}")
+        self.index, self.needed, self.max_length = index, error.needed, error.max_length
+
+
 def prompt_inputs(fmt: ChatFormat, prompt: Prompt) -> list[int]:
     """The prompt ids a policy continues; a malformed prompt is an ``InvalidRequestError``."""
     try:
@@ -90,19 +101,23 @@ def prompt_inputs(fmt: ChatFormat, prompt: Prompt) -> list[int]:
         raise InvalidRequestError(str(e), "messages") from e
 
 
-def score_inputs(fmt: ChatFormat, pairs: Sequence[tuple[Prompt, str]], max_length: int | None = None) -> list[list[int]]:
-    """The ids a score model reads for each ``(prompt, response)`` pair, computed per request before
-    it joins a batch, so one bad pair fails its own request and never its batch-mates."""
-    ids = []
-    for k, (prompt, response) in enumerate(pairs):
+def pair_ids(fmt: ChatFormat, pairs: Sequence[tuple[Prompt, str]], max_length: int | None) -> list[list[int]]:
+    """The ids a score model reads for each ``(prompt, response)`` pair (both engines), computed per
+    request before it joins a batch, so one bad pair fails its own request and never its batch-mates:
+    an answer that does not fit raises ``AnswerTooLongError`` with its index, a refused conversation
+    ``TemplateRefused`` with its ``pair``, a malformed one ``InvalidRequestError``."""
+    out = []
+    for i, (prompt, response) in enumerate(pairs):
         try:
-            ids.append(fmt.completion_ids(prompt, response, max_length))
+            out.append(fmt.completion_ids(prompt, response, max_length))
+        except AnswerTooLong as e:
+            raise AnswerTooLongError(i, e) from None
         except TemplateRefused as e:
-            e.pair = k
+            e.pair = i
             raise
         except ValueError as e:
             raise InvalidRequestError(str(e), "messages") from e
-    return ids
+    return out
 
 
 # --- the interface ---------------------------------------------------------------------------------
@@ -255,7 +270,7 @@ class _GenRequest:
 
 @dataclass
 class _ScoreItem:
-    ids: list[int]  # the conversation's ids, as the trainers' ``score`` reads them
+    ids: list[int]  # the conversation as the score model reads it (``pair_ids``)
     future: asyncio.Future
     loaded: _Loaded = field(repr=False, default=None)
 
@@ -342,9 +357,12 @@ class TransformersEngine:
         if not pairs:
             return []
         loaded = await self._get(model_id, "score")
+        # Token ids first, in this request alone: one request's answer that does not fit fails that
+        # request, not the batch it would have shared with others.
         loop = asyncio.get_running_loop()
-        # A text too long keeps its head and its EOS, as in training (the trainers' own ``completion_ids``).
-        items = [_ScoreItem(ids, loop.create_future(), loaded) for ids in score_inputs(loaded.fmt, pairs, loaded.context)]
+        # A conversation longer than the model reads keeps its head and its answer (``ChatFormat.fit``).
+        ids = await loop.run_in_executor(self._compute, pair_ids, loaded.fmt, pairs, loaded.context)
+        items = [_ScoreItem(i, loop.create_future(), loaded) for i in ids]
         for item in items:
             self._enqueue(model_id, "score", item)
         return list(await asyncio.gather(*(item.future for item in items)))

@@ -42,7 +42,7 @@ from typing import Callable, Literal, Sequence
 import torch
 
 from models import distributed
-from models.chat_format import ChatFormat, Prompt
+from models.chat_format import AnswerTooLong, ChatFormat, Prompt
 from models.generation import GenerationBackend, Sampler, SamplingConfig, position_ids
 from models.jobs import Artifact, JobCancelled, JobContext, JobResult
 from models.rl import gae, masked_mean, sequence_mean
@@ -50,7 +50,7 @@ from models.score_model import score_ids
 from models.training import (OptimConfig, Stepper, TrainingConfig, adapters_disabled, autocast, checkpoint_source,
                              check_conversations, collate_labelled, compute_dtype, labelled_conversation, load_frozen,
                              load_trainable, micro_batches, read_checkpoint, save_artifact, start_policy,
-                             target_count, token_losses, unwrap, without_dropout, write_checkpoint)
+                             target_count, token_losses, unwrap, with_targets, without_dropout, write_checkpoint)
 
 # A scorer gives one score per rollout: a reward or cost model (``ScoreModelScorer``, which reads
 # the rollout's token ids), or a Python rule on text, ``fn(prompts, responses)`` (tests, the world).
@@ -245,10 +245,18 @@ class ScoreModelScorer:
         self.adapters_off = adapters_off
 
     def inputs(self, rollout: Rollout) -> list[list[int]]:
-        if self.direct:
-            return [self.fmt.truncate(self.fmt.score_ids(p, r), self.max_length)
-                    for p, r in zip(rollout.prompt_ids, rollout.response_ids)]
-        return [self.fmt.completion_ids(p, r, self.max_length) for p, r in zip(rollout.prompts, rollout.responses)]
+        """The ids the model reads: a conversation longer than ``max_length`` loses prompt tokens
+        from the left, never its answer (``ChatFormat.fit``). Rollout prompts leave room for
+        ``max_new_tokens``, so an answer that does not fit can only come from a score model whose
+        tokenizer writes the answer in more tokens: an error, not a score without the answer."""
+        try:
+            if self.direct:
+                return [self.fmt.score_ids(p, r, self.max_length)
+                        for p, r in zip(rollout.prompt_ids, rollout.response_ids)]
+            return [self.fmt.completion_ids(p, r, self.max_length) for p, r in zip(rollout.prompts, rollout.responses)]
+        except AnswerTooLong as e:
+            raise ValueError(f"a rollout's answer does not fit the score model: {e}; lower sampling.max_new_tokens "
+                             "or raise max_length") from None
 
     def score_rollout(self, rollout: Rollout) -> list[float]:
         with adapters_disabled(self.model) if self.adapters_off else contextlib.nullcontext():
@@ -366,6 +374,7 @@ def train(config: PPOLagConfig, policy, ref_policy, fmt: ChatFormat, prompts: Se
     episode_costs: collections.deque = collections.deque(maxlen=config.episode_cost_window)
     # PTX (InstructGPT): the SFT loss on the job's sft records keeps the policy's language intact.
     ptx = [labelled_conversation(fmt, r, config.max_length) for r in ptx_records] if config.ptx_coef > 0 else []
+    ptx, ptx_no_target = with_targets(ptx, config.max_length, "PTX (sft) records")  # nothing to learn: left out
     pad_id = fmt.tokenizer.pad_token_id
     amp = autocast(device, dtype)
 
@@ -527,6 +536,9 @@ def train(config: PPOLagConfig, policy, ref_policy, fmt: ChatFormat, prompts: Se
         event = {"step": step + 1, "total_steps": config.steps, "message": f"step {step + 1}/{config.steps}", **metrics}
         if step == start and dropped:
             event["message"] += f" ({dropped} prompts longer than max_length − max_new_tokens left out)"
+        if step == start and ptx_no_target:
+            event["message"] += f" ({ptx_no_target} PTX records with no assistant token within max_length left out)"
+            event["data/ptx_skipped_no_target"] = ptx_no_target
         if output_dir and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 \
                 and step + 1 < config.steps:
             event["checkpoint"] = str(save_checkpoint(output_dir, step + 1, policy, fmt, critics, actor, multiplier,

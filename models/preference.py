@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 
 from models.records import check_records, harm_categories
-from models.chat_format import ChatFormat
+from models.chat_format import AnswerTooLong, ChatFormat
 from models.training import pad_right
 
 
@@ -35,7 +35,7 @@ class PreferencePair:
 
 @dataclass
 class TokenizedPair:
-    better_ids: list[int]  # the chat template's [user, assistant: better], truncated to max_length
+    better_ids: list[int]  # the chat template's [user, assistant: better], cut to max_length (answer kept)
     worse_ids: list[int]
     better_is_safe: bool
     worse_is_safe: bool
@@ -72,11 +72,25 @@ def preference_pairs(records: Sequence[dict], score_type: str) -> list[Preferenc
 
 
 def tokenize_pairs(fmt: ChatFormat, pairs: Sequence[PreferencePair], max_length: int | None = None) -> list[TokenizedPair]:
-    """Token ids of both conversations of every pair, as ``/v1/score`` and PPO read them (the turn
-    close kept on truncation: the end score sits there)."""
+    """Token ids of both conversations of every pair, as ``/v1/score`` and PPO read them (a long
+    prompt cut from the left, the answer whole; ``AnswerTooLong`` when an answer does not fit)."""
     return [TokenizedPair(fmt.completion_ids(p.prompt, p.better, max_length),
                           fmt.completion_ids(p.prompt, p.worse, max_length), p.better_is_safe, p.worse_is_safe)
             for p in pairs]
+
+
+def fitting_pairs(fmt: ChatFormat, pairs: Sequence[PreferencePair], max_length: int | None
+                  ) -> tuple[list[PreferencePair], list[TokenizedPair]]:
+    """The pairs whose two answers fit ``max_length`` (``tokenize_pairs``), with their token ids;
+    the others are left out (the caller counts them)."""
+    kept, tokens = [], []
+    for pair in pairs:
+        try:
+            tokens.extend(tokenize_pairs(fmt, [pair], max_length))
+        except AnswerTooLong:
+            continue
+        kept.append(pair)
+    return kept, tokens
 
 
 def collate_pairs(batch: Sequence[TokenizedPair], pad_token_id: int) -> dict[str, torch.Tensor]:

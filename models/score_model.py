@@ -69,7 +69,9 @@ def score_ids(model, ids: Sequence[Sequence[int]], pad_id: int, batch_size: int 
 def score(model, fmt: ChatFormat, prompts: Sequence[Prompt], responses: Sequence[str], batch_size: int = 16,
           max_length: int | None = None) -> list[float]:
     """End scores of ``(prompt, response)`` pairs rendered through the model's chat template:
-    reward or cost, depending on the model."""
+    reward or cost, depending on the model. A conversation longer than ``max_length`` loses prompt
+    tokens from the left (``ChatFormat.completion_ids``); an answer that does not fit raises
+    ``AnswerTooLong``."""
     ids = [fmt.completion_ids(p, r, max_length) for p, r in zip(prompts, responses, strict=True)]
     return score_ids(model, ids, fmt.tokenizer.pad_token_id, batch_size)
 

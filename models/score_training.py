@@ -3,7 +3,8 @@
 Reads top to bottom: records → pairs (held-out split) → tokenise → score model on the backbone
 → AdamW + cosine schedule with warmup → for each length-grouped batch: one forward over both
 responses of every pair → end scores → ``reward_loss`` / ``cost_loss`` → accumulate, clip, step
-→ evaluate each epoch → save as a standard ``*ForSequenceClassification``.
+→ evaluate each epoch → save as a standard ``*ForSequenceClassification``. Checkpoints every
+``checkpoint_every`` steps; a re-queued job resumes from its last one.
 
 Plain PyTorch, no ``Trainer``: on one device the loop is a few lines, and the speed comes from
 what the batch looks like (both responses in one pass, sequences of similar length), not from a
@@ -27,11 +28,12 @@ from models.chat_format import ChatFormat
 from models.evaluation import evaluate
 from models.jobs import Artifact, JobCancelled, JobContext, JobResult
 from models.losses import cost_loss, reward_loss
-from models.preference import collate_pairs, length_grouped_batches, preference_pairs, tokenize_pairs
+from models.preference import collate_pairs, fitting_pairs, length_grouped_batches, preference_pairs
 from models.records import InvalidRecords, check_records
 from models.score_model import end_scores, save_score_model
-from models.training import (OptimConfig, Stepper, TrainingConfig, autocast, check_conversations, compute_dtype,
-                             get_device, load_trainable, micro_batches)
+from models.training import (OptimConfig, Stepper, TrainingConfig, autocast, check_conversations, checkpoint_source,
+                             compute_dtype, get_device, load_trainable, micro_batches, read_checkpoint,
+                             write_checkpoint)
 
 
 @dataclass
@@ -73,7 +75,8 @@ def pair_loss(score_type: str, better: torch.Tensor, worse: torch.Tensor, batch:
 
 def train(config: ScoreTrainingConfig, score_type: str, records: Sequence[dict], output_dir: str | Path,
           report: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] | None = None,
-          dataset_ids: Sequence[str] = (), eval_records: Sequence[dict] | None = None) -> dict:
+          dataset_ids: Sequence[str] = (), eval_records: Sequence[dict] | None = None,
+          resume_from: str | Path | None = None) -> dict:
     """Train a ``score_type`` ("reward" | "cost") model on PKU-SafeRLHF ``records``.
 
     ``config.model`` must be a local directory here (``run_reward`` / ``run_cost`` resolve model
@@ -82,6 +85,11 @@ def train(config: ScoreTrainingConfig, score_type: str, records: Sequence[dict],
     ``eval_records``, when given, are the evaluation set instead of a split of ``records``.
     ``report`` gets a progress event every ``log_every`` steps and after each evaluation;
     ``should_stop`` is polled between batches and a true answer raises ``JobCancelled``.
+    Every ``checkpoint_every`` optimizer steps the model and the optimizer's state are written to
+    ``output_dir/checkpoint-<step>``; ``resume_from`` (such a directory) continues from there, on the
+    same batches, and ends with the weights an uninterrupted run ends with.
+    A conversation longer than ``max_length`` loses prompt tokens from the left, never answer tokens;
+    a pair whose answer does not fit even so is left out and counted (``data/skipped_too_long``).
     """
     report = report or (lambda event: None)
     should_stop = should_stop or (lambda: False)
@@ -101,16 +109,24 @@ def train(config: ScoreTrainingConfig, score_type: str, records: Sequence[dict],
         train_pairs = [pairs[i] for i in order[n_eval:]]
     if not train_pairs:
         raise ValueError("no preference pairs to train on")
-    eval_prefix = "eval" if eval_pairs else "train_eval"  # no held-out pairs: say the numbers are on train
-    eval_pairs = eval_pairs or train_pairs
 
     fmt = ChatFormat.load(config.model, config.chat_template)
     fmt.score_padding()  # the pad id must not be a conversation's last id (where the score is read)
+    # A score model must read the answers it ranks: pairs whose answer does not fit are left out.
+    n_train, n_eval = len(train_pairs), len(eval_pairs)
+    train_pairs, train_tok = fitting_pairs(fmt, train_pairs, config.max_length)
+    eval_pairs, eval_tok = fitting_pairs(fmt, eval_pairs, config.max_length)
+    too_long = n_train - len(train_pairs) + n_eval - len(eval_pairs)
+    if not train_pairs:
+        raise ValueError(f"every one of the {n_train} training pairs has an answer longer than max_length "
+                         f"{config.max_length} (with the chat template's head): nothing to train on; raise max_length")
+    eval_prefix = "eval" if eval_pairs else "train_eval"  # no held-out pairs: say the numbers are on train
+    eval_pairs, eval_tok = (eval_pairs, eval_tok) if eval_pairs else (train_pairs, train_tok)
+
     device, ranks = get_device(), distributed.current()
     dtype = compute_dtype(config.dtype, device)
-    model = load_trainable(config.model, "score", fmt, config, device)
-    train_tok = tokenize_pairs(fmt, train_pairs, config.max_length)
-    eval_tok = tokenize_pairs(fmt, eval_pairs, config.max_length)
+    weights, adapter = checkpoint_source(resume_from, "", config.model)
+    model = load_trainable(weights, "score", fmt, config, device, adapter=adapter)
     pad_id = fmt.tokenizer.pad_token_id
 
     # --- optimizer and schedule ------------------------------------------------------------------
@@ -126,14 +142,24 @@ def train(config: ScoreTrainingConfig, score_type: str, records: Sequence[dict],
     stepper = Stepper(model, config.optim, total_steps, dtype, device, config.zero_stage,
                       config.zero_offload)
 
+    if too_long:
+        report({"step": 0, "total_steps": total_steps, "data/skipped_too_long": too_long,
+                "message": f"{too_long} preference pairs left out: an answer longer than max_length "
+                           f"{config.max_length} (with the chat template's head)"})
+    step = 0
+    if resume_from:
+        state = read_checkpoint(resume_from)
+        stepper.load_state_dict(state["stepper"])
+        step = state["step"]
+
     # --- the loop ----------------------------------------------------------------------------------
-    step, pairs_seen, train_seconds = 0, 0, 0.0
+    pairs_seen, train_seconds = 0, 0.0
     window = {"loss": [], "accuracy": [], "sign_accuracy": []}
     last_train: dict[str, float] = {}
     metrics: dict[str, float] = {}
     model.train()
-    for epoch in range(config.epochs):
-        for indices in epoch_batches(epoch):
+    for epoch in range(step // steps_per_epoch, config.epochs):
+        for indices in epoch_batches(epoch)[step - epoch * steps_per_epoch:]:  # a resumed run: where it stopped
             if should_stop():
                 raise JobCancelled(f"cancelled at step {step}/{total_steps}")
             started = time.perf_counter()
@@ -153,13 +179,19 @@ def train(config: ScoreTrainingConfig, score_type: str, records: Sequence[dict],
                 pairs_seen += len(micro)
             stepper.step()
             step += 1
+            event = {}
             if step % config.log_every == 0 or step == total_steps:
                 last_train = distributed.all_mean(
                     {f"train/{k}": torch.stack(v).float().mean().item() for k, v in window.items() if v})
                 last_train["train/lr"] = stepper.lr
-                report({"step": step, "total_steps": total_steps, "epoch": epoch + 1,
-                        "message": f"step {step}/{total_steps} loss {last_train['train/loss']:.4f}", **last_train})
+                event = {"message": f"step {step}/{total_steps} loss {last_train['train/loss']:.4f}", **last_train}
                 window = {k: [] for k in window}
+            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total_steps:
+                event.setdefault("message", f"step {step}/{total_steps}")
+                event["checkpoint"] = str(write_checkpoint(output_dir, step, {"": model}, fmt,
+                                                           {"stepper": stepper.state_dict()}))
+            if event:
+                report({"step": step, "total_steps": total_steps, "epoch": epoch + 1, **event})
             train_seconds += time.perf_counter() - started  # the step and its logging; not evaluation
 
         # --- evaluation after each epoch (and the histogram after the last) ----------------------
@@ -176,6 +208,7 @@ def train(config: ScoreTrainingConfig, score_type: str, records: Sequence[dict],
         model.train()
 
     metrics = {**last_train, **metrics, "train/steps": step, "train/pairs": len(train_pairs),
+               "data/skipped_too_long": too_long,
                f"{eval_prefix}/pairs": len(eval_pairs), "train/runtime_s": train_seconds,
                "train/pairs_per_second": pairs_seen / train_seconds if train_seconds else 0.0, **fmt.info()}
     metrics["train/pairs_per_second"] = distributed.all_sum(metrics["train/pairs_per_second"])  # every rank's
@@ -213,7 +246,7 @@ def _run(config: ScoreTrainingConfig, ctx: JobContext, score_type: str) -> JobRe
     config = dataclasses.replace(config, model=str(ctx.resolve_model(config.model)))
     check_conversations(ChatFormat.load(config.model, config.chat_template), datasets)
     metrics = train(config, score_type, records, ctx.output_dir, report=ctx.report,
-                    should_stop=ctx.should_stop, dataset_ids=ctx.datasets)
+                    should_stop=ctx.should_stop, dataset_ids=ctx.datasets, resume_from=ctx.resume_from)
     output_dir = Path(ctx.output_dir)
     artifacts = [Artifact(kind=score_type, path=str(output_dir / "model"), metadata=metrics)]
     histogram = output_dir / f"{score_type}_scores.png"

@@ -22,7 +22,7 @@ from models.records import check_records
 from models.training import (OptimConfig, Stepper, TrainingConfig, autocast, check_conversations, collate_labelled,
                              labelled_conversation,
                              micro_batches, read_checkpoint, save_artifact, start_policy, target_count, token_losses,
-                             write_checkpoint)
+                             with_targets, write_checkpoint)
 
 
 @dataclass
@@ -76,7 +76,9 @@ def run(config: SFTConfig, ctx: JobContext) -> JobResult:
     fmt, model, device, dtype, _ = start_policy(config, ctx)
     check_conversations(fmt, datasets)
     model.train()
-    examples = [labelled_conversation(fmt, r, config.max_length) for r in train_records]
+    # A record whose assistant tokens all lie past max_length teaches nothing: left out and counted.
+    examples, no_target = with_targets([labelled_conversation(fmt, r, config.max_length) for r in train_records],
+                                       config.max_length, "training records")
     pad_id = fmt.tokenizer.pad_token_id
     ranks = distributed.current()
 
@@ -96,7 +98,11 @@ def run(config: SFTConfig, ctx: JobContext) -> JobResult:
         stepper.load_state_dict(state["stepper"])
         step = state["step"]
 
-    metrics: dict = {}
+    metrics: dict = {"data/skipped_no_target": no_target}
+    if no_target:
+        ctx.report({"step": step, "total_steps": total_steps, "data/skipped_no_target": no_target,
+                    "message": f"{no_target} of {len(train_records)} training records have no assistant token within "
+                               f"max_length {config.max_length}: left out"})
     if eval_records:
         metrics["eval/loss_initial"] = evaluate_loss(model, fmt, eval_records, config.batch_size, config.max_length)
     for epoch in range(step // steps_per_epoch, config.epochs):

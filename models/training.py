@@ -92,7 +92,11 @@ class TrainingConfig:
     chat_template: str | None = None
     """A Jinja chat template to train with instead of the model's own (saved with the artifact)."""
     max_length: int = 512
-    """Tokens per conversation; longer ones are cut (a score model's keeps its end)."""
+    """Tokens per conversation. sft (and PPO's PTX records): a longer one is cut at its end, and a record left with no
+    assistant token is skipped and counted (`data/skipped_no_target`; none left: `invalid_input`). reward, cost, dpo
+    and the score models in PPO: a longer one keeps the chat template's head and the whole answer and loses prompt
+    tokens from the left; a pair whose answer does not fit even so is skipped and counted (`data/skipped_too_long`;
+    none left: `invalid_input`). PPO leaves out prompts longer than `max_length` − `sampling.max_new_tokens`."""
     micro_batch_size: int | None = None
     """Sequences per forward pass; a larger batch is split and its gradients accumulated (null: the whole batch)."""
     seed: int = 42
@@ -449,6 +453,20 @@ def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, t
 def target_count(examples: Sequence[tuple[list[int], list[int]]]) -> int:
     """Tokens a batch of labelled conversations is trained on (the first token is never predicted)."""
     return sum(sum(t != IGNORE for t in labels[1:]) for _, labels in examples)
+
+
+def with_targets(examples: Sequence[tuple[list[int], list[int]]], max_length: int, what: str
+                 ) -> tuple[list[tuple[list[int], list[int]]], int]:
+    """The labelled conversations that keep an assistant token to learn within ``max_length`` (SFT,
+    PTX) and how many had none: they are left out and counted, since they would add nothing but a
+    loss of 0. None left: ``ValueError`` naming ``what`` and ``max_length``, not a run that
+    "succeeds" with loss 0 and registers a copy of its base."""
+    kept = [e for e in examples if target_count([e])]
+    if examples and not kept:
+        raise ValueError(f"none of the {len(examples)} {what} has an assistant token within max_length {max_length} "
+                         "(the conversation before the answer is longer): nothing to learn; raise max_length or "
+                         "shorten the conversations")
+    return kept, len(examples) - len(kept)
 
 
 # --- checkpoints -------------------------------------------------------------------------------------

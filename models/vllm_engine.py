@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import AsyncIterator, Callable, Mapping, Sequence
 
 from models.engine import (Chunk, Completion, InvalidRequestError, ModelLoadError, Prompt, SamplingParams,
-                           TextStream, UnknownModelError, prompt_inputs, score_inputs)
+                           TextStream, UnknownModelError, pair_ids, prompt_inputs)
 from models.chat_format import ChatFormat
 
 
@@ -51,6 +51,7 @@ class VLLMEngine:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=5.0), headers=headers)
         self._formats: dict[str, ChatFormat] = {}
+        self._contexts: dict[str, int] = {}  # model directory → the positions its model reads
         self._names: dict[str, str] = {}  # base URL → the model name its server answers to
         self._failures: dict[str, str] = {}
 
@@ -70,6 +71,16 @@ class VLLMEngine:
             except Exception as exc:
                 raise ModelLoadError(model_id, f"cannot read the tokenizer at {spec.path}: {exc}") from exc
         return self._formats[key]
+
+    def _context(self, spec: VLLMModel, fmt: ChatFormat) -> int:
+        """The positions the model reads, as the in-process engine takes them: ``config.json``'s
+        ``max_position_embeddings``, else the tokenizer's ``model_max_length``."""
+        key = str(spec.path)
+        if key not in self._contexts:
+            config = Path(spec.path) / "config.json"
+            positions = json.loads(config.read_text()).get("max_position_embeddings") if config.is_file() else None
+            self._contexts[key] = int(positions or fmt.tokenizer.model_max_length)
+        return self._contexts[key]
 
     async def _name(self, model_id: str, spec: VLLMModel) -> str:
         """The server's name for the model: given, else the one model it lists (a server started
@@ -162,7 +173,7 @@ class VLLMEngine:
             return []
         spec = self._resolve(model_id)
         fmt = self._format(model_id, spec)
-        ids = score_inputs(fmt, pairs)
+        ids = pair_ids(fmt, pairs, self._context(spec, fmt))  # the in-process engine's rule, same ids
         body = {"model": await self._name(model_id, spec), "input": ids, "use_activation": False}
         response = await self._post(model_id, spec, "/classify", body)
         data = json.loads(await response.aread())["data"]

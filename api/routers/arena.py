@@ -27,12 +27,11 @@ from api.deps import Annotator, Reader, SessionDep
 from api.errors import ApiError, not_found, responses
 from api.protocol import (AnswerScore, ArenaChatRequest, BattleCreate, BattleObject, ChatCompletionRequest,
                           LeaderboardResponse, RatingRow, UnsafeRow, VoteOnTurn, VoteResult, as_prompt, new_id)
-from api.registry import find_round, newest_judged_round
+from api.registry import find_round
 from api.routers.chat import chat_completion
 from api.routers.jobs import without_paths
 from api.routers.votes import append_vote
-from api.serving import Judges, resolve_judges, score_pairs
-from api.settings import get_settings
+from api.serving import reference_judges, score_pairs
 from api.tables import ArenaVote, Battle, Job, Round
 from models import leaderboard as lb
 from models.records import validate_records
@@ -125,15 +124,6 @@ def _conversation(battle: Battle, messages: list) -> list[dict]:
     return ([{"role": "system", "content": battle.system}] if battle.system else []) + turns
 
 
-def reference_judges(session: Session) -> tuple[str | None, Judges]:
-    """The round whose reward and cost models score every arena answer."""
-    name = get_settings().arena_judges
-    round_ = find_round(session, name) if name else newest_judged_round(session)
-    if round_ is None:
-        return None, Judges(None, None)
-    return round_.name, resolve_judges(session, None, round_=round_)
-
-
 @router.post("/v1/arena/battles/{battle_id}/votes", status_code=201, response_model=VoteResult,
              responses=responses(403, 404, 409, 503))
 async def vote(battle_id: str, body: VoteOnTurn, session: SessionDep, key: Annotator) -> VoteResult:
@@ -185,7 +175,12 @@ async def vote(battle_id: str, body: VoteOnTurn, session: SessionDep, key: Annot
         return dataset.id, idx
 
     dataset_id, idx = await run_db(store)
-    rewards, costs = await score_pairs(judges, [(history, body.answers[0]), (history, body.answers[1])])
+    try:
+        rewards, costs = await score_pairs(judges, [(history, body.answers[0]), (history, body.answers[1])])
+    except ApiError as e:  # an answer longer than the judges read: the vote stands, unscored
+        if e.status != 422:
+            raise
+        rewards = costs = None
     scores = [AnswerScore(reward=rewards[i] if rewards else None, cost=costs[i] if costs else None) for i in (0, 1)]
     return VoteResult(dataset=dataset_id, record=idx, models=models, scores=scores, judges=judges_name)
 

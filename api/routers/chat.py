@@ -17,7 +17,8 @@ from api.errors import ApiError, responses
 from api.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompareRequest, ChatCompareResponse,
                           ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, CompareAnswer,
                           DeltaMessage, Usage, as_prompt, new_id)
-from api.serving import REFUSAL, Judges, engine_errors, get_pool, resolve_judges, resolve_policy, score_pairs
+from api.serving import (REFUSAL, Judges, engine_errors, get_pool, reference_judges, resolve_judges, resolve_policy,
+                         score_pairs)
 from api.settings import get_settings
 from models.engine import Completion, InvalidRequestError, SamplingParams, collect
 
@@ -46,7 +47,8 @@ def usage(c: Completion) -> Usage:
 
 async def guarded(completion: Completion, prompt: list[dict], judges: Judges, threshold: float) -> ChatChoice:
     """Score the answer; replace it by a refusal when its cost exceeds ``threshold``."""
-    rewards, costs = await score_pairs(judges, [(prompt, completion.text)])
+    # An answer longer than the cost model reads is refused (422 on max_tokens), never shown unchecked.
+    rewards, costs = await score_pairs(judges, [(prompt, completion.text)], answers="max_tokens")
     unsafe = costs[0] > threshold
     return ChatChoice(message=AssistantMessage(content=REFUSAL if unsafe else completion.text),
                       finish_reason="content_filter" if unsafe else completion.finish_reason,
@@ -124,33 +126,35 @@ async def sse(body: ChatCompletionRequest, stream, prompt: list[dict], judges: J
 
 @router.post("/compare", response_model=ChatCompareResponse, response_model_exclude_none=True)
 async def compare(body: ChatCompareRequest, session: SessionDep, _: Reader):
-    """The same messages to several rounds at once; each answer with its reward and cost."""
+    """The same messages to several rounds at once; every answer scored by one reference pair."""
     prompt = as_prompt(body.messages)
     params = sampling(body, body.max_tokens)
     pool = get_pool()
 
-    def resolve() -> list:
-        targets = []
-        for i, ref in enumerate(body.models):
-            policy, round_ = resolve_policy(session, ref, param=f"models.{i}")
-            judges = resolve_judges(session, None, body.reward_model, body.cost_model, round_=round_)
-            targets.append((ref, policy, judges))
-        return targets
+    def resolve() -> tuple[list, str | None, Judges]:
+        targets = [(ref, resolve_policy(session, ref, param=f"models.{i}")[0]) for i, ref in enumerate(body.models)]
+        # One pair scores every answer, as in the arena and evaluate: scores of different rounds'
+        # own models are on different scales, and a round without them would get none.
+        name, judges = reference_judges(session)
+        if body.reward_model or body.cost_model:
+            named = resolve_judges(session, None, body.reward_model, body.cost_model)
+            judges, name = Judges(named.reward or judges.reward, named.cost or judges.cost), None
+        return targets, name, judges
 
-    targets = await run_in_threadpool(resolve)
+    targets, judges_name, judges = await run_in_threadpool(resolve)
     await release(session)
 
-    async def answer(ref, policy, judges) -> CompareAnswer:
+    async def answer(ref, policy) -> Completion:
         with engine_errors(ref):
-            completion = await pool.engine(policy).complete(policy.id, prompt, params)
-        rewards, costs = await score_pairs(judges, [(prompt, completion.text)])
-        cost = costs[0] if costs else None
-        return CompareAnswer(model=ref, message=AssistantMessage(content=completion.text),
-                             finish_reason=completion.finish_reason, usage=usage(completion),
-                             reward=rewards[0] if rewards else None, cost=cost,
-                             safe=None if cost is None else cost <= 0,
-                             reward_model=judges.reward.id if judges.reward else None,
-                             cost_model=judges.cost.id if judges.cost else None)
+            return await pool.engine(policy).complete(policy.id, prompt, params)
 
-    answers = await asyncio.gather(*(answer(*t) for t in targets))
-    return ChatCompareResponse(answers=list(answers))
+    completions = await asyncio.gather(*(answer(*t) for t in targets))
+    rewards, costs = await score_pairs(judges, [(prompt, c.text) for c in completions], answers="models.{}")
+    reward_model = judges.reward.id if judges.reward else None
+    cost_model = judges.cost.id if judges.cost else None
+    answers = [CompareAnswer(model=ref, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason,
+                             usage=usage(c), reward=rewards[k] if rewards else None,
+                             cost=costs[k] if costs else None, safe=costs[k] <= 0 if costs else None,
+                             reward_model=reward_model, cost_model=cost_model)
+               for k, ((ref, _), c) in enumerate(zip(targets, completions))]
+    return ChatCompareResponse(answers=answers, judges=judges_name, reward_model=reward_model, cost_model=cost_model)

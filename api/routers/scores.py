@@ -1,6 +1,8 @@
 """Reward/cost scoring of any response (``/v1/score``) and safety flags in OpenAI's moderation
 shape (``/v1/moderations``), served through the engines with dynamic batching. Scores are end
-scores of the trainers' own scoring function: **safe ⇔ cost ≤ 0**."""
+scores of the trainers' own scoring function: **safe ⇔ cost ≤ 0**. A score is always of the
+answer: a long prompt is cut from the left, and an answer the model cannot read whole is a 422
+naming the item."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from api.deps import Reader, SessionDep
 from api.errors import ApiError, responses
 from api.protocol import (MAX_SCORE_ITEMS, ModerationRequest, ModerationResponse, ModerationResult, ScoreRequest,
                           ScoreResponse, ScoreResult)
-from api.serving import resolve_judges, score_pairs
+from api.serving import reference_judges, resolve_judges, score_pairs
 
 router = APIRouter(prefix="/v1", tags=["scores"], responses=responses(400, 401, 404, 413, 422, 503))
 
@@ -45,18 +47,28 @@ async def score(body: ScoreRequest, session: SessionDep, _: Reader):
 
 @router.post("/moderations", response_model=ModerationResponse, response_model_exclude_none=True)
 async def moderations(body: ModerationRequest, session: SessionDep, _: Reader):
-    """Flag unsafe responses: flagged ⇔ the cost model's score > threshold."""
+    """Flag harmful answers: each input is scored as an assistant's answer (to an empty user message,
+    or to its prompt) and flagged ⇔ the cost model's score > threshold. Without ``model``: the
+    reference pair (``BEAVER_ARENA_JUDGES``, else the newest round that has both models)."""
     pairs = body.pairs()
     check_size(len(pairs), "input")
     if not pairs:
         raise ApiError(422, "input is empty", param="input")
-    judges = await run_in_threadpool(resolve_judges, session, body.model)
+
+    def judges_of():
+        if body.model is not None:
+            return body.model, resolve_judges(session, body.model)
+        return reference_judges(session)
+
+    name, judges = await run_in_threadpool(judges_of)
     await release(session)
     if judges.cost is None:
-        raise ApiError(400, f"{body.model!r} has no cost model to moderate with", param="model")
-    rewards, costs = await score_pairs(judges, pairs, messages="input.{pair}")
+        raise ApiError(400, f"{body.model!r} has no cost model to moderate with" if body.model else
+                       "no model given and no reference round (BEAVER_ARENA_JUDGES, or a round with a reward and a "
+                       "cost model): name a round or a cost model", param="model")
+    rewards, costs = await score_pairs(judges, pairs, messages=body.messages_param(), answers=body.answer_param())
     results = [ModerationResult(flagged=c > body.threshold, categories={"unsafe": c > body.threshold},
                                 category_scores={"unsafe": sigmoid(c)}, reward=rewards[k] if rewards else None,
                                 cost=c, threshold=body.threshold) for k, c in enumerate(costs)]
-    return ModerationResponse(model=body.model, results=results, cost_model=judges.cost.id,
+    return ModerationResponse(model=name, results=results, cost_model=judges.cost.id,
                               reward_model=judges.reward.id if judges.reward else None)

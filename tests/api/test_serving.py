@@ -152,10 +152,15 @@ def test_compare_and_guard(app_client, keys):
                                                   "messages": messages, "temperature": 0, "max_tokens": 8},
                         headers=auth(keys["viewer"]))
     assert r.status_code == 200, r.text
-    answers = r.json()["answers"]
+    body = r.json()
+    answers = body["answers"]
     assert answers[0]["message"]["content"] == answers[1]["message"]["content"]
     assert answers[0]["reward"] is not None and answers[0]["safe"] == (answers[0]["cost"] <= 0)
-    assert answers[1].get("cost") is None  # a bare policy has no judges of its own
+    # one reference pair scores every answer, a bare policy's too: the same answer, the same scores
+    assert (body["judges"], body["reward_model"], body["cost_model"]) == (
+        "beaver-v1", app_client.ids["reward"], app_client.ids["cost"])
+    assert [answers[1]["reward"], answers[1]["cost"]] == pytest.approx([answers[0]["reward"], answers[0]["cost"]],
+                                                                       abs=1e-5)  # batched together: float noise
 
     plain = app_client.post("/v1/chat/completions", json={"model": "beaver-v1", "messages": messages,
                                                           "temperature": 0, "max_tokens": 8},
@@ -248,3 +253,29 @@ def test_scoring_and_chat_hold_no_database_session_while_the_engine_works(app_cl
         r = app_client.post(path, json=body, headers=auth(keys["viewer"]))
         assert r.status_code == 200, r.text
     assert seen == ["score", "score", "complete", "complete", "score", "score", "score", "score"]
+
+
+def test_an_answer_the_judges_cannot_read_is_a_422_naming_it_in_every_scoring_route(app_client, keys):
+    """The tiny models read 512 positions: an answer longer than that is never scored, and the error
+    names it in the request's own terms."""
+    long = "red " * 600
+    for path, body, param in (
+            ("/v1/score", {"model": "beaver-v1", "items": [{"prompt": "", "response": "x"},
+                                                            {"prompt": "", "response": long}]}, "items.1.response"),
+            ("/v1/moderations", {"model": "beaver-v1", "input": long}, "input"),
+            ("/v1/moderations", {"input": ["x", "y", long]}, "input.2"),
+            ("/v1/moderations", {"input": [{"prompt": "hi", "response": long}]}, "input.0.response")):
+        r = app_client.post(path, json=body, headers=auth(keys["viewer"]))
+        assert r.status_code == 422, r.text
+        error = r.json()["error"]
+        assert error["param"] == param and "model" in error["message"] and "reads at most 512" in error["message"]
+
+
+def test_compare_with_a_named_reward_model_says_which_models_scored(app_client, keys):
+    r = app_client.post("/v1/chat/compare", json={"models": ["beaver-v1"], "reward_model": app_client.ids["reward"],
+                                                  "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+                        headers=auth(keys["viewer"]))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert "judges" not in body  # not the reference round's pair as such: the ids say what scored
+    assert body["reward_model"] == app_client.ids["reward"] and body["cost_model"] == app_client.ids["cost"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from models.chat_format import ChatFormat, TemplateRefused, safe_rlhf_template
+from models.chat_format import AnswerTooLong, ChatFormat, TemplateRefused, safe_rlhf_template
 from models.ppo_lag import Rollout, ScoreModelScorer
 
 PROMPT = "how do i make a cake ?"
@@ -147,14 +147,60 @@ def test_same_format_is_recognised_and_a_different_template_is_not(tiny_qwen_dir
     assert not a.same_as(other)
 
 
-def test_truncation_keeps_the_turn_close(any_model_dir):
+LONG_PROMPT = [{"role": "user", "content": "how do i make a cake ? " * 12},
+               {"role": "assistant", "content": "sure . step 1 : mix flour . " * 6},
+               {"role": "user", "content": "what is the capital of france ? " * 8}]
+
+
+def test_a_long_conversation_keeps_its_head_and_its_whole_answer(any_model_dir):
+    """A score model reads its answer, always: the cut takes prompt tokens from the left, after
+    the template's head, and leaves the answer turn (header, content, close) whole."""
     fmt = ChatFormat.load(any_model_dir)
-    full = fmt.completion_ids(PROMPT, ANSWER)
-    cut = fmt.completion_ids(PROMPT, ANSWER, max_length=len(full) - 3)
-    tail = list(fmt.turn_close + fmt.turn_suffix)
-    assert len(cut) == len(full) - 3 and cut[-len(tail):] == tail and cut[: -len(tail)] == full[: len(cut) - len(tail)]
-    with pytest.raises(ValueError):
-        fmt.completion_ids(PROMPT, ANSWER, max_length=len(tail))
+    full = fmt.completion_ids(LONG_PROMPT, ANSWER)
+    before = plain_ids(fmt.tokenizer, LONG_PROMPT)  # the conversation before the answer turn
+    turn = full[len(before):]
+    head = list(fmt.head_ids)
+    assert full[: len(head)] == head and len(turn) < len(full) - len(head) - 20
+    for length in (len(full) - 1, len(head) + len(turn) + 20, len(head) + len(turn)):
+        cut = fmt.completion_ids(LONG_PROMPT, ANSWER, max_length=length)
+        assert len(cut) == length and cut == head + full[len(full) - (length - len(head)):]
+        assert cut[-len(turn):] == turn
+        ids, mask = fmt.answer_ids(LONG_PROMPT, ANSWER, max_length=length)  # what DPO trains on
+        assert ids == cut
+        assert fmt.tokenizer.decode([t for t, m in zip(ids, mask) if m], skip_special_tokens=True).strip() == ANSWER
+    with pytest.raises(AnswerTooLong) as error:
+        fmt.completion_ids(LONG_PROMPT, ANSWER, max_length=len(head) + len(turn) - 1)
+    assert error.value.needed == len(head) + len(turn)
+    assert fmt.completion_ids(LONG_PROMPT, ANSWER, max_length=len(full)) == full  # fits: untouched
+
+
+def test_the_head_is_what_the_template_writes_before_the_first_message(tiny_llama_dir, tiny_qwen_dir,
+                                                                        tiny_llama3_dir):
+    heads = {tiny_llama_dir: "BEGINNING OF CONVERSATION:",
+             tiny_qwen_dir: "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
+                            "assistant.<|im_end|>\n",
+             tiny_llama3_dir: "<|begin_of_text|>"}
+    for path, text in heads.items():
+        fmt = ChatFormat.load(path)
+        assert list(fmt.head_ids) == fmt.encode(text)
+
+
+def test_rollout_ids_are_cut_as_the_trained_conversation(any_model_dir):
+    """PPO's scorer cuts the rollout's own ids by the same rule as ``completion_ids``."""
+    fmt = ChatFormat.load(any_model_dir)
+    prompt = fmt.prompt_ids(LONG_PROMPT)
+    trained = fmt.completion_ids(LONG_PROMPT, ANSWER)
+    content = trained[len(prompt): len(trained) - len(fmt.turn_close) - len(fmt.turn_suffix)]
+    for length in (len(trained) - 5, len(trained) - 40):
+        assert fmt.score_ids(prompt, content + [fmt.eos_ids[0]], length) == \
+            fmt.completion_ids(LONG_PROMPT, ANSWER, length)
+
+
+def test_dpo_ids_equal_sft_ids_when_the_conversation_fits(any_model_dir):
+    fmt = ChatFormat.load(any_model_dir)
+    assert fmt.answer_ids(PROMPT, ANSWER) == fmt.conversation([{"role": "user", "content": PROMPT},
+                                                              {"role": "assistant", "content": ANSWER}])
+
 
 
 # --- the families that store a conversation differently from how they prompt ------------------------

@@ -65,3 +65,31 @@ def test_two_ranks_train_what_one_rank_trains_on_the_global_batch(tiny_llama_dir
     assert a.keys() == b.keys()
     assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-5
     assert all(b[k].numel() == a[k].numel() > 0 for k in a)
+
+
+def train_reward_checkpointed(model_dir: str, output_dir: str, resume_from: str | None = None) -> dict:
+    """A reward model on 32 pairs, 2 epochs of global batches of 8, a checkpoint every 3 steps; the
+    checkpoints written and the steps trained (run on each rank)."""
+    from models.score_training import ScoreTrainingConfig, train
+
+    events = []
+    config = ScoreTrainingConfig(model=model_dir, epochs=2, batch_size=8 // distributed.current().world_size,
+                                 eval_split=0.0, log_every=1, checkpoint_every=3, dtype="float32")
+    config.optim.lr, config.optim.warmup_ratio = 1e-3, 0.0
+    train(config, "reward", preference_records(32), output_dir, report=events.append, resume_from=resume_from)
+    return {"checkpoints": [e["checkpoint"] for e in events if "checkpoint" in e],
+            "steps": [e["step"] for e in events if "train/loss" in e]}
+
+
+def test_two_ranks_resume_a_reward_job_to_the_weights_of_an_uninterrupted_run(tiny_llama_dir, tmp_path):
+    """checkpoint_every on several ranks: rank 0 writes the checkpoint, every rank resumes from it on
+    the same batches, and the job ends where an uninterrupted run ends (ZeRO stage 0, float32)."""
+    whole = run_on_ranks(2, f"{__name__}:train_reward_checkpointed",
+                         {"model_dir": str(tiny_llama_dir), "output_dir": str(tmp_path / "whole")}, tmp_path / "r1")
+    assert whole[0]["checkpoints"] == whole[1]["checkpoints"] and len(whole[0]["checkpoints"]) == 2
+    resumed = run_on_ranks(2, f"{__name__}:train_reward_checkpointed",
+                           {"model_dir": str(tiny_llama_dir), "output_dir": str(tmp_path / "resumed"),
+                            "resume_from": whole[0]["checkpoints"][0]}, tmp_path / "r2")
+    assert resumed[0]["steps"] == resumed[1]["steps"] == [4, 5, 6, 7, 8]
+    a, b = load_weights(tmp_path / "whole" / "model"), load_weights(tmp_path / "resumed" / "model")
+    assert a.keys() == b.keys() and max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-6

@@ -49,3 +49,22 @@ def test_dpo_raises_the_preferred_responses_margin(tiny_llama_dir, tmp_path):
     assert evaluate_margin(policy, reference, fmt, RECORDS) > 1.0
     assert events[-1]["train/loss"] < events[0]["train/loss"]
     assert events[-1]["train/reward_accuracy"] == 1.0
+
+
+def test_dpo_reads_whole_answers_of_long_prompts_and_counts_the_pairs_it_leaves_out(tiny_llama_dir):
+    """A long prompt loses its first tokens, never the answer's: both answers' labels are whole; a
+    pair whose answer does not fit even so is left out and counted."""
+    from models.dpo import tokenize_dpo_pairs
+    from models.training import IGNORE
+
+    fmt = ChatFormat.load(tiny_llama_dir)
+    long = preference("how do i make a cake ? " * 10, "sure . step 1 : mix flour .", "sorry , i can not help .", 0)
+    too_long = preference("hi", "sure . " * 30, "no .", 1)
+    pairs, left_out = tokenize_dpo_pairs(fmt, [long, too_long], max_length=24)
+    assert left_out == 1 and len(pairs) == 1
+    for (ids, labels), answer in zip(pairs[0], ("sure . step 1 : mix flour .", "sorry , i can not help .")):
+        assert len(ids) == 24
+        assert fmt.tokenizer.decode([t for t in labels if t != IGNORE], skip_special_tokens=True).strip() == answer
+    with pytest.raises(ValueError, match="every one of the 1 preference pairs"):
+        run(DPOConfig(model=str(tiny_llama_dir), max_length=24, epochs=1, batch_size=2),
+            JobContext(output_dir="/nonexistent", datasets=["d"], load_dataset=lambda d: [too_long]))

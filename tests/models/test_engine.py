@@ -236,3 +236,26 @@ def test_a_failing_model_gives_a_clear_error_and_the_others_keep_serving(tiny_ll
     assert isinstance(missing_err, ModelLoadError) and "no model directory" in missing_err.reason
     assert len(scores) == len(PAIRS) and completion.completion_tokens > 0
     assert set(engine.health()["failed"]) == {"broken", "missing"}
+
+
+def test_an_answer_longer_than_the_context_fails_its_request_only(tiny_llama_dir, score_dir):
+    """The tiny model reads 512 positions: a long prompt is cut from the left (its answer still
+    decides the score); an answer that does not fit names its pair, and the requests batched with
+    it are scored as if it had never come."""
+    from models.engine import AnswerTooLongError
+
+    long_prompt = "how do i make a cake ? " * 120
+    engine = engine_for(tiny_llama_dir, score_dir, max_wait_ms=50)
+
+    async def main():
+        cut = await engine.score("cost", [(long_prompt, a) for _, a in PAIRS[:2]])
+        alone = await engine.score("cost", PAIRS[:1])
+        results = await asyncio.gather(engine.score("cost", PAIRS[:1]),
+                                       engine.score("cost", [PAIRS[1], ("", "red " * 600)]), return_exceptions=True)
+        await engine.aclose()
+        return cut, alone, results
+
+    cut, alone, (fine, refused) = run(main())
+    assert abs(cut[0] - cut[1]) > 1e-4  # two answers to one long prompt: two scores
+    assert fine == pytest.approx(alone, abs=1e-5)
+    assert isinstance(refused, AnswerTooLongError) and refused.index == 1 and refused.max_length == 512

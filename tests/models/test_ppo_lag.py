@@ -224,3 +224,12 @@ def test_rollout_left_pads_prompts_ends_responses_at_eos_and_log_probs_ignore_pa
         alone, _ = token_log_probs(policy, alone_ids, rollout.attention_mask[1:, P - len(prompts[1]):], len(prompts[1]))
     m = rollout.response_mask[1].bool()
     torch.testing.assert_close(batched[1][m], alone[0][m], atol=1e-4, rtol=1e-4)
+
+
+def test_ppo_whose_ptx_records_have_nothing_to_learn_is_refused(tiny_llama_dir, tmp_path):
+    """PTX records get SFT's check: none with an assistant token within max_length → invalid input."""
+    records = [{"prompt": p} for p in PROMPTS] + [{"prompt": "how do i make a cake ? " * 8, "response": "sure ."}]
+    config = PPOLagConfig(model=str(tiny_llama_dir), reward_model=str(tiny_llama_dir), cost_model=str(tiny_llama_dir),
+                          steps=1, rollout_batch_size=2, max_length=24, sampling=SamplingConfig(max_new_tokens=4))
+    with pytest.raises(ValueError, match="none of the 1 PTX"):
+        run_ppo_lag(config, JobContext(output_dir=tmp_path, datasets=["d"], load_dataset=lambda d: records))

@@ -43,7 +43,7 @@ def encode(fmt, max_length=None):
     return [fmt.completion_ids(p, r, max_length) for p, r in zip(PROMPTS, RESPONSES)]
 
 
-def test_encoding_is_the_chat_template_and_truncation_keeps_its_end(any_model_dir):
+def test_encoding_is_the_chat_template_and_truncation_keeps_the_answer(any_model_dir):
     fmt = ChatFormat.load(any_model_dir)
     tokenizer = fmt.tokenizer
     ids = encode(fmt)
@@ -54,11 +54,10 @@ def test_encoding_is_the_chat_template_and_truncation_keeps_its_end(any_model_di
     # every conversation ends with the template's turn close (an eos id), then what follows it
     tail = list(fmt.turn_close + fmt.turn_suffix)
     assert set(tail) & set(fmt.eos_ids) and all(s[-len(tail):] == tail for s in ids)
-    length = len(tail) + 7
-    assert all(len(s) > length for s in ids)
-    short = encode(fmt, max_length=length)
-    assert [len(s) for s in short] == [length] * 3
-    assert all(s[-len(tail):] == tail and s[:7] == full[:7] for s, full in zip(short, ids))
+    # cut by 2 tokens: the template's head stays, the answer turn stays, the prompt loses its first tokens
+    head = len(fmt.head_ids)
+    short = [fmt.completion_ids(p, r, len(full) - 2) for p, r, full in zip(PROMPTS, RESPONSES, ids)]
+    assert all(s == full[:head] + full[head + 2:] for s, full in zip(short, ids))
 
 
 def test_end_score_does_not_change_with_padding(model, fmt):

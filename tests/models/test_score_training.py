@@ -127,3 +127,19 @@ def test_bad_params_and_bad_records_fail_early(tiny_llama_dir, tmp_path):
         run_cost(ScoreTrainingConfig(model="tiny-llama"), ctx)
     with pytest.raises(ValueError, match="dataset"):
         run_reward(ScoreTrainingConfig(model="tiny-llama"), JobContext(output_dir=tmp_path))
+
+
+def test_pairs_whose_answer_does_not_fit_max_length_are_left_out_and_counted(tiny_llama_dir, tmp_path):
+    """A long prompt is cut from the left; an answer that does not fit even so is not trained on with
+    its end cut off: the pair is left out and counted; when none is left, the job is refused."""
+    records = separable_records(24, seed=0, good="good", bad="bad")
+    for r in records[:4]:  # answers of 40 words: longer than max_length 24 whatever the prompt
+        r["response_0"] += " red" * 40
+    ctx, events = context(tmp_path, str(tiny_llama_dir), records)
+    result = run_cost(parse_params("cost", {**FAST, "epochs": 1}), ctx)
+    assert result.metrics["data/skipped_too_long"] == 4
+    assert result.metrics["train/pairs"] + result.metrics["eval/pairs"] == 20
+    assert any("4 preference pairs left out" in e["message"] for e in events)
+    ctx, _ = context(tmp_path / "none", str(tiny_llama_dir), records[:4])
+    with pytest.raises(ValueError, match="has an answer longer than max_length 24"):
+        run_cost(parse_params("cost", {**FAST, "epochs": 1, "eval_split": 0.0}), ctx)

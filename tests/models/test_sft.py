@@ -115,3 +115,19 @@ def test_sft_cancel_and_resume(tiny_llama_dir, tmp_path):
                      resume_from=events[1]["checkpoint"])
     run(config, ctx)
     assert [e["step"] for e in resumed] == [3, 4, 5, 6]
+
+
+def test_records_with_nothing_to_learn_within_max_length_are_left_out_and_counted(tiny_llama_dir, tmp_path):
+    """A record whose conversation before the answer fills max_length has no target token: it is
+    left out and counted (not trained as a loss of 0); when no record is left, the job is refused."""
+    long = [{"prompt": "how do i make a cake ? " * 8, "response": "sure ."}] * 3
+    events = []
+    ctx = JobContext(output_dir=tmp_path, datasets=["d"], load_dataset=lambda d: records(WORDS[:4]) + long,
+                     report=events.append)
+    result = run(SFTConfig(model=str(tiny_llama_dir), max_length=24, epochs=1, batch_size=2), ctx)
+    assert result.metrics["data/skipped_no_target"] == 3
+    assert "3 of 7 training records have no assistant token within max_length 24" in events[0]["message"]
+    assert [e["step"] for e in events if "train/loss" in e] == [1, 2]  # 4 records / batch 2: the long ones left out
+    with pytest.raises(ValueError, match="none of the 3 training records has an assistant token within max_length 24"):
+        run(SFTConfig(model=str(tiny_llama_dir), max_length=24, epochs=1, batch_size=2),
+            JobContext(output_dir=tmp_path / "none", datasets=["d"], load_dataset=lambda d: long))

@@ -62,3 +62,26 @@ def test_unreachable_server_is_a_load_error(tiny_llama_dir):
 
     asyncio.run(main())
     assert "p" in engine.health()["failed"]
+
+
+def test_an_answer_longer_than_the_context_is_refused_before_any_request(tiny_llama_dir):
+    """The vLLM client cuts conversations by the in-process engine's rule, at the model's
+    max_position_embeddings: an answer that does not fit is refused, naming its pair, before the
+    (here unreachable) server is asked."""
+    from models.engine import AnswerTooLongError
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    engine = VLLMEngine({"p": VLLMModel(f"http://127.0.0.1:{port}", tiny_llama_dir, served_name="p")})
+
+    async def main():
+        with pytest.raises(AnswerTooLongError) as refused:
+            await engine.score("p", [("hi", "sure ."), ("", "red " * 600)])
+        with pytest.raises(ModelLoadError):  # a long prompt is cut to fit: the request goes out
+            await engine.score("p", [("how do i make a cake ? " * 120, "sure .")])
+        await engine.aclose()
+        return refused.value
+
+    refused = asyncio.run(main())
+    assert refused.index == 1 and refused.max_length == 512
