@@ -1,7 +1,5 @@
 """The arena: blind battles between rounds, multi-turn and streamed, whose votes become training data
-and the leaderboard.
-
-The leaderboard the votes feed: api/routers/leaderboard.py.
+and the leaderboard (api/routers/leaderboard.py).
 
 A battle draws two different rounds at random and shows them as "Model A" / "Model B" (in random
 order) until a vote reveals them; side-by-side mode shows the rounds a person picked, and its votes
@@ -71,11 +69,10 @@ def _battle(session: Session, battle_id: str, key: ApiKey) -> Battle:
     return battle
 
 
-def _pane(battle: Battle, side: int, param: str = "side") -> str:
+def _check_pane(battle: Battle, side: int, param: str = "side") -> None:
     if side >= len(battle.rounds):
         raise ApiError(422, f"{param} must be below {len(battle.rounds)}: this conversation has {len(battle.rounds)} "
                        "panes", param=param)
-    return shown(battle)[side]
 
 
 @router.post("/v1/arena/battles", status_code=201, response_model=BattleObject, responses=responses(404))
@@ -180,11 +177,11 @@ def _quote(text: str, limit: int = 60) -> str:
 
 
 async def _store_answer(battle_id: str, turn: int, side: int, content: str, finish_reason: str) -> None:
-    """Write the answer the client was sent into the transcript (shielded: a client that went away
-    must not stop the record of what it was sent)."""
+    """Write the answer the client was sent into the transcript, once (a stored answer never changes),
+    shielded: a client that went away must not stop the record of what it was sent."""
     def write(s: Session) -> None:
         s.execute(update(ArenaAnswer).where(ArenaAnswer.battle_id == battle_id, ArenaAnswer.turn == turn,
-                                            ArenaAnswer.side == side)
+                                            ArenaAnswer.side == side, ArenaAnswer.finish_reason.is_(None))
                   .values(content=content, finish_reason=finish_reason, finished_at=now()))
         s.commit()
 
@@ -237,7 +234,7 @@ async def battle_chat(battle_id: str, body: ArenaChatRequest, session: SessionDe
     ``message`` (``stream: true``: server-sent events, as ``/v1/chat/completions``); in a battle the
     answer carries the pane's name, not the round's. The answer is kept in the battle's transcript."""
     battle = await run_in_threadpool(_battle, session, battle_id, key)
-    _pane(battle, body.side)
+    _check_pane(battle, body.side)
     deadline = anyio.current_time() + ANSWER_WAIT_SECONDS
     while (messages := await run_in_threadpool(_open_turn, session, battle, body.side, body.turn,
                                                body.message)) is None:
@@ -301,7 +298,7 @@ async def vote(battle_id: str, body: VoteOnTurn, session: SessionDep, key: Annot
     PKU-SafeRLHF record; the answer reveals the rounds and their scores."""
     battle = await run_in_threadpool(_battle, session, battle_id, key)
     a, b = body.sides
-    _pane(battle, max(a, b), param="sides")
+    _check_pane(battle, max(a, b), param="sides")
     if a == b:
         raise ApiError(422, "sides must be two different panes", param="sides")
 
