@@ -63,7 +63,7 @@ def model_names(session: Session, refs: set[str]) -> dict[str, str]:
     for id_, name in session.exec(select(Round.id, Round.name).where(Round.id.in_(refs))):
         names[id_] = name
     for id_, name in session.exec(select(Model.id, Model.name).where(Model.id.in_(refs))):
-        names[id_] = name  # first match wins, as when the job resolved it: a model id before a round's
+        names[id_] = name
     return names
 
 
