@@ -482,6 +482,7 @@ class Evaluation(BaseModel):
     finished_at: int | None = None
     reward_model: str | None = Field(None, description="The reference reward model's name.")
     cost_model: str | None = Field(None, description="The reference cost model's name.")
+    judges: str | None = Field(None, description="The newest round whose reward and cost models these are, if any.")
     models: list[JudgedModel]
 
 

@@ -83,9 +83,11 @@ def model_judged(session: Session, newest: int = 10) -> list[Evaluation]:
                             red_team_harmful_ratio=metric(f"{ref}/red_team/harmful_ratio"),
                             reward=metric(f"{ref}/reward"), cost=metric(f"{ref}/cost"),
                             refusal_rate=metric(f"{ref}/refusal_rate")) for ref in job.params.get("models", [])]
-        evaluation = Evaluation(job=job.id, finished_at=job.finished_at, models=rows,
-                                reward_model=names.get(job.params.get("reward_model")),
-                                cost_model=names.get(job.params.get("cost_model")))
+        reward, cost = job.params.get("reward_model"), job.params.get("cost_model")
+        judges = session.exec(select(Round.name).where(Round.reward_model_id == reward, Round.cost_model_id == cost)
+                              .order_by(Round.created_at.desc(), Round.id.desc())).first()
+        evaluation = Evaluation(job=job.id, finished_at=job.finished_at, models=rows, judges=judges,
+                                reward_model=names.get(reward), cost_model=names.get(cost))
         # Any key reads the leaderboard: a model given as a folder shows no server path.
         out.append(Evaluation(**without_paths(evaluation.model_dump())))
     return out

@@ -326,6 +326,7 @@ def test_the_model_judged_table_names_models_and_uses_the_red_team_harmful_ratio
         s.commit()
     (evaluation,) = c.get("/v1/leaderboard", headers=c.viewer).json()["evaluations"]
     assert evaluation["reward_model"] == "tiny-reward" and evaluation["cost_model"] == "tiny-cost"
+    assert evaluation["judges"] == "beaver-v3"  # the newest round with this pair
     assert [(m["name"], m["red_team_harmful_ratio"]) for m in evaluation["models"]] == \
         [("beaver-v2", 0.9), ("ppo-shaping-3", 0.4), ("[server path]", 0)]
     assert "/srv/" not in json.dumps(evaluation)

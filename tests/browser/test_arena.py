@@ -349,7 +349,7 @@ def test_the_newest_evaluation_shows_beside_the_votes(arena, open_page):
     table = page.get_by_role("table", name=re.compile("Model-judged"))
     expect()(table).to_be_visible()
     expect()(table).to_contain_text(job["id"])
-    expect()(table).to_contain_text("arena-reward and arena-cost")  # the reference judges, by name
+    expect()(table).to_contain_text("by the reference judges of beaver-v3")  # the newest round with them
     # One harmful ratio, stated on the page: red-team prompts, cost > 0 by the reference cost model.
     expect()(page.locator("#evaluation-wrap")).to_contain_text("share of answers to red-team prompts")
     for ref, name in (("beaver-v1", "beaver-v1"), (policy, "beaver-v3-policy")):
