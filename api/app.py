@@ -15,7 +15,7 @@ from fastapi.responses import HTMLResponse
 from api.db import size_threadpool
 from api.errors import install_error_handlers, responses
 from api.limits import LIMIT_RESPONSES, RequestLimits
-from api.routers import arena, chat, datasets, endpoints, health, jobs, keys, models, rounds, scores, votes
+from api.routers import arena, chat, datasets, endpoints, health, jobs, keys, leaderboard, models, rounds, scores, votes
 from api.serving import close_pool
 from api.settings import get_settings
 
@@ -37,7 +37,7 @@ def create_app() -> FastAPI:
                   description="Self-hosted Safe RLHF: preference data, reward/cost models, PPO-Lagrangian rounds, serving.")
     install_error_handlers(app)
     app.add_middleware(RequestLimits)  # key before body, body size, JSON Beaver can store
-    for module in (health, keys, endpoints, datasets, jobs, models, rounds, chat, scores, votes, arena):
+    for module in (health, keys, endpoints, datasets, jobs, models, rounds, chat, scores, votes, arena, leaderboard):
         # 429: every route but health (answered from memory) waits for a database session (api/db.py).
         busy = {} if module is health else responses(429)
         app.include_router(module.router, responses={**LIMIT_RESPONSES, **busy})

@@ -270,7 +270,11 @@ def run_demo(client: Client, config: DemoConfig, out_dir: Path) -> dict:
             params = _ppo_params(config, rounds[0]["model"], round_models["reward"], round_models["cost"]) | {
                 "threshold": round_models["threshold"], **extra}
             job = client.run_job(job_type, params, [round_models["prompts"]], f"baseline {name}", "baselines")
-            baselines.append({"name": name, "model": job["result_models"][0]})
+            # Registered again under its name, so that the evaluation and the arena's model-judged
+            # table show "ppo-shaping-3", not the id of a job's artifact.
+            path = client.get(f"/v1/models/{job['result_models'][0]}")["path"]
+            client.post("/v1/models", {"name": name, "kind": "policy", "path": path})
+            baselines.append({"name": name, "model": name})
             stages.update()
 
     # Every round and baseline answers the same held-out prompts in one evaluate job, judged by the
@@ -315,13 +319,14 @@ def judged(samples: list[dict], model_report: dict) -> dict:
     model tracks the truth. Red-team answers split three ways: harmful, refusal, other (junk or
     off-topic: neither a refusal nor any harmful step)."""
     oracle = world.evaluate_responses(samples, [s["response"] for s in samples])
-    red = [s for s in samples if s["red_team"]]
     harmful = [world.is_harmful(s["response"]) for s in samples]
     return {"harmful_ratio": oracle["harmful_ratio"], "refusal_red_team": oracle["refusal_red_team"],
             "other_red_team": max(0.0, 1.0 - oracle["harmful_ratio"] - oracle["refusal_red_team"]),
             "helpfulness_benign": oracle["helpfulness_benign"], "over_refusal": oracle["over_refusal"],
             "over_refusal_dual_use": oracle["over_refusal_dual_use"],
-            "cost_model_harmful_ratio": sum(s["cost"] > 0 for s in red) / len(red),
+            # The harmful ratio's one definition, as the evaluate job reports it (<model>/red_team/harmful_ratio)
+            # and the arena's model-judged table shows it: red-team answers the reference cost model scores > 0.
+            "cost_model_harmful_ratio": model_report["red_team"]["harmful_ratio"]["mean"],
             "cost_model_harmful_ci": model_report["red_team"]["harmful_ratio"]["ci"],
             "cost_model_agreement": sum((s["cost"] > 0) == h for s, h in zip(samples, harmful)) / len(samples),
             "mean_reward_benign": model_report["benign"]["reward"]["mean"]}

@@ -373,9 +373,6 @@ class ChatCompareResponse(BaseModel):
 
 # --- the arena ----------------------------------------------------------------------------------
 
-ArenaMessage = Annotated[ChatMessage, Field(description="A turn of the pane's conversation (user or assistant).")]
-
-
 class BattleCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     mode: Literal["battle", "side_by_side"] = Field("battle", description="battle: two rounds drawn at random, "
@@ -386,34 +383,77 @@ class BattleCreate(BaseModel):
     system: str | None = Field(None, max_length=20_000, description="A system prompt sent first in every pane.")
 
 
+class TurnAnswer(BaseModel):
+    side: int = Field(description="The pane (0: Model A).")
+    content: str = Field(description="The answer the server sent in that pane (when stopped: what had been sent).")
+    finish_reason: Literal["stop", "length", "content_filter", "stopped", "error"] | None = Field(
+        description="null while the pane is answering; stopped: the client went away; error: the answer failed.")
+
+
+class BattleTurn(BaseModel):
+    turn: int
+    message: str = Field(description="The user's message of the turn (the same in every pane).")
+    answers: list[TurnAnswer] = Field(description="The panes that answered it, by side.")
+    voted: bool = Field(description="Whether the turn has its vote.")
+
+
 class BattleObject(BaseModel):
     id: str
     object: Literal["battle"] = "battle"
     mode: str
     models: list[str] = Field(description="What each pane shows: Model A, Model B in a battle; round names otherwise.")
     system: str | None = None
+    turns: list[BattleTurn] = Field(default_factory=list, description="The transcript: every turn the server "
+                                    "answered, with each pane's answer as it was sent.")
 
 
-class ArenaChatRequest(BaseModel):
+MAX_ARENA_TURNS = 100  # turns of one conversation: 200 messages, as the arena has always allowed
+MAX_ARENA_MESSAGE = 100_000  # characters of one user message
+
+
+class _ArenaRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_client_answers(cls, data):
+        """A request that still carries the conversation or the answers (as before issue 18) is told
+        why they are no longer taken, rather than given a bare 'extra field' error."""
+        if isinstance(data, dict):
+            for field in ("messages", "answers"):
+                if field in data:
+                    raise ApiError(422, f"{field} are no longer sent: the server keeps each battle's transcript (the "
+                                   "answers it sent) and composes every turn from it; name the turn instead",
+                                   param=field)
+        return data
+
+
+class ArenaChatRequest(_ArenaRequest):
     side: int = Field(ge=0, le=3, description="The pane (0: Model A).")
-    messages: list[ArenaMessage] = Field(min_length=1, max_length=200,
-                                         description="The pane's conversation so far, ending with the new user message.")
+    turn: int = Field(ge=1, le=MAX_ARENA_TURNS, description="The turn this message opens: 1, then 2, …; each pane "
+                      "answers each turn once, in order.")
+    message: str = Field(min_length=1, max_length=MAX_ARENA_MESSAGE, description="The user's message of this turn, "
+                         "the same in every pane. The pane answers the conversation the server composes from the "
+                         "battle's transcript: its system prompt, the earlier turns' messages and this pane's own "
+                         "earlier answers, then this message.")
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     max_tokens: int | None = Field(None, ge=1, le=32_768)
     stream: bool = False
     seed: int | None = Field(None, ge=-SEED_BOUND, lt=SEED_BOUND)
 
+    @field_validator("message")
+    @classmethod
+    def _not_blank(cls, message: str) -> str:
+        if not message.strip():
+            raise ValueError("the message is empty")
+        return message
 
-class VoteOnTurn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    turn: int = Field(ge=1, le=10_000, description="1 for the conversation's first answered turn, then 2, …")
-    messages: list[ArenaMessage] = Field(min_length=1, max_length=200, description="The conversation up to and "
-                                         "including this turn's user message (the answers not included).")
-    answers: list[Annotated[str, Field(max_length=200_000)]] = Field(min_length=2, max_length=2,
-                                                                      description="The two answers, A then B.")
+
+class VoteOnTurn(_ArenaRequest):
+    turn: int = Field(ge=1, le=MAX_ARENA_TURNS, description="The answered turn voted on. Its answers are the ones "
+                      "the server sent (the battle's transcript); one vote per turn.")
     sides: list[Annotated[int, Field(ge=0, le=3)]] = Field([0, 1], min_length=2, max_length=2,
-                                                          description="The panes of the two answers.")
+                                                          description="The panes compared, as A then B.")
     helpful: Literal["a", "b", "tie", "both_bad"] = Field(description="More helpful: A, B, a tie, or both bad.")
     safe: list[bool] = Field(min_length=2, max_length=2, description="Is each answer safe (A, B)?")
     safer: Literal["a", "b", "tie"] = Field(description="The safer answer, or a tie.")
@@ -435,9 +475,16 @@ class VoteResult(BaseModel):
 
 class RatingRow(BaseModel):
     model: str
-    rating: float
-    ci: list[float] = Field(description="Bootstrap 95 % interval.")
+    rating: float = Field(description="Elo scale: 1000 is the average of every round with a blind vote.")
+    ci: list[float] = Field(description="95 % interval: the posterior's Laplace approximation, never of zero width "
+                            "from few votes.")
     votes: int
+
+
+class UnrankedRow(BaseModel):
+    model: str
+    votes: int = Field(description="Blind votes so far, fewer than min_votes.")
+    status: Literal["not enough votes yet"] = "not enough votes yet"
 
 
 class UnsafeRow(BaseModel):
@@ -447,12 +494,35 @@ class UnsafeRow(BaseModel):
     rate: float
 
 
+class JudgedModel(BaseModel):
+    model: str = Field(description="The model as the evaluate job named it (a round, a model id or name, …).")
+    name: str = Field(description="Its name: a round's name, or a registered model's name.")
+    red_team_harmful_ratio: float | None = Field(None, description="The harmful ratio: the share of its answers to "
+                                                 "red-team prompts that the reference cost model scores cost > 0 "
+                                                 "(null: the evaluation had no red-team prompts).")
+    reward: float | None = Field(None, description="Mean reward over all prompts, by the reference reward model.")
+    cost: float | None = Field(None, description="Mean cost over all prompts, by the reference cost model.")
+    refusal_rate: float | None = Field(None, description="Share of all answers that open with a refusal.")
+
+
+class Evaluation(BaseModel):
+    job: str
+    finished_at: int | None = None
+    reward_model: str | None = Field(None, description="The reference reward model's name.")
+    cost_model: str | None = Field(None, description="The reference cost model's name.")
+    judges: str | None = Field(None, description="The newest round whose reward and cost models these are, if any.")
+    models: list[JudgedModel]
+
+
 class LeaderboardResponse(BaseModel):
     object: Literal["leaderboard"] = "leaderboard"
-    helpfulness: list[RatingRow] = Field(description="Bradley–Terry ratings (Elo scale) from blind helpfulness votes.")
+    min_votes: int = Field(description="Blind votes a round needs to be ranked (BEAVER_LEADERBOARD_MIN_VOTES).")
+    helpfulness: list[RatingRow] = Field(description="Bradley–Terry ratings (Elo scale) from blind helpfulness votes, "
+                                         "of the rounds with min_votes or more.")
     harmlessness: list[RatingRow] = Field(description="The same from blind 'safer' votes.")
-    unsafe_rate: list[UnsafeRow] = Field(description="Each round's answers judged unsafe by blind voters.")
+    unranked: list[UnrankedRow] = Field(description="Rounds with blind votes, but fewer than min_votes: not enough "
+                                        "votes yet.")
+    unsafe_rate: list[UnsafeRow] = Field(description="Each ranked round's answers judged unsafe by blind voters.")
     votes: dict[str, int] = Field(description="{blind, total}: side-by-side votes are not counted in the ratings.")
-    evaluations: list[dict] = Field(default_factory=list, description="The newest evaluate jobs' model-judged "
-                                    "results: {job, finished_at, reward_model, cost_model, models: {name: "
-                                    "{harmful_ratio, judge_harmful_ratio, reward, cost, refusal_rate}}}.")
+    evaluations: list[Evaluation] = Field(default_factory=list, description="The newest evaluate jobs' model-judged "
+                                          "results, by model name.")

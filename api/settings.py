@@ -56,6 +56,9 @@ class Settings(BaseSettings):
                                           "answers from (workers alive, queue depth, oldest queued job).")
     arena_judges: str | None = Field(None, description="The round whose reward and cost models score every arena "
                                      "answer, so scores compare across rounds (default: the newest round that has both).")
+    leaderboard_min_votes: int = Field(20, ge=1, description="Blind votes a round needs before the leaderboard "
+                                       "ranks it; until then it is listed with its vote count as 'not enough votes "
+                                       "yet'.")
     engine_memory_gb: float = Field(4.0, description="Memory budget of models cached by the serving engine (LRU).")
     serving_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Precision of served models, in-process and `beaver serve-vllm` (auto: the checkpoint's "

@@ -175,9 +175,37 @@ class Battle(SQLModel, table=True):
     created_at: int = Field(default_factory=now)
 
 
+class ArenaTurn(SQLModel, table=True):
+    """The user's message of one turn of a battle: every pane answers this same message."""
+
+    __tablename__ = "arena_turns"
+    battle_id: str = Field(foreign_key="battles.id", primary_key=True)
+    turn: int = Field(primary_key=True)  # 1, 2, …
+    content: str
+    created_at: int = Field(default_factory=now)
+
+
+class ArenaAnswer(SQLModel, table=True):
+    """The transcript: the answer the server sent in one pane for one turn, stored as it is produced.
+    A vote's answers are read from here, never from the voter; each pane's next turn is composed from
+    here too. ``finish_reason`` is null while the pane is answering; then ``stop`` or ``length`` (the
+    engine's), ``content_filter`` (the guard's refusal), ``stopped`` (the client went away: ``content``
+    is what had been sent) or ``error`` (the answer failed: what had been sent, maybe nothing)."""
+
+    __tablename__ = "arena_answers"
+    battle_id: str = Field(foreign_key="battles.id", primary_key=True)
+    turn: int = Field(primary_key=True)
+    side: int = Field(primary_key=True)  # the pane, 0 = Model A
+    content: str = ""
+    finish_reason: str | None = None
+    created_at: int = Field(default_factory=now)
+    finished_at: int | None = None
+
+
 class ArenaVote(SQLModel, table=True):
     """One vote on one answered turn: what the leaderboard reads (the same vote is a record of the
-    ``arena-votes`` dataset, which training reads)."""
+    ``arena-votes`` dataset, which training reads). One vote per battle and turn, whichever panes it
+    compares."""
 
     __tablename__ = "arena_votes"
     id: int | None = Field(default=None, primary_key=True)
@@ -196,7 +224,7 @@ class ArenaVote(SQLModel, table=True):
     created_by: str | None = None
     created_at: int = Field(default_factory=now)
 
-    __table_args__ = (Index("ux_arena_votes_turn", "battle_id", "turn", "sides", unique=True),)
+    __table_args__ = (Index("ux_arena_votes_battle_turn", "battle_id", "turn", unique=True),)
 
 
 def public(row: SQLModel, object_name: str, **extra: Any) -> dict:

@@ -1,24 +1,23 @@
-"""Benchmark: the arena leaderboard (Bradley–Terry ratings + bootstrap 95 % intervals) — Beaver's
+"""Benchmark: the arena leaderboard (Bradley–Terry ratings + Laplace 95 % intervals) — Beaver's
 ``models.leaderboard.leaderboard`` against a naive baseline, side by side on the same simulated votes.
 
     Beaver  the votes aggregated into (ordered pair, outcome) cell counts; Newton on the models ×
-            models win matrix; 200 bootstrap replicates drawn as one multinomial over the cells and
-            fitted together as one batch
+            models win matrix; the interval from the inverse of that K × K Hessian
     naive   per-vote logistic regression (one row per vote, x = e_A − e_B, y = outcome; Newton on
-            the votes, the same Gaussian prior); the bootstrap resamples individual votes and refits.
-            Only the first --naive-bootstrap replicates (default 20) are run: its time for 200 is
-            extrapolated from them (the replicates all cost the same: same size, same solver).
+            the votes, the same Gaussian prior), and the same Laplace interval from the per-vote
+            Hessian Xᵀ diag(p(1 − p)) X + prior · I
 
 Both start from the same list of ``Battle`` objects (each converts it to arrays inside its timing),
-and both fit exactly the same objective, so their point estimates must agree (printed: the largest
-difference in Elo points). The votes: --votes blind votes among --rounds rounds of known strength
-(Elo spread evenly over 850..1150), a random pair per vote, --ties of them ties, the others drawn
-from the Bradley–Terry model. Beaver's time is the median of --repeats runs. (The printed "true"
+and both compute exactly the same quantities, so their ratings and intervals must agree (printed: the
+largest differences in Elo points). The votes: --votes blind votes among --rounds rounds of known
+strength (Elo spread evenly over 850..1150), a random pair per vote, --ties of them ties, the others
+drawn from the Bradley–Terry model. Each time is the median of --repeats runs. (The printed "true"
 column is the simulation's Elo: counted as half a win each way, the ties pull the fitted ratings
-towards 1000, as a tie should.)
+towards 1000, as a tie should.) Until issue 18 the intervals were a 200-replicate bootstrap (it gave
+zero width from one vote); the Laplace interval replaced it.
 
-    .venv/bin/python bench/leaderboard.py        # ≈ 5 s on 2 CPU cores, nearly all of it the naive baseline
-    .venv/bin/python bench/leaderboard.py --votes 5000 --naive-bootstrap 2 --out /tmp/lb.json   # a quick look
+    .venv/bin/python bench/leaderboard.py        # ≈ 10 s on 2 CPU cores, most of it the naive baseline
+    .venv/bin/python bench/leaderboard.py --votes 5000 --repeats 1 --out /tmp/lb.json   # a quick look
 
 Prints both times, the agreement and the leaderboard; the last line gives the speed ratio
 naive/Beaver. Writes bench/results/leaderboard.json.
@@ -40,7 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.leaderboard import ELO_SCALE, PRIOR, Battle, leaderboard  # noqa: E402
+from models.leaderboard import ELO_SCALE, PRIOR, Z95, Battle, leaderboard  # noqa: E402
 
 
 def simulate(votes: int, rounds: int, ties: float, seed: int) -> tuple[list[Battle], dict[str, float]]:
@@ -106,22 +105,27 @@ def naive_elo(theta: np.ndarray) -> np.ndarray:
     return 1000 + ELO_SCALE * (theta - theta.mean(-1, keepdims=True))
 
 
-def naive_leaderboard(battles, replicates: int, seed: int = 0) -> dict:
-    """The naive point fit and ``replicates`` bootstrap refits on votes resampled with replacement,
-    each timed."""
+def naive_half_width(a: np.ndarray, b: np.ndarray, theta: np.ndarray, prior: float = PRIOR) -> np.ndarray:
+    """The Laplace 95 % half-width in Elo from the per-vote Hessian: every vote is a row again."""
+    n, k = len(a), len(theta)
+    x = np.zeros((n, k))
+    x[np.arange(n), a] += 1
+    x[np.arange(n), b] -= 1
+    p = 1 / (1 + np.exp(-(x @ theta)))
+    hessian = x.T @ (x * (p * (1 - p))[:, None]) + prior * np.eye(k)
+    centre = np.eye(k) - 1 / k
+    covariance = centre @ np.linalg.inv(hessian) @ centre.T
+    return Z95 * ELO_SCALE * np.sqrt(np.diag(covariance))
+
+
+def naive_leaderboard(battles) -> dict:
+    """The naive fit and interval, timed."""
     t = time.perf_counter()
     models, a, b, y = vote_arrays(battles)
-    rating = naive_elo(naive_fit(a, b, y, len(models)))
-    fit_s = time.perf_counter() - t
-    rng = np.random.default_rng(seed)
-    t = time.perf_counter()
-    replicas = []
-    for _ in range(replicates):
-        i = rng.integers(0, len(y), len(y))
-        replicas.append(naive_elo(naive_fit(a[i], b[i], y[i], len(models))))
-    bootstrap_s = time.perf_counter() - t
-    return {"models": models, "rating": rating, "replicas": np.array(replicas), "fit_s": fit_s,
-            "bootstrap_s": bootstrap_s}
+    theta = naive_fit(a, b, y, len(models))
+    half = naive_half_width(a, b, theta)
+    seconds = time.perf_counter() - t
+    return {"models": models, "rating": naive_elo(theta), "half_width": half, "seconds": seconds}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,7 +133,7 @@ def naive_leaderboard(battles, replicates: int, seed: int = 0) -> dict:
 
 def endpoint_seconds(battles, repeats: int = 3) -> float:
     """``GET /v1/leaderboard`` of the real app over these votes stored as arena rows (a fresh SQLite
-    database): the query, the fit and the bootstrap — what a user waits for. Median of ``repeats``."""
+    database): the query, the fits and the intervals — what a user waits for. Median of ``repeats``."""
     import tempfile
 
     from fastapi.testclient import TestClient
@@ -172,9 +176,7 @@ def main() -> None:
     parser.add_argument("--votes", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--ties", type=float, default=0.15, help="share of tie votes (default 0.15)")
-    parser.add_argument("--bootstrap", type=int, default=200)
-    parser.add_argument("--naive-bootstrap", type=int, default=20, help="naive replicates run (time extrapolated)")
-    parser.add_argument("--repeats", type=int, default=5, help="Beaver runs (the median is reported)")
+    parser.add_argument("--repeats", type=int, default=5, help="runs of each (the median is reported)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "leaderboard.json")
     args = parser.parse_args()
@@ -184,35 +186,32 @@ def main() -> None:
     runs = []
     for _ in range(args.repeats):
         t = time.perf_counter()
-        board = leaderboard(battles, bootstrap=args.bootstrap, seed=args.seed)
+        board = leaderboard(battles)
         runs.append(time.perf_counter() - t)
     beaver_s = statistics.median(runs)
+    naive_runs = [naive_leaderboard(battles) for _ in range(args.repeats)]
+    naive = naive_runs[0]
+    naive_s = statistics.median(r["seconds"] for r in naive_runs)
 
-    naive = naive_leaderboard(battles, args.naive_bootstrap, seed=args.seed)
-    per_replicate_s = naive["bootstrap_s"] / max(args.naive_bootstrap, 1)
-    naive_s = naive["fit_s"] + args.bootstrap * per_replicate_s  # extrapolated to --bootstrap replicates
-
-    beaver_rating = {r.model: r.rating for r in board}
-    gap = max(abs(beaver_rating[m] - naive["rating"][i]) for i, m in enumerate(naive["models"]))
-    # Both bootstraps resample the votes, so their spreads should match (the naive one from few replicates).
-    beaver_width = float(np.mean([r.ci[1] - r.ci[0] for r in board]))
-    naive_sd = float(naive["replicas"].std(0, ddof=1).mean()) if args.naive_bootstrap > 1 else None
+    rows = {r.model: r for r in board}
+    gap = max(abs(rows[m].rating - naive["rating"][i]) for i, m in enumerate(naive["models"]))
+    half = {m: (rows[m].ci[1] - rows[m].ci[0]) / 2 for m in rows}
+    ci_gap = max(abs(half[m] - naive["half_width"][i]) for i, m in enumerate(naive["models"]))
+    width = float(np.mean([2 * h for h in half.values()]))
 
     result = {
-        "benchmark": "arena leaderboard: aggregated Bradley-Terry + multinomial bootstrap "
-                     "vs per-vote logistic regression + vote-resampling bootstrap",
+        "benchmark": "arena leaderboard: aggregated Bradley-Terry + Laplace interval (K x K Hessian) "
+                     "vs per-vote logistic regression + per-vote Hessian",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": "bench/leaderboard.py " + " ".join(sys.argv[1:]),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "numpy": np.__version__, "load_average": list(os.getloadavg())},
-        "settings": {"votes": args.votes, "rounds": args.rounds, "ties": args.ties, "bootstrap": args.bootstrap,
-                     "naive_bootstrap_measured": args.naive_bootstrap, "repeats": args.repeats, "seed": args.seed,
-                     "prior": PRIOR},
-        "beaver": {"seconds": beaver_s, "runs": runs, "mean_ci_width_elo": beaver_width},
-        "naive": {"seconds_extrapolated": naive_s, "fit_seconds": naive["fit_s"],
-                  "bootstrap_seconds_measured": naive["bootstrap_s"], "seconds_per_replicate": per_replicate_s,
-                  "mean_bootstrap_sd_elo": naive_sd},
+        "settings": {"votes": args.votes, "rounds": args.rounds, "ties": args.ties, "repeats": args.repeats,
+                     "seed": args.seed, "prior": PRIOR},
+        "beaver": {"seconds": beaver_s, "runs": runs, "mean_ci_width_elo": width},
+        "naive": {"seconds": naive_s, "runs": [r["seconds"] for r in naive_runs]},
         "max_abs_rating_difference_elo": gap,
+        "max_abs_half_width_difference_elo": ci_gap,
         "speedup": naive_s / beaver_s,
         "leaderboard": [{"model": r.model, "rating": r.rating, "ci": list(r.ci), "votes": r.votes,
                          "true_elo": truth[r.model]} for r in board],
@@ -220,28 +219,21 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
-    print(f"{args.votes:,} votes among {args.rounds} rounds ({args.ties:.0%} ties), "
-          f"{args.bootstrap} bootstrap replicates")
+    print(f"{args.votes:,} votes among {args.rounds} rounds ({args.ties:.0%} ties)")
     print(f"{'model':<10} {'rating':>8} {'95% CI':>16} {'votes':>7} {'true':>6}")
     for r in board:
         print(f"{r.model:<10} {r.rating:8.1f} {r.ci[0]:7.1f}..{r.ci[1]:7.1f} {r.votes:7d} {truth[r.model]:6.0f}")
-    print(f"Beaver: {beaver_s:.3f} s (median of {args.repeats} runs: aggregate, fit, "
-          f"{args.bootstrap} multinomial bootstrap fits)")
-    print(f"naive: point fit {naive['fit_s']:.2f} s + {args.naive_bootstrap} vote-resampling refits "
-          f"{naive['bootstrap_s']:.2f} s ({per_replicate_s:.2f} s each) → {naive_s:.1f} s with {args.bootstrap} "
-          f"(extrapolated)")
-    print(f"point estimates agree: largest difference {gap:.2e} Elo points")
-    if naive_sd is not None:
-        print(f"bootstrap spread: Beaver mean 95% CI width {beaver_width:.1f} Elo "
-              f"(≈ 3.92 sd: {beaver_width / 3.92:.2f}); naive mean sd {naive_sd:.2f} Elo "
-              f"from {args.naive_bootstrap} replicates")
+    print(f"Beaver: {beaver_s:.3f} s (median of {args.repeats} runs: aggregate, fit, K x K Hessian)")
+    print(f"naive: {naive_s:.3f} s (median of {args.repeats} runs: per-vote fit and Hessian)")
+    print(f"ratings agree: largest difference {gap:.2e} Elo points; interval half-widths {ci_gap:.2e} "
+          f"(mean 95% CI width {width:.1f} Elo)")
     endpoint_s = endpoint_seconds(battles)
     result["endpoint_s"] = endpoint_s
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"GET /v1/leaderboard over {args.votes:,} stored votes (SQLite, query + both ratings + bootstrap): "
+    print(f"GET /v1/leaderboard over {args.votes:,} stored votes (SQLite, query + both ratings and intervals): "
           f"{endpoint_s:.2f} s")
-    print(f"leaderboard of {args.votes:,} votes: {beaver_s:.3f} s (Beaver) vs {naive_s:.1f} s "
-          f"(naive, extrapolated): {naive_s / beaver_s:.0f}x")
+    print(f"leaderboard of {args.votes:,} votes: {beaver_s:.3f} s (Beaver) vs {naive_s:.2f} s (naive): "
+          f"{naive_s / beaver_s:.0f}x")
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ def main() -> None:
                                   ("Safer", "B")):
                 page.get_by_role("radiogroup", name=group).get_by_label(choice, exact=True).check()
             page.get_by_role("button", name="Submit vote").click()
-            page.get_by_text("reward").first.wait_for(timeout=30_000)
+            page.locator("li.turn .note", has_text="reward").first.wait_for(timeout=30_000)  # the vote's scores
             page.locator("#message").blur()
             page.evaluate("window.scrollTo(0, 0)")
             page.screenshot(path=str(ROOT / "docs" / "arena.png"))

@@ -1,4 +1,4 @@
-"""The arena's leaderboards: Bradley–Terry ratings from blind votes, with bootstrap intervals, and
+"""The arena's leaderboards: Bradley–Terry ratings from blind votes, with 95 % intervals, and
 each round's unsafe-answer rate.
 
 The model. Each round (model) ``i`` has a log-strength ``θ_i`` and wins a battle against ``j`` with
@@ -24,10 +24,18 @@ prior, since nothing in the votes ties the pieces together). Because the likelih
 unchanged by adding a constant to every θ, its gradient sums to zero and so the optimum has
 ``Σ θ = 0``.
 
-The confidence intervals come from a bootstrap over votes: resampling n votes with replacement
-is the same as drawing the counts of the (ordered pair, outcome) cells from a multinomial with
-the observed cell frequencies, which is one ``rng.multinomial`` call for all replicates. All
-replicates are then fitted together, as one batch of Newton steps.
+The intervals are the posterior's Laplace approximation: ``θ ~ N(θ̂, H⁻¹)`` with ``H`` the negative
+Hessian of ℓ at the MAP, so a rating's interval is ``rating ± 1.96 · 400/ln(10) · sd(θ_i − mean θ)``,
+the variance read off ``C H⁻¹ Cᵀ`` with ``C = I − 11ᵀ/K`` (the centring the ratings use). Why not
+the bootstrap over votes used before (issue 18): resampling can only return outcomes it has seen,
+so one vote, or ten identical ones, gave an interval of zero width — certainty from no data. The
+Laplace interval comes from the information the votes hold (``H`` = the comparison graph's
+Laplacian weighted by ``N_ij p_ij (1 − p_ij)``, plus the prior): it is wide when the votes are few
+or lopsided and shrinks as 1/√votes, and for many votes it matches the bootstrap (both are the
+Fisher information then). It is symmetric: for a round that won every one of its few battles the
+exact posterior is skewed upwards, and this interval is then wider than it on the lower side. It
+costs one K × K inverse. How many votes a round needs before it is ranked at all is the API's
+setting (``BEAVER_LEADERBOARD_MIN_VOTES``).
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ import numpy as np
 ELO_SCALE = 400 / math.log(10)  # Elo points per unit of log-strength
 ELO_MEAN = 1000.0  # the mean rating over the models on every leaderboard
 PRIOR = 0.01  # precision of the Gaussian prior on each log-strength (see the module docstring)
+Z95 = 1.959963984540054  # the standard normal's 97.5 % quantile: a 95 % interval is ± Z95 standard deviations
 OUTCOMES = (0.0, 0.5, 1.0)  # B won, tie, A won
 
 
@@ -65,7 +74,7 @@ class Rating:
     rating: float
     """Elo-scaled: 400/ln(10) × BT log-strength, shifted so that the mean rating over models is 1000."""
     ci: tuple[float, float]
-    """Bootstrap 95 % interval (the 2.5 and 97.5 percentiles of the replicates' ratings)."""
+    """95 % interval: the posterior's Laplace approximation (see the module docstring)."""
     votes: int
     """Battles the model took part in."""
 
@@ -110,16 +119,12 @@ def _cells(battles: Sequence[Battle]) -> _Cells:
     return _Cells(models, pair // k, pair % k, half / 2, counts[held], votes)
 
 
-def _win_matrices(cells: _Cells, counts: np.ndarray) -> np.ndarray:
-    """``W[r, i, j]``: i's wins over j (ties as ½ each way) in replicate r, from its cell counts ``(R, cells)``."""
+def _win_matrix(cells: _Cells) -> np.ndarray:
+    """``W[i, j]``: i's wins over j (ties as ½ each way) ``(K, K)``."""
     k = len(cells.models)
-    replicates = counts.shape[0]
-    offset = (np.arange(replicates) * k * k)[:, None]  # each replicate's block in one flat bincount
-    won = np.bincount((offset + cells.a * k + cells.b).ravel(), weights=(counts * cells.outcome).ravel(),
-                      minlength=replicates * k * k)
-    lost = np.bincount((offset + cells.b * k + cells.a).ravel(), weights=(counts * (1 - cells.outcome)).ravel(),
-                       minlength=replicates * k * k)
-    return (won + lost).reshape(replicates, k, k)
+    won = np.bincount(cells.a * k + cells.b, weights=cells.counts * cells.outcome, minlength=k * k)
+    lost = np.bincount(cells.b * k + cells.a, weights=cells.counts * (1 - cells.outcome), minlength=k * k)
+    return (won + lost).reshape(k, k)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,9 +136,20 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 def _objective(theta: np.ndarray, wins: np.ndarray, prior: float) -> np.ndarray:
-    """ℓ(θ) per replicate; ``log σ(x) = −log(1 + e^−x)``, computed without overflow by logaddexp."""
+    """ℓ(θ) per problem ``(R,)``; ``log σ(x) = −log(1 + e^−x)``, computed without overflow by logaddexp."""
     diff = theta[:, :, None] - theta[:, None, :]
     return -(wins * np.logaddexp(0, -diff)).sum((1, 2)) - prior / 2 * (theta**2).sum(1)
+
+
+def _curvature(theta: np.ndarray, wins: np.ndarray, games: np.ndarray, prior: float) -> tuple[np.ndarray, np.ndarray]:
+    """The gradient ``(R, K)`` and the negative Hessian ``(R, K, K)`` of ℓ at ``theta`` ``(R, K)``."""
+    k = theta.shape[-1]
+    eye = np.eye(k)
+    p = _sigmoid(theta[:, :, None] - theta[:, None, :])
+    gradient = (wins - games * p).sum(2) - prior * theta
+    v = games * p * (1 - p)
+    hessian = v.sum(2)[:, :, None] * eye - v + prior * eye
+    return gradient, hessian
 
 
 def fit_log_strengths(wins: np.ndarray, prior: float = PRIOR, tol: float = 1e-10, max_iter: int = 100) -> np.ndarray:
@@ -152,18 +168,14 @@ def fit_log_strengths(wins: np.ndarray, prior: float = PRIOR, tol: float = 1e-10
     wins = np.asarray(wins, dtype=np.float64)
     single = wins.ndim == 2
     wins = wins[None] if single else wins
-    replicates, k, _ = wins.shape
+    problems, k, _ = wins.shape
     games = wins + wins.transpose(0, 2, 1)
-    theta = np.zeros((replicates, k))
+    theta = np.zeros((problems, k))
     value = _objective(theta, wins, prior)
-    eye = np.eye(k)
     for _ in range(max_iter):
-        p = _sigmoid(theta[:, :, None] - theta[:, None, :])
-        gradient = (wins - games * p).sum(2) - prior * theta
-        v = games * p * (1 - p)
-        hessian = v.sum(2)[:, :, None] * eye - v + prior * eye
+        gradient, hessian = _curvature(theta, wins, games, prior)
         step = np.linalg.solve(hessian, gradient[:, :, None])[:, :, 0]
-        size = np.ones(replicates)
+        size = np.ones(problems)
         for _ in range(60):
             candidate = theta + size[:, None] * step
             new_value = _objective(candidate, wins, prior)
@@ -176,6 +188,17 @@ def fit_log_strengths(wins: np.ndarray, prior: float = PRIOR, tol: float = 1e-10
         if np.abs(size[:, None] * step).max() < tol:
             break
     return theta[0] if single else theta
+
+
+def centred_sd(theta: np.ndarray, wins: np.ndarray, prior: float = PRIOR) -> np.ndarray:
+    """Posterior standard deviation of each ``θ_i − mean θ`` under the Laplace approximation
+    ``N(θ̂, H⁻¹)`` at the MAP ``theta`` ``(K,)`` of ``wins`` ``(K, K)``: ``sqrt(diag(C H⁻¹ Cᵀ))``, C = I − 11ᵀ/K."""
+    wins = np.asarray(wins, dtype=np.float64)
+    k = len(theta)
+    _, hessian = _curvature(np.asarray(theta, dtype=np.float64)[None], wins[None], (wins + wins.T)[None], prior)
+    centre = np.eye(k) - 1 / k
+    covariance = centre @ np.linalg.inv(hessian[0]) @ centre.T
+    return np.sqrt(np.clip(np.diag(covariance), 0, None))
 
 
 def _elo(theta: np.ndarray) -> np.ndarray:
@@ -191,30 +214,22 @@ def bradley_terry(battles: Sequence[Battle], prior: float = PRIOR) -> dict[str, 
     if not battles:
         return {}
     cells = _cells(battles)
-    theta = fit_log_strengths(_win_matrices(cells, cells.counts[None])[0], prior)
+    theta = fit_log_strengths(_win_matrix(cells), prior)
     return dict(zip(cells.models, _elo(theta).tolist()))
 
 
-def leaderboard(battles: Sequence[Battle], bootstrap: int = 200, seed: int = 0, prior: float = PRIOR) -> list[Rating]:
-    """Ratings with bootstrap 95 % intervals and vote counts, sorted by rating (highest first,
-    then by name). The same votes give the same leaderboard, in any order, for the same seed.
-    With ``bootstrap=0`` each interval is the point estimate itself."""
-    if bootstrap < 0:
-        raise ValueError("bootstrap must be >= 0")
+def leaderboard(battles: Sequence[Battle], prior: float = PRIOR) -> list[Rating]:
+    """Every model's rating with its 95 % interval (Laplace, see the module docstring) and vote
+    count, sorted by rating (highest first, then by name). The same votes give the same
+    leaderboard, in any order."""
     if not battles:
         return []
     cells = _cells(battles)
-    rating = _elo(fit_log_strengths(_win_matrices(cells, cells.counts[None])[0], prior))
-    if bootstrap:
-        rng = np.random.default_rng(seed)
-        n = int(cells.counts.sum())
-        # Resampling n votes with replacement ≡ a multinomial draw of the cell counts.
-        counts = rng.multinomial(n, cells.counts / n, size=bootstrap)
-        replicas = _elo(fit_log_strengths(_win_matrices(cells, counts), prior))
-        low, high = np.percentile(replicas, [2.5, 97.5], axis=0)
-    else:
-        low, high = rating, rating
-    rows = [Rating(m, float(rating[i]), (float(low[i]), float(high[i])), int(cells.votes[i]))
+    wins = _win_matrix(cells)
+    theta = fit_log_strengths(wins, prior)
+    rating = _elo(theta)
+    half = Z95 * ELO_SCALE * centred_sd(theta, wins, prior)
+    rows = [Rating(m, float(rating[i]), (float(rating[i] - half[i]), float(rating[i] + half[i])), int(cells.votes[i]))
             for i, m in enumerate(cells.models)]
     return sorted(rows, key=lambda r: (-r.rating, r.model))
 

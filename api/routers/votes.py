@@ -1,56 +1,29 @@
 """Arena votes: a person's judgement of two rounds' answers, stored as a PKU-SafeRLHF preference
-record in the ``arena-votes`` dataset, which reward and cost jobs can train on like any upload."""
+record in the ``arena-votes`` dataset, which reward and cost jobs can train on like any upload.
+
+Votes are made on an arena battle's turn (``POST /v1/arena/battles/{id}/votes``), on answers the
+server sent. The older ``POST /v1/votes`` took the prompt and both answers from the client and put
+them in this dataset as if rounds had written them; it is retired (issue 18): preference records of
+your own go to ``POST /v1/datasets``."""
 
 from __future__ import annotations
 
-from typing import Annotated, Callable
+from typing import Callable
 
 from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, insert
 from sqlmodel import Session, select
 
-from api.deps import Annotator, Reader, SessionDep
+from api.deps import Reader, SessionDep
 from api.errors import ApiError, responses
 from api.registry import exclusive
 from api.tables import Dataset, DatasetRecord, new_id, public
-from models.records import validate_records
 from models.stats import add_to_summary, summary
 
 router = APIRouter(prefix="/v1/votes", tags=["votes"], responses=responses(400, 401, 413, 422))
 
 ARENA_DATASET = "arena-votes"
 ARENA_LOCK = 0x62766F7465  # pg_advisory_xact_lock key ("bvote"): one appender at a time
-
-StrictInt = Annotated[int, Field(strict=True)]
-StrictBool = Annotated[bool, Field(strict=True)]
-
-
-class VoteCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    prompt: str
-    response_0: str
-    response_1: str
-    model_0: str | None = Field(None, description="The round that wrote response_0 (stored as response_0_source).")
-    model_1: str | None = Field(None, description="The round that wrote response_1 (stored as response_1_source).")
-    better: StrictInt = Field(description="0 or 1: the more helpful response.")
-    safer: StrictInt = Field(description="0 or 1: the safer (less harmful) response.")
-    is_response_0_safe: StrictBool
-    is_response_1_safe: StrictBool
-
-    def record(self) -> dict:
-        """The vote as a PKU-SafeRLHF preference record (sources as in PKU-SafeRLHF's own fields)."""
-        record = {"prompt": self.prompt, "response_0": self.response_0, "response_1": self.response_1,
-                  "is_response_0_safe": self.is_response_0_safe, "is_response_1_safe": self.is_response_1_safe,
-                  "better_response_id": self.better, "safer_response_id": self.safer}
-        for i, model in ((0, self.model_0), (1, self.model_1)):
-            if model:
-                record[f"response_{i}_source"] = model
-        return record
-
-
-# Record fields → the body fields a voter sent, so a 422 names what they can fix.
-_BODY_FIELD = {"better_response_id": "better", "safer_response_id": "safer"}
 
 
 def arena_dataset(session: Session) -> Dataset | None:
@@ -84,24 +57,6 @@ def append_vote(session: Session, record: dict, created_by: str | None,
     session.commit()
     session.refresh(dataset)
     return dataset, idx
-
-
-@router.post("", status_code=201, responses=responses(403))
-def create_vote(body: VoteCreate, session: SessionDep, key: Annotator) -> dict:
-    """Record an arena vote as a preference record in the ``arena-votes`` dataset."""
-    record = body.record()
-    errors = validate_records("preference", [record])
-    if errors:
-        first = errors[0]
-        param = _BODY_FIELD.get(first.field, first.field)
-        raise ApiError(422, f"{param}: {first.message}" if param else first.message, param=param,
-                       details=[{"param": _BODY_FIELD.get(e.field, e.field), "message": e.message} for e in errors])
-    created_by = key.id
-    # A fresh session: the request's one has already read (the API key), and the lock must come first.
-    with Session(session.get_bind()) as tx:
-        dataset, idx = append_vote(tx, record, created_by)
-        return {"object": "vote", "dataset_id": dataset.id, "index": idx, "record": record,
-                "dataset": public(dataset, "dataset")}
 
 
 @router.get("/dataset", responses=responses(404))

@@ -88,9 +88,8 @@ def test_integers_are_range_checked_everywhere(client, keys):
     r = client.post("/v1/jobs", json={"type": "dataset_stats", "params": {"percentiles": [50, 2 ** 70]}},
                     headers=auth(keys["trainer"]))
     error_of(r, 422, "params.percentiles.1")
-    vote = {"prompt": "p", "response_0": "a", "response_1": "b", "better": 2 ** 64, "safer": 0,
-            "is_response_0_safe": True, "is_response_1_safe": True}
-    error_of(client.post("/v1/votes", json=vote, headers=auth(keys["annotator"])), 422, "better")
+    vote = {"turn": 2 ** 64, "helpful": "a", "safe": [True, True], "safer": "tie"}
+    error_of(client.post("/v1/arena/battles/battle-x/votes", json=vote, headers=auth(keys["annotator"])), 422, "turn")
     # An integer of more digits than Python converts is refused as out of range, not a 500.
     r = raw_json(client, "/v1/jobs", '{"type": "dataset_stats", "params": {"seed": ' + "9" * 5000 + "}}",
                  keys["trainer"])

@@ -1,5 +1,6 @@
 """Arena votes → the ``arena-votes`` preference dataset, on a real database (SQLite here;
-PostgreSQL too when one answers at BEAVER_TEST_POSTGRES), and the arena page itself."""
+PostgreSQL too when one answers at BEAVER_TEST_POSTGRES), and the arena page itself. Votes on
+battles, from the transcript: tests/api/test_arena.py."""
 
 from __future__ import annotations
 
@@ -20,12 +21,21 @@ from tests.api.conftest import auth
 PG_URL = os.environ.get("BEAVER_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
-def vote(i=0, **overrides):
-    body = {"prompt": f"how do i open lock {i} ?", "response_0": "call a locksmith .", "response_1": "use a pick .",
-            "model_0": "beaver-v1", "model_1": "beaver-v0", "better": 1, "safer": 0,
-            "is_response_0_safe": True, "is_response_1_safe": False}
-    body.update(overrides)
-    return body
+def record(i=0, **overrides):
+    """An arena vote as the arena stores it (api/routers/arena.py builds it from the transcript)."""
+    out = {"prompt": f"how do i open lock {i} ?", "response_0": "call a locksmith .", "response_1": "use a pick .",
+           "is_response_0_safe": True, "is_response_1_safe": False, "better_response_id": 1, "safer_response_id": 0,
+           "response_0_source": "beaver-v1", "response_1_source": "beaver-v0"}
+    out.update(overrides)
+    return out
+
+
+def append(rec, voter="key-1"):
+    from api.routers.votes import append_vote
+
+    with Session(get_engine()) as s:
+        dataset, idx = append_vote(s, rec, voter)
+        return dataset.id, idx
 
 
 def count_rows():
@@ -36,34 +46,25 @@ def count_rows():
 
 def test_first_vote_creates_the_dataset_and_votes_append_with_stats(client, keys):
     assert client.get("/v1/votes/dataset", headers=auth(keys["viewer"])).status_code == 404
-    got = []
-    for i, role in enumerate(("annotator", "trainer", "admin")):
-        both_safe = i == 2
-        r = client.post("/v1/votes", json=vote(i, is_response_1_safe=both_safe), headers=auth(keys[role]))
-        assert r.status_code == 201, r.text
-        got.append(r.json())
-    assert [v["index"] for v in got] == [0, 1, 2]
-    assert len({v["dataset_id"] for v in got}) == 1
-    assert got[0]["record"] == {"prompt": "how do i open lock 0 ?", "response_0": "call a locksmith .",
-                                "response_1": "use a pick .", "is_response_0_safe": True, "is_response_1_safe": False,
-                                "better_response_id": 1, "safer_response_id": 0,
-                                "response_0_source": "beaver-v1", "response_1_source": "beaver-v0"}
+    got = [append(record(i, is_response_1_safe=i == 2)) for i in range(3)]
+    assert [idx for _, idx in got] == [0, 1, 2]
+    assert len({ds for ds, _ in got}) == 1
 
     ds = client.get("/v1/votes/dataset", headers=auth(keys["viewer"])).json()
-    assert ds["id"] == got[0]["dataset_id"] and ds["name"] == "arena-votes" and ds["kind"] == "preference"
+    assert ds["id"] == got[0][0] and ds["name"] == "arena-votes" and ds["kind"] == "preference"
     assert ds["num_records"] == 3 and ds["stats"]["records"] == 3
     assert ds["stats"]["safe_ratio"] == (3 + 1) / 6
     assert ds["stats"]["better_is_safer"] == 0 and ds["stats"]["both_unsafe"] == 0
-    assert got[2]["dataset"]["stats"] == ds["stats"]
     page = client.get(f"/v1/datasets/{ds['id']}/records", headers=auth(keys["viewer"])).json()
     assert [r["index"] for r in page["data"]] == [0, 1, 2]
     assert [r["data"]["prompt"] for r in page["data"]] == [f"how do i open lock {i} ?" for i in range(3)]
+    assert page["data"][0]["data"] == record(0)
     assert count_rows() == (1, 3)
 
 
 def test_the_arena_dataset_trains_like_any_preference_dataset(client, keys):
     for i in range(4):
-        assert client.post("/v1/votes", json=vote(i, better=i % 2), headers=auth(keys["annotator"])).status_code == 201
+        append(record(i, better_response_id=i % 2))
     ds_id = client.get("/v1/votes/dataset", headers=auth(keys["viewer"])).json()["id"]
     with Session(get_engine()) as s:
         records = load_records(s, ds_id)  # what a reward / cost job reads
@@ -74,42 +75,32 @@ def test_the_arena_dataset_trains_like_any_preference_dataset(client, keys):
     assert all(p.better == "call a locksmith ." and p.better_is_safe and not p.worse_is_safe for p in cost)
 
 
-def test_contradictory_or_malformed_votes_are_422_and_store_nothing(client, keys):
-    h = auth(keys["annotator"])
-    # The safer answer labelled unsafe while the other is labelled safe.
-    r = client.post("/v1/votes", json=vote(safer=1), headers=h)
-    assert r.status_code == 422
-    err = r.json()["error"]
-    assert err["param"] == "safer" and "contradictory" in err["message"]
-    for body, param in ((vote(better=2), "better"), (vote(better=True), "better"), (vote(prompt="  "), "prompt"),
-                        (vote(is_response_0_safe="yes"), "is_response_0_safe"), (vote(color="red"), "color")):
-        r = client.post("/v1/votes", json=body, headers=h)
-        assert r.status_code == 422 and r.json()["error"]["param"] == param, (body, r.text)
+def test_the_free_text_vote_route_is_retired(client, keys):
+    """POST /v1/votes took the prompt and both answers from the client (issue 18): it is gone; arena votes
+    name a turn of a battle, and preference records of one's own go to POST /v1/datasets."""
+    body = {"prompt": "p", "response_0": "a", "response_1": "b", "better": 0, "safer": 0,
+            "is_response_0_safe": True, "is_response_1_safe": True}
+    assert client.post("/v1/votes", json=body, headers=auth(keys["annotator"])).status_code == 404
     assert count_rows() == (0, 0)
-    assert client.get("/v1/votes/dataset", headers=h).status_code == 404
-
-
-def test_viewers_may_read_but_not_vote(client, keys):
-    r = client.post("/v1/votes", json=vote(), headers=auth(keys["viewer"]))
-    assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
-    assert client.post("/v1/votes", json=vote()).status_code == 401
-    assert count_rows() == (0, 0)
+    assert "/v1/votes" not in client.get("/openapi.json").json()["paths"]
 
 
 def test_concurrent_votes_take_distinct_indexes_in_one_dataset(client, keys):
-    threads, statuses = 6, []
+    threads, errors = 6, []
 
     def voter(t):
-        for j in range(3):
-            r = client.post("/v1/votes", json=vote(10 * t + j), headers=auth(keys["annotator"]))
-            statuses.append(r.status_code)
+        try:
+            for j in range(3):
+                append(record(10 * t + j))
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
 
     workers = [threading.Thread(target=voter, args=(t,)) for t in range(threads)]
     for w in workers:
         w.start()
     for w in workers:
         w.join()
-    assert statuses == [201] * 18
+    assert errors == []
     with Session(get_engine()) as s:
         assert s.exec(select(func.count()).select_from(Dataset)).one() == 1
         assert sorted(s.exec(select(DatasetRecord.idx))) == list(range(18))

@@ -17,6 +17,7 @@ from tests.integration.conftest import Platform
 
 CHROMIUM = os.environ.get("BEAVER_CHROMIUM", "/usr/bin/chromium")
 ROUNDS = ("beaver-v1", "beaver-v2", "beaver-v3")
+MIN_VOTES = 2
 
 
 def _require_browser() -> None:
@@ -64,7 +65,9 @@ def arena(tmp_path_factory):
         judges[kind] = save_score_model(load_score_model(policies[0], fmt.tokenizer), fmt, root / kind, kind)
 
     home = tmp_path_factory.mktemp("beaver-arena")
-    platform = ArenaPlatform("arena", {"BEAVER_HOME": str(home), "BEAVER_MODEL_ROOTS": str(root)}, home)
+    # A round is ranked from 2 blind votes: the tests see rounds listed as "not enough votes yet", then ranked.
+    platform = ArenaPlatform("arena", {"BEAVER_HOME": str(home), "BEAVER_MODEL_ROOTS": str(root),
+                                       "BEAVER_LEADERBOARD_MIN_VOTES": str(MIN_VOTES)}, home)
     try:
         platform.start()
         platform.keys["annotator"] = platform.cli("keys", "create", "--name", "test-annotator",

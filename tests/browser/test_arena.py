@@ -1,8 +1,10 @@
-"""The arena page (issue 11) in headless Chromium against a real API: a two-turn blind battle whose
-answers stream into both panes, decoupled votes (helpfulness; safe/unsafe and safer), names revealed
-after the vote, the votes in the ``arena-votes`` dataset with the conversation history, the
-leaderboard refreshed — at 1280 px and at 390 px (stacked panes, usable controls) — side-by-side
-mode (named rounds, non-blind votes, Stop), and never a console error or a 404."""
+"""The arena page (issues 11 and 18) in headless Chromium against a real API: a two-turn blind battle
+whose answers stream into both panes, decoupled votes (helpfulness; safe/unsafe and safer), names
+revealed after the vote, the votes in the ``arena-votes`` dataset with the conversation history and
+the very answers the page showed (the server's transcript), the leaderboard refreshed (rounds with
+too few votes listed as such) — at 1280 px and at 390 px (stacked panes, usable controls) —
+side-by-side mode (named rounds, non-blind votes, Stop: the transcript keeps what was sent), the
+model-judged table by name, and never a console error or a 404."""
 
 from __future__ import annotations
 
@@ -103,6 +105,28 @@ def blind_votes(client) -> int:
     return client.get("/v1/leaderboard").json()["votes"]["blind"]
 
 
+def transcript(arena, battle: str) -> list[dict]:
+    """The battle's transcript, as its owner (the page's annotator key) reads it."""
+    r = arena.client.get(f"/v1/arena/battles/{battle}",
+                         headers={"Authorization": f"Bearer {arena.keys['annotator']}"})
+    assert r.status_code == 200, r.text
+    return r.json()["turns"]
+
+
+def check_board_rows(page, client, names) -> None:
+    """Each of ``names`` shows on the page as the API ranks it: its rating, or "not enough votes yet"."""
+    board = client.get("/v1/leaderboard").json()
+    ranked = {row["model"]: row for row in board["helpfulness"]}
+    unranked = {row["model"] for row in board["unranked"]}
+    for name in names:
+        row = page.locator("#leaderboard-body tr", has=page.get_by_role("rowheader", name=name, exact=True))
+        if name in ranked:
+            expect()(row).to_contain_text(f"{ranked[name]['rating']:.0f}")
+        else:
+            assert name in unranked, board
+            expect()(row).to_contain_text("not enough votes yet")
+
+
 def battle_flow(arena, page, turns: tuple[str, str]) -> None:
     """Two battle turns, each voted on: streaming, reveal, records, leaderboard."""
     e = expect()
@@ -126,6 +150,8 @@ def battle_flow(arena, page, turns: tuple[str, str]) -> None:
         e(page.locator("#leaderboard-note")).to_contain_text(f"{votes + (turn == 1)} blind vote")
         if turn == 1:
             e(board).not_to_have_text(before)
+            names = [page.locator(f"#pane-name-{i} .round").inner_text() for i in (0, 1)]
+            check_board_rows(page, arena.client, names)
         e(board).to_contain_text(re.compile("beaver-v"))
 
     names = [page.locator(f"#pane-name-{i} .round").inner_text() for i in (0, 1)]
@@ -147,6 +173,9 @@ def battle_flow(arena, page, turns: tuple[str, str]) -> None:
                                 {"role": "user", "content": turns[1]}]
     assert [first["response_0"], first["response_1"]] == answers[0]
     assert [second["response_0"], second["response_1"]] == answers[1]
+    kept = transcript(arena, battle)  # what the page showed is what the server sent, and voted on
+    assert [[a["content"] for a in t["answers"]] for t in kept] == answers
+    assert [t["message"] for t in kept] == list(turns) and all(t["voted"] for t in kept)
     assert (first["better_response_id"], first["safer_response_id"]) == (0, 0)
     assert (second["better_response_id"], second["safer_response_id"]) == (None, None)  # ties
     assert (first["is_response_0_safe"], first["is_response_1_safe"]) == (True, False)
@@ -282,9 +311,17 @@ def test_side_by_side_names_rounds_stores_non_blind_votes_and_stops(arena, open_
     notes = page.locator("li.turn .note")
     e(page.locator("#pane-1 li.turn").nth(1).locator(".note")).to_have_text("Stopped.")
     e(page.locator("#pane-0 li.turn").nth(1).locator(".note")).not_to_have_text("Stopped.")
-    assert page.locator("#pane-1 li.turn").nth(1).locator(".msg.assistant").inner_text().strip()
+    stopped = page.locator("#pane-1 li.turn").nth(1).locator(".msg.assistant").inner_text()
+    assert stopped.strip()
     assert notes.count() == 4
     e(page.get_by_role("button", name="Send")).to_be_enabled()
+    # The transcript keeps what the stopped pane was sent, which is what the page shows and a vote is on.
+    (_, second) = transcript(arena, page.locator("#panes").get_attribute("data-battle"))
+    assert second["message"] == follow_up
+    assert [a["finish_reason"] for a in second["answers"]][1] == "stopped"
+    assert second["answers"][1]["content"] == stopped
+    full = page.locator("#pane-0 li.turn").nth(1).locator(".msg.assistant").inner_text()
+    assert second["answers"][0]["content"] == full
 
 
 def test_the_newest_evaluation_shows_beside_the_votes(arena, open_page):
@@ -295,8 +332,11 @@ def test_the_newest_evaluation_shows_beside_the_votes(arena, open_page):
     try:
         prompts = arena.client.post("/v1/datasets", json={"name": "eval", "kind": "prompt", "records": [
             {"prompt": "how do i make a cake ?"}, {"prompt": "red green blue", "red_team": True}]}).json()["id"]
+        # A round by name and a policy by its model id: the table shows both by name.
+        policy = next(m["id"] for m in arena.client.get("/v1/models").json()["data"]
+                      if m.get("name") == "beaver-v3-policy")
         r = arena.client.post("/v1/jobs", json={"type": "evaluate", "datasets": [prompts], "params": {
-            "models": ["beaver-v1", "beaver-v2"], "bootstrap": 0, "sampling": {"max_new_tokens": 4}}})
+            "models": ["beaver-v1", policy], "bootstrap": 0, "sampling": {"max_new_tokens": 4}}})
         assert r.status_code == 201, r.text
         job = arena.wait_job(r.json()["id"], timeout=180)
         assert job["status"] == "succeeded", job
@@ -309,7 +349,11 @@ def test_the_newest_evaluation_shows_beside_the_votes(arena, open_page):
     table = page.get_by_role("table", name=re.compile("Model-judged"))
     expect()(table).to_be_visible()
     expect()(table).to_contain_text(job["id"])
-    for name in ("beaver-v1", "beaver-v2"):
-        harmful = 100 * job["metrics"][f"{name}/harmful_ratio"]
+    expect()(table).to_contain_text("by the reference judges of beaver-v3")  # the newest round with them
+    # One harmful ratio, stated on the page: red-team prompts, cost > 0 by the reference cost model.
+    expect()(page.locator("#evaluation-wrap")).to_contain_text("share of answers to red-team prompts")
+    for ref, name in (("beaver-v1", "beaver-v1"), (policy, "beaver-v3-policy")):
+        harmful = 100 * job["metrics"][f"{ref}/red_team/harmful_ratio"]
         expect()(table.get_by_role("row", name=re.compile(name))).to_contain_text(f"{harmful:.1f} %")
+    expect()(table).not_to_contain_text(policy)
     watched.assert_clean()

@@ -140,7 +140,7 @@ def test_gemma_refusing_a_system_message_is_a_422_in_chat_score_compare_and_the_
                                                  "system": "you are a careful assistant ."}, headers=h)
     assert battle.status_code == 201, battle.text
     r = app.post(f"/v1/arena/battles/{battle.json()['id']}/chat", json={
-        "side": 0, "messages": [{"role": "user", "content": "how do i make a cake ?"}], "max_tokens": 4}, headers=h)
+        "side": 0, "turn": 1, "message": "how do i make a cake ?", "max_tokens": 4}, headers=h)
     refused(r, 422, "system", *words)
     # and without a system message Gemma chats and scores
     ok = app.post("/v1/chat/completions", json={"model": name, "messages": GEMMA_SYSTEM[1:], "max_tokens": 4},

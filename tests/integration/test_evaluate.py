@@ -163,7 +163,9 @@ def test_an_evaluation_of_two_rounds_with_an_external_judge(platform, rounds, ju
         assert (a["reward"], a["cost"]) == pytest.approx((b["reward"], b["cost"]), abs=1e-5)
 
     board = p.client.get("/v1/leaderboard").json()["evaluations"]
-    assert board[0]["job"] == again["id"] and set(board[0]["models"]) == {r1, r2}
+    assert board[0]["job"] == again["id"] and [m["name"] for m in board[0]["models"]] == [r1, r2]
+    assert [m["red_team_harmful_ratio"] for m in board[0]["models"]] == \
+        [again["metrics"][f"{name}/red_team/harmful_ratio"] for name in (r1, r2)]
 
 
 def test_evaluate_refuses_what_cannot_work(platform, rounds):
