@@ -42,6 +42,15 @@ class Settings(BaseSettings):
                                  "work outside a request's session (the health snapshot, a second transaction).")
     queue_timeout_seconds: float = Field(5.0, gt=0, description="How long a request waits for a database session "
                                          "when all are in use; then 429 with Retry-After.")
+    # Caps on what one job may ask for, checked at POST /v1/jobs (models/jobs.py: Bound(cap=...), check_size).
+    max_job_tokens: int = Field(32768, ge=1, description="Tokens a job's sequence may have (max_length, "
+                                "sampling.max_new_tokens), whatever the model; the model's context bounds them too.")
+    max_job_samples: int = Field(100_000, ge=1, description="Answers a generate or evaluate job may produce: "
+                                 "prompts × samples_per_prompt × models, counted from the datasets' records.")
+    max_job_steps: int = Field(100_000, ge=1, description="PPO steps, and the optimizer steps of sft, dpo, reward "
+                               "and cost jobs (epochs × ⌈records / batch_size⌉).")
+    max_job_batch: int = Field(1024, ge=1, description="Sequences in one batch of a job (batch_size, "
+                               "rollout_batch_size, mini_batch_size, micro_batch_size).")
     host: str = Field("127.0.0.1", description="API bind address.")
     port: int = Field(8000, description="API port.")
     worker_pool: str = Field("solo", description="Celery pool for `beaver worker` (solo: one job at a time).")
@@ -80,6 +89,12 @@ class Settings(BaseSettings):
     @property
     def resolved_db_pool_size(self) -> int:
         return self.db_pool_size or self.api_threads
+
+    @property
+    def job_caps(self) -> dict[str, int]:
+        """The caps of models.jobs.CAPS, by name."""
+        return {"tokens": self.max_job_tokens, "samples": self.max_job_samples, "steps": self.max_job_steps,
+                "batch": self.max_job_batch}
 
     @property
     def max_upload_bytes(self) -> int:

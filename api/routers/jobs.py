@@ -19,6 +19,7 @@ from sqlmodel import Session, select
 from api.db import DatabaseBusy, run_db
 from api.deps import STAFF_ROLES, Reader, SessionDep, Trainer
 from api.errors import ApiError, not_found, responses
+from api.job_bounds import check_job_size, job_create_schema
 from api.pagination import MAX_INT_ID, IdCursor, IndexCursor, check_limit, listing, page
 from api.queue import BrokerUnavailable, job_queue, send_job
 from api.registry import ModelNotFound, WrongModelKind, add_event, check_model, newest_judged_round
@@ -39,7 +40,8 @@ class JobCreate(BaseModel):
                             "CPU ranks on a CPU worker started with --ranks). Training jobs only; their "
                             "batch_size is per rank.")
 
-    model_config = {"extra": "forbid"}
+    # /openapi.json: one body per job type, with its params' bounds (api/job_bounds.py)
+    model_config = {"extra": "forbid", "json_schema_extra": lambda schema, _: job_create_schema(schema)}
 
 
 def job_public(job: Job, staff: bool = True) -> dict:
@@ -79,7 +81,7 @@ def create_job(body: JobCreate, response: Response, session: SessionDep, key: Tr
     if body.type in JOB_TYPES and JOB_TYPES[body.type].default_judges:
         params = {**newest_judges(session), **params}
     try:
-        config = parse_params(body.type, params)
+        config = parse_params(body.type, params, caps=get_settings().job_caps)
     except ParamsError as e:
         raise ApiError(422 if e.param != "type" else 400, str(e), param=e.param) from None
     params = config_to_dict(config)
@@ -90,11 +92,16 @@ def create_job(body: JobCreate, response: Response, session: SessionDep, key: Tr
     if idempotency_key and (existing := _find_idempotent(session, key.id, idempotency_key)) is not None:
         return _replay(session, existing, body, params, response)
     check_datasets(session, body.type, body.datasets)
+    found = {}
     for name, ref, kind in model_refs(body.type, config):
         try:
-            check_model(session, name, ref, kind)
+            found[name] = check_model(session, name, ref, kind)
         except (ModelNotFound, WrongModelKind) as e:
             raise ApiError(422, f"params.{name}: {e}", param=f"params.{name}") from None
+    try:  # tokens by each model's context, answers and steps by the datasets' records (BEAVER_MAX_JOB_*)
+        check_job_size(session, body.type, config, body.datasets, found)
+    except ParamsError as e:
+        raise ApiError(422, str(e), param=e.param) from None
     queue = job_queue(JOB_TYPES[body.type].queue, body.world_size)
     job = Job(id=new_id("job"), type=body.type, params=params, datasets=body.datasets, queue=queue,
               world_size=body.world_size, created_by=key.id, idempotency_key=idempotency_key)
