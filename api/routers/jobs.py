@@ -20,7 +20,7 @@ from api.db import DatabaseBusy, run_db
 from api.deps import STAFF_ROLES, Reader, SessionDep, Trainer
 from api.errors import ApiError, not_found, responses
 from api.job_bounds import check_job_size, job_create_schema
-from api.pagination import MAX_INT_ID, IdCursor, IndexCursor, check_limit, listing, page
+from api.pagination import MAX_INT_ID, IdCursor, IndexCursor, Limit, listing, page
 from api.queue import BrokerUnavailable, job_queue, send_job
 from api.registry import ModelNotFound, WrongModelKind, add_event, check_model, newest_judged_round
 from api.settings import get_settings
@@ -196,7 +196,7 @@ def check_datasets(session: Session, job_type: str, dataset_ids: list[str]) -> N
 
 
 @router.get("")
-def list_jobs(session: SessionDep, key: Reader, after: IdCursor = None, limit: int = 20,
+def list_jobs(session: SessionDep, key: Reader, after: IdCursor = None, limit: Limit = 20,
               status: str | None = None, type: str | None = None) -> dict:
     """List jobs, newest first; filter by ``status`` or ``type``."""
     stmt = select(Job)
@@ -267,7 +267,7 @@ EVENTS_RESPONSES = {**responses(404), 200: {"description": "A list of events, or
 
 @router.get("/{job_id}/events", response_model=None, responses=EVENTS_RESPONSES)
 def job_events(job_id: str, request: Request, session: SessionDep, key: Reader, after: IndexCursor = None,
-               limit: int = 100, last_event_id: Annotated[str | None, Header()] = None) -> dict | StreamingResponse:
+               limit: Limit = 100, last_event_id: Annotated[str | None, Header()] = None) -> dict | StreamingResponse:
     """A job's events, oldest first; ``Accept: text/event-stream`` streams them live until the job ends
     (resuming after ``Last-Event-ID``)."""
     _get_job(session, job_id)
@@ -276,7 +276,6 @@ def job_events(job_id: str, request: Request, session: SessionDep, key: Reader, 
         start = event_cursor(last_event_id, after)
         return StreamingResponse(_stream_events(job_id, start, staff), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    check_limit(limit)
     stmt = select(JobEvent).where(JobEvent.job_id == job_id)
     rows, has_more = page(session, stmt, JobEvent.id, after, limit, descending=False)
     return listing([event_public(e, staff) for e in rows], has_more)
