@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 from sqlmodel import Session
 
-from api.errors import ApiError
+from api.errors import ApiError, busy
 from api.registry import find_model, find_round
 from api.settings import Settings, get_settings
 from api.tables import Model, Round
-from models.engine import (Engine, EngineError, InvalidRequestError, ModelLoadError, TransformersEngine,
-                           UnknownModelError)
+from models.engine import (Engine, EngineBusy, EngineError, InvalidRequestError, ModelLoadError,
+                           TransformersEngine, UnknownModelError)
 from models.vllm_engine import VLLMEngine, VLLMModel
 
 REFUSAL = "I'm sorry, but I can't help with that."  # what guard mode answers instead of an unsafe answer
@@ -50,7 +50,8 @@ class ServingPool:
         self._served: dict[str, Served] = {}  # model id → what the engines need, filled as requests resolve
         self.local = TransformersEngine(self._path, memory_budget_bytes=int(settings.engine_memory_gb * (1 << 30)),
                                         threads=max(1, (os.cpu_count() or 2) - 1),
-                                        dtype=torch_dtype(settings.serving_dtype))
+                                        dtype=torch_dtype(settings.serving_dtype),
+                                        queue_timeout_s=settings.queue_timeout_seconds)
         self.vllm_urls = settings.vllm_url_map
         self.remote = VLLMEngine(self._vllm_model) if self.vllm_urls else None
 
@@ -156,9 +157,12 @@ def resolve_judges(session: Session, ref: str | None, reward_ref: str | None = N
 
 @contextlib.contextmanager
 def engine_errors(param: str = "model"):
-    """Engine errors as API errors: unknown → 404, load failure → 503 with the reason, bad → 400."""
+    """Engine errors as API errors: unknown → 404, load failure → 503 with the reason, bad → 400, the
+    engine's queue full for BEAVER_QUEUE_TIMEOUT_SECONDS → 429 with Retry-After."""
     try:
         yield
+    except EngineBusy as e:
+        raise busy(str(e), e.retry_after) from None
     except UnknownModelError as e:
         raise ApiError(404, str(e), param=param, code="model_not_found") from None
     except ModelLoadError as e:
