@@ -350,8 +350,8 @@ def _coerce(hint, value, where: str, caps: dict | None = None):
             try:
                 return _coerce(arg, value, where, caps)
             except ParamsError as e:
-                errors.append(str(e))
-        raise ParamsError(errors[0] if errors else f"{where}: bad value", where)
+                errors.append(e)
+        raise errors[0] if errors else ParamsError(f"{where}: bad value", where)  # its param: params.lora.r
     if origin is typing.Literal:
         if value not in args:
             raise ParamsError(f"{where} must be one of {list(args)}, got {value!r}", where)
@@ -483,18 +483,19 @@ def config_schema(cls: type, caps: dict | None = None, fixed: dict | None = None
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
-        schema = json_schema(hints[f.name], caps)
-        if fixed and f.name in fixed:
-            schema = {"const": fixed[f.name]}
+        fixed_value = (fixed or {}).get(f.name, dataclasses.MISSING)
+        schema = json_schema(hints[f.name], caps) if fixed_value is dataclasses.MISSING else {"const": fixed_value}
         if docs.get(f.name):
             schema["description"] = docs[f.name]
+        properties[f.name] = schema
+        if fixed_value is not dataclasses.MISSING:
+            continue
         default = json.loads(json.dumps(config_to_dict(d) if dataclasses.is_dataclass(d := _default(f)) else d))
         try:
             _coerce(hints[f.name], default, f.name)
             schema["default"] = default
         except ParamsError:
             required.append(f.name)
-        properties[f.name] = schema
     return {"type": "object", "title": cls.__name__, "properties": properties, "additionalProperties": False,
             **({"required": required} if required else {})}
 
