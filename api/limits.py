@@ -189,6 +189,9 @@ class RequestLimits:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        from api.db import start_queue_budget
+
+        start_queue_budget()  # all of this request's waits, for sessions and for a model, share one timeout
         headers = Headers(scope=scope)
         settings = get_settings()
         upload = (scope["method"], scope["path"]) in UPLOAD_ROUTES

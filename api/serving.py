@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from sqlmodel import Session
 
+from api.db import queue_budget
 from api.errors import ApiError, busy
 from api.registry import find_model, find_round
 from api.settings import Settings, get_settings
@@ -51,7 +52,7 @@ class ServingPool:
         self.local = TransformersEngine(self._path, memory_budget_bytes=int(settings.engine_memory_gb * (1 << 30)),
                                         threads=max(1, (os.cpu_count() or 2) - 1),
                                         dtype=torch_dtype(settings.serving_dtype),
-                                        queue_timeout_s=settings.queue_timeout_seconds)
+                                        queue_timeout_s=queue_budget)  # what the request's waits left
         self.vllm_urls = settings.vllm_url_map
         self.remote = VLLMEngine(self._vllm_model) if self.vllm_urls else None
 

@@ -251,9 +251,9 @@ class TransformersEngine:
     steps interleave on the compute thread), the next waits. Models load on first use and are kept,
     least recently used out, while their parameters fit ``memory_budget_bytes``.
 
-    Admission: a request waits at most ``queue_timeout_s`` for the engine to take it up (its first
-    score item batched, its generation group started); then it leaves the queue and ``EngineBusy``
-    is raised (the API's 429). Without it, more clients only meant longer waits: 256 chat or score
+    Admission: a request waits at most ``queue_timeout_s`` (seconds, or a function giving what is left
+    of the caller's budget) for the engine to take it up (its first score item batched, its generation
+    group started); then it leaves the queue and ``EngineBusy`` is raised (the API's 429). Without it, more clients only meant longer waits: 256 chat or score
     clients on 2 cores waited seconds in these queues while the database sessions already answered 429.
 
     ``models`` maps a model id to a local HF directory (or is a function doing so, raising
@@ -264,7 +264,7 @@ class TransformersEngine:
                  memory_budget_bytes: int = 8 << 30, max_batch_size: int = 32, max_wait_ms: float = 5.0,
                  max_generate_batch: int = 16, max_generate_groups: int = 4, device: str = "cpu",
                  dtype: torch.dtype | str = torch.float32, threads: int | None = None,
-                 queue_timeout_s: float | None = None):
+                 queue_timeout_s: float | Callable[[], float] | None = None):
         self._resolve = models if callable(models) else self._lookup(dict(models))
         self.memory_budget_bytes = memory_budget_bytes
         self.max_batch_size = max_batch_size
@@ -347,14 +347,16 @@ class TransformersEngine:
         (the batchers skip it) and raise ``EngineBusy``."""
         if self.queue_timeout_s is None:
             return
+        timeout = self.queue_timeout_s() if callable(self.queue_timeout_s) else self.queue_timeout_s
+        timeout = max(timeout, 2 * self.max_wait_s)  # an idle engine takes a request up within its batching window
         try:
-            await asyncio.wait_for(started.wait(), self.queue_timeout_s)
+            await asyncio.wait_for(started.wait(), timeout)
         except asyncio.TimeoutError:
             if started.is_set():  # taken up as the time ran out
                 return
             abandon()
-            raise EngineBusy(f"the server is busy: the model did not take the request up within "
-                             f"{self.queue_timeout_s:g} s; retry after {EngineBusy.retry_after} s") from None
+            raise EngineBusy(f"the server is busy: the model did not take the request up in time; "
+                             f"retry after {EngineBusy.retry_after} s") from None
         except BaseException:  # the client went away while it waited
             abandon()
             raise

@@ -307,3 +307,28 @@ def test_a_request_the_busy_model_cannot_take_up_is_a_429(keys, registry, monkey
             assert "busy" in r.json()["error"]["message"]
         assert sorted(r.status_code for r in answers) == [200, 429, 429]  # the one taken up is served
         assert client.post(path, json=body, headers=h).status_code == 200
+
+
+def test_a_requests_waits_share_one_queue_timeout(beaver_env, monkeypatch):  # noqa: F811
+    """A POST to /v1/score waited for a session for its key check, then for another for its route, then
+    for the model: each up to BEAVER_QUEUE_TIMEOUT_SECONDS, three in all before a 429. Now they spend one
+    budget: once a wait used it up, later waits take what is free but wait for nothing."""
+    import anyio
+
+    from api.db import DatabaseBusy, acquire_slot, queue_budget, start_queue_budget
+
+    monkeypatch.setenv("BEAVER_DB_POOL_SIZE", "1")
+    monkeypatch.setenv("BEAVER_QUEUE_TIMEOUT_SECONDS", "0.05")
+    clear_caches()
+
+    async def request():
+        start_queue_budget()
+        assert queue_budget() == 0.05
+        held = await acquire_slot()  # free: taken at once
+        with pytest.raises(DatabaseBusy):
+            await acquire_slot()  # waits out the whole budget
+        assert queue_budget() == 0  # … so the model (api.serving) waits only the moment an idle one needs
+        held.release()
+        (await acquire_slot()).release()  # a free session is still taken
+
+    anyio.run(request)
