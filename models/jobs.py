@@ -65,7 +65,8 @@ class Bound:
         if isinstance(value, (str, list, tuple)):
             what = "characters" if isinstance(value, str) else "items"
             if self.min_length is not None and len(value) < self.min_length:
-                return f"must have at least {self.min_length} {what}, got {len(value)}"
+                return f"must have at least {self.min_length} {what[:-1] if self.min_length == 1 else what}, " \
+                       f"got {len(value)}"
             if self.max_length is not None and len(value) > self.max_length:
                 return f"must have at most {self.max_length:,} {what}, got {len(value):,}"
             return None
