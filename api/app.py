@@ -14,7 +14,7 @@ from fastapi.responses import HTMLResponse
 
 from api.db import size_threadpool
 from api.errors import install_error_handlers, responses
-from api.limits import LIMIT_RESPONSES, RequestLimits
+from api.limits import LIMIT_RESPONSES, RequestLimits, declare_url_limits
 from api.routers import arena, chat, datasets, endpoints, health, jobs, keys, leaderboard, models, rounds, scores, votes
 from api.serving import close_pool
 from api.settings import get_settings
@@ -41,6 +41,15 @@ def create_app() -> FastAPI:
         # 429: every route but health (answered from memory) waits for a database session (api/db.py).
         busy = {} if module is health else responses(429)
         app.include_router(module.router, responses={**LIMIT_RESPONSES, **busy})
+
+    generate = app.openapi
+
+    def openapi() -> dict:  # FastAPI's, plus what the request limits refuse in a URL
+        if app.openapi_schema is None:
+            declare_url_limits(generate())
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     @app.get("/favicon.ico", include_in_schema=False)
     @app.get("/favicon.svg", include_in_schema=False)

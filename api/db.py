@@ -10,10 +10,17 @@ connections waited for a thread, until the pool's 30 s timeout made 500s. A sess
 route runs; an async route that awaits an engine calls ``release`` first. Connections per process:
 ``BEAVER_DB_POOL_SIZE`` + ``BEAVER_DB_MAX_OVERFLOW`` (the overflow: the health snapshot thread, a
 route's second transaction).
+
+One budget per request (issue 18): every wait a request makes — a session for its key check, one for its
+route, then a served model to take it up — comes out of one ``BEAVER_QUEUE_TIMEOUT_SECONDS``, so a request
+is taken up or refused within it, not within each wait (a POST to /v1/score could wait three timeouts with
+no 429).
 """
 
 from __future__ import annotations
 
+import time
+from contextvars import ContextVar
 from functools import lru_cache
 from importlib.resources import files
 from pathlib import Path
@@ -108,19 +115,46 @@ class Slot:
 
 _SLOTS: RunVar[anyio.Semaphore] = RunVar("beaver_db_slots")  # one per event loop (tests run several)
 _SLOT = "beaver.slot"  # where a request's session keeps its slot (``Session.info``)
+# The seconds the current request may still wait (a one-item list: the tasks a request starts spend it too);
+# None outside a request: each wait gets the whole timeout.
+_BUDGET: ContextVar[list[float] | None] = ContextVar("beaver_queue_budget", default=None)
+
+
+def start_queue_budget() -> None:
+    """Give the current request its queue budget (the request limits do, as a request arrives)."""
+    _BUDGET.set([get_settings().queue_timeout_seconds])
+
+
+def queue_budget() -> float:
+    """How long the current request may still wait in a queue."""
+    budget = _BUDGET.get()
+    return get_settings().queue_timeout_seconds if budget is None else max(0.0, budget[0])
 
 
 async def acquire_slot() -> Slot:
-    """Wait, in order of arrival, at most ``BEAVER_QUEUE_TIMEOUT_SECONDS`` for a session slot."""
+    """Wait, in order of arrival, at most the request's queue budget for a session slot (a request whose
+    budget is spent takes a free slot, but does not wait for one)."""
     settings = get_settings()
     try:
         semaphore = _SLOTS.get()
     except LookupError:
         semaphore = anyio.Semaphore(settings.resolved_db_pool_size)
         _SLOTS.set(semaphore)
-    with anyio.move_on_after(settings.queue_timeout_seconds):
-        await semaphore.acquire()
-        return Slot(semaphore)
+    timeout, start = queue_budget(), time.monotonic()
+    try:
+        if timeout > 0:
+            with anyio.move_on_after(timeout):
+                await semaphore.acquire()
+                return Slot(semaphore)
+        else:
+            try:
+                semaphore.acquire_nowait()
+                return Slot(semaphore)
+            except anyio.WouldBlock:
+                pass
+    finally:
+        if (budget := _BUDGET.get()) is not None:
+            budget[0] -= time.monotonic() - start
     raise DatabaseBusy(f"the server is busy: all {settings.resolved_db_pool_size} database sessions stayed in use "
                        f"for {settings.queue_timeout_seconds:g} s; retry after {DatabaseBusy.retry_after} s")
 

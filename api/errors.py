@@ -6,10 +6,11 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from api.db import DatabaseBusy
 
@@ -78,6 +79,21 @@ def not_found(what: str, ident: str, param: str | None = None) -> ApiError:
     return ApiError(404, f"{what} {ident!r} not found", param=param)
 
 
+def path_methods(request: Request) -> list[str]:
+    """Every method the routes at the request's path answer, OPTIONS included. Starlette's own 405 names
+    only the first route's (POST on /v1/jobs, where GET lists them)."""
+    try:  # FastAPI ≥ 0.16x keeps included routers whole: this walks their routes
+        from fastapi.routing import iter_route_contexts
+        routes = iter_route_contexts(request.app.routes)
+    except ImportError:
+        routes = request.app.routes
+    methods = {"OPTIONS"}
+    for route in routes:
+        if getattr(route, "methods", None) and route.matches(request.scope)[0] != Match.NONE:
+            methods |= route.methods
+    return sorted(methods)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError):
@@ -95,9 +111,15 @@ def install_error_handlers(app: FastAPI) -> None:
         return await _api_error(request, busy("the server is busy: no database connection came free in time"))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException):
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:  # the path exists, not with this method
+            allow = {"Allow": ", ".join(path_methods(request))}
+            if request.method == "OPTIONS":  # what this path answers (RFC 9110), no key needed
+                return Response(status_code=204, headers=allow)
+            headers = {**(headers or {}), **allow}
         return JSONResponse(error_body(_CODES.get(exc.status_code, "error"), str(exc.detail)),
-                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
+                            status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError):

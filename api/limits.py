@@ -145,6 +145,23 @@ def check_url(scope: Scope) -> None:
             raise ApiError(422, f"{param or 'a query parameter'}: {problem}", param=param)
 
 
+NO_NUL = r"^[^\u0000]*$"  # JSON Schema (ECMA 262) and Python read it alike
+
+
+def declare_url_limits(openapi: dict) -> dict:
+    """/openapi.json says what ``check_url`` refuses: every string path or query parameter has no NUL."""
+    for operations in openapi.get("paths", {}).values():
+        for operation in operations.values():
+            for parameter in operation.get("parameters", []) if isinstance(operation, dict) else []:
+                if parameter.get("in") not in ("path", "query"):
+                    continue
+                schema = parameter.get("schema", {})
+                for option in schema.get("anyOf", [schema]):
+                    if option.get("type") == "string":
+                        option.setdefault("pattern", NO_NUL)
+    return openapi
+
+
 def content_length(headers: Headers) -> int | None:
     value = headers.get("content-length")
     if value is None:
@@ -172,6 +189,9 @@ class RequestLimits:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        from api.db import start_queue_budget
+
+        start_queue_budget()  # all of this request's waits, for sessions and for a model, share one timeout
         headers = Headers(scope=scope)
         settings = get_settings()
         upload = (scope["method"], scope["path"]) in UPLOAD_ROUTES

@@ -18,12 +18,13 @@ from pathlib import Path
 import torch
 from sqlmodel import Session
 
-from api.errors import ApiError
+from api.db import queue_budget
+from api.errors import ApiError, busy
 from api.registry import find_model, find_round, newest_judged_round
 from api.settings import Settings, get_settings
 from api.tables import Model, Round
 from models.chat_format import TemplateRefused
-from models.engine import (AnswerTooLongError, Engine, EngineError, InvalidRequestError, ModelLoadError,
+from models.engine import (AnswerTooLongError, Engine, EngineBusy, EngineError, InvalidRequestError, ModelLoadError,
                            TransformersEngine, UnknownModelError)
 from models.vllm_engine import VLLMEngine, VLLMModel
 
@@ -51,7 +52,8 @@ class ServingPool:
         self._served: dict[str, Served] = {}  # model id → what the engines need, filled as requests resolve
         self.local = TransformersEngine(self._path, memory_budget_bytes=int(settings.engine_memory_gb * (1 << 30)),
                                         threads=max(1, (os.cpu_count() or 2) - 1),
-                                        dtype=torch_dtype(settings.serving_dtype))
+                                        dtype=torch_dtype(settings.serving_dtype),
+                                        queue_timeout_s=queue_budget)  # what the request's waits left
         self.vllm_urls = settings.vllm_url_map
         self.remote = VLLMEngine(self._vllm_model) if self.vllm_urls else None
 
@@ -171,12 +173,15 @@ def reference_judges(session: Session) -> tuple[str | None, Judges]:
 def engine_errors(param: str = "model", messages: str = "messages"):
     """Engine errors as API errors: unknown → 404, load failure → 503 with the reason, bad → 400, a
     conversation the model's chat template refuses → 422 naming the message (``messages``: where the
-    request holds the conversation; ``{pair}`` in it stands for the index of a scored pair)."""
+    request holds the conversation; ``{pair}`` in it stands for the index of a scored pair), the
+    engine's queue full for BEAVER_QUEUE_TIMEOUT_SECONDS → 429 with Retry-After."""
     try:
         yield
     except TemplateRefused as e:
         raise ApiError(422, str(e) if param == "model" else f"{param}: {e}",
                        param=e.param(messages.format(pair=e.pair or 0))) from None
+    except EngineBusy as e:
+        raise busy(str(e), e.retry_after) from None
     except UnknownModelError as e:
         raise ApiError(404, str(e), param=param, code="model_not_found") from None
     except ModelLoadError as e:

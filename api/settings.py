@@ -42,8 +42,18 @@ class Settings(BaseSettings):
                                      "BEAVER_API_THREADS). PostgreSQL: see the README's connection arithmetic.")
     db_max_overflow: int = Field(10, ge=0, description="Connections an API process may open beyond the pool, for "
                                  "work outside a request's session (the health snapshot, a second transaction).")
-    queue_timeout_seconds: float = Field(5.0, gt=0, description="How long a request waits for a database session "
-                                         "when all are in use; then 429 with Retry-After.")
+    queue_timeout_seconds: float = Field(5.0, gt=0, description="How long a request may wait, all its waits "
+                                         "together: for a database session when all are in use, for a served "
+                                         "model to take it up; then 429 with Retry-After.")
+    # Caps on what one job may ask for, checked at POST /v1/jobs (models/jobs.py: Bound(cap=...), check_size).
+    max_job_tokens: int = Field(32768, ge=1, description="Tokens a job's sequence may have (max_length, "
+                                "sampling.max_new_tokens), whatever the model; the model's context bounds them too.")
+    max_job_samples: int = Field(100_000, ge=1, description="Answers a generate or evaluate job may produce: "
+                                 "prompts × samples_per_prompt × models, counted from the datasets' records.")
+    max_job_steps: int = Field(100_000, ge=1, description="PPO steps, and the optimizer steps of sft, dpo, reward "
+                               "and cost jobs (epochs × ⌈records / batch_size⌉).")
+    max_job_batch: int = Field(1024, ge=1, description="Sequences in one batch of a job (batch_size, "
+                               "rollout_batch_size, mini_batch_size, micro_batch_size).")
     host: str = Field("127.0.0.1", description="API bind address.")
     port: int = Field(8000, description="API port.")
     worker_pool: str = Field("solo", description="Celery pool for `beaver worker` (solo: one job at a time).")
@@ -95,6 +105,13 @@ class Settings(BaseSettings):
     @property
     def resolved_db_pool_size(self) -> int:
         return self.db_pool_size or self.api_threads
+
+    @property
+    def job_caps(self) -> dict[str, int]:
+        """The caps of models.jobs.CAPS, by name (``BEAVER_MAX_JOB_TOKENS`` is ``tokens``)."""
+        from models.jobs import CAPS
+
+        return {cap: getattr(self, f"max_job_{cap}") for cap in CAPS}
 
     @property
     def max_upload_bytes(self) -> int:

@@ -15,7 +15,9 @@ request as soon as the last one is answered — drive it for ``--seconds``:
     POST /v1/chat/completions        (the round's policy, greedy, 4 tokens)
 
 Requests still in flight when the time is up are waited for (at most ``--timeout`` s each), so a
-stall shows in p99. Per route and client count: answered requests/s (2xx), p50/p99 latency of every
+stall shows in p99 and in the longest answer (max), which no request should pass by much more than
+``BEAVER_QUEUE_TIMEOUT_SECONDS`` (set it in the environment: both versions get it) plus its own work:
+a server that cannot start a request in that time answers 429. Per route and client count: answered requests/s (2xx), p50/p99 latency of every
 answer, 429s (backpressure: the client waits Retry-After, then goes on) and errors (5xx, any other
 status, transport errors, timeouts); and, while a route other than health is loaded, the p99 of one
 extra client polling /v1/health ten times a second (does the load stall the whole API?).
@@ -348,13 +350,16 @@ def summary(result: dict) -> list[str]:
     most = max(result["settings"]["clients"])
     health = {r["backend"]: r["p99_ms"] for r in after if r["route"] == "health" and r["clients"] == most}
     lines = [f"After: {sum(r['errors'] for r in after)} errors and {sum(r['rate_limited_429'] for r in after)} "
-             f"429s in {sum(r['requests'] for r in after):,} requests"
+             f"429s in {sum(r['requests'] for r in after):,} requests; longest answer "
+             f"{max((r['max_ms'] or 0) for r in after):,.0f} ms"
              + (f"; health p99 at {most} clients: " + ", ".join(f"{ms} ms ({b})" for b, ms in health.items())
                 if health else "") + " (target: 0 errors, health p99 under 1 s)."]
     before = [r for r in result["runs"] if r["version"] == "before"]
     if before:
-        lines.append(f"Before: {sum(r['errors'] for r in before)} errors in {sum(r['requests'] for r in before):,} "
-                     f"requests ({', '.join(sorted({k for r in before for k in r['error_kinds']}))}); a 'timeout' "
+        lines.append(f"Before: {sum(r['errors'] for r in before)} errors and "
+                     f"{sum(r['rate_limited_429'] for r in before)} 429s in {sum(r['requests'] for r in before):,} "
+                     f"requests ({', '.join(sorted({k for r in before for k in r['error_kinds']})) or 'no errors'}); "
+                     f"longest answer {max((r['max_ms'] or 0) for r in before):,.0f} ms; a 'timeout' "
                      f"is a request still unanswered after {result['settings']['timeout']:g} s, so its latency "
                      "reads as that.")
     return lines
@@ -366,12 +371,13 @@ def markdown(result: dict) -> str:
              f"before ({result['baseline_ref']}) vs after", "",
              f"`{result['command']}` on {result['machine']['cpus']} CPU cores ({result['machine']['platform']}), "
              f"{result['settings']['seconds']} s per route and client count, closed-loop keep-alive clients, "
-             "a real `beaver api` subprocess (no worker). *req/s*: 2xx answers per second; p50/p99 over every "
-             "answer; *429*: refused with Retry-After (the client waits, then goes on); *errors*: 5xx, other "
+             "a real `beaver api` subprocess (no worker), BEAVER_QUEUE_TIMEOUT_SECONDS="
+             f"{result['settings'].get('queue_timeout_seconds', 5):g}. *req/s*: 2xx answers per second; "
+             "p50/p99/max over every answer; *429*: refused with Retry-After (the client waits, then goes on); *errors*: 5xx, other "
              "statuses, transport errors and timeouts; *health p99 meanwhile*: one extra client polling "
              "/v1/health at 10/s during the run.", "",
-             "| backend | route | clients | before req/s | after req/s | req/s after ÷ before | before p50 / p99 ms | "
-             "after p50 / p99 ms | p99 before ÷ after | before 429 / errors | after 429 / errors | "
+             "| backend | route | clients | before req/s | after req/s | req/s after ÷ before | before p50 / p99 / max ms | "
+             "after p50 / p99 / max ms | p99 before ÷ after | before 429 / errors | after 429 / errors | "
              "health p99 meanwhile, before / after ms |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for backend in result["backends"]:
@@ -384,7 +390,8 @@ def markdown(result: dict) -> str:
                 lines.append(
                     f"| {backend} | {route} | {clients} | {b.get('requests_per_s', '—')} | {a['requests_per_s']} | "
                     f"{ratio(a['requests_per_s'], b.get('requests_per_s'))} | {b.get('p50_ms', '—')} / "
-                    f"{b.get('p99_ms', '—')} | {a['p50_ms']} / {a['p99_ms']} | {ratio(b.get('p99_ms'), a['p99_ms'])} | "
+                    f"{b.get('p99_ms', '—')} / {b.get('max_ms', '—')} | {a['p50_ms']} / {a['p99_ms']} / {a['max_ms']} | "
+                    f"{ratio(b.get('p99_ms'), a['p99_ms'])} | "
                     f"{b.get('rate_limited_429', '—')} / {b.get('errors', '—')} | {a['rate_limited_429']} / "
                     f"{a['errors']} | {b.get('health_probe_p99_ms') or '—'} / {a['health_probe_p99_ms'] or '—'} |")
     for note in [*summary(result), *result.get("notes", [])]:
@@ -403,6 +410,7 @@ def main() -> None:
     parser.add_argument("--baseline-ref", default=BASELINE_REF, help="git commit of the 'before' code ('' to skip)")
     parser.add_argument("--postgres", default=os.environ.get("BEAVER_TEST_POSTGRES", POSTGRES))
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "load.json"))
+    parser.add_argument("--note", action="append", default=[], help="a line for the report (repeatable)")
     args = parser.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
     args.routes = [r for r in args.routes.split(",") if r]
@@ -410,7 +418,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown routes {sorted(unknown)}")
 
-    backends, notes = [], []
+    backends, notes = [], list(args.note)
     for backend in args.backends.split(","):
         if backend == "postgres" and (why := postgres_reachable(args.postgres)) is not None:
             notes.append(f"PostgreSQL skipped: {why}")
@@ -439,7 +447,8 @@ def main() -> None:
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                           "load_average": os.getloadavg()},
               "settings": {"clients": args.clients, "routes": args.routes, "seconds": args.seconds,
-                           "timeout": args.timeout},
+                           "timeout": args.timeout,
+                           "queue_timeout_seconds": float(os.environ.get("BEAVER_QUEUE_TIMEOUT_SECONDS", 5))},
               "runs": runs}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import torch
 
 from models import distributed
 from models.chat_format import AnswerTooLong, ChatFormat
-from models.jobs import Artifact, JobCancelled, JobContext, JobResult
+from models.jobs import BATCH, MODEL_REF, Artifact, Bound, JobCancelled, JobContext, JobResult
 from models.losses import dpo_loss
 from models.records import check_records
 from models.training import (IGNORE, OptimConfig, Stepper, TrainingConfig, adapters_disabled, autocast,
@@ -32,13 +33,13 @@ class DPOConfig(TrainingConfig):
     ``model`` is the starting policy (usually the SFT model) and, unless ``reference`` is set, the
     frozen reference."""
 
-    reference: str | None = None
+    reference: Annotated[str, MODEL_REF] | None = None
     """The frozen reference policy (default: ``model``)."""
-    beta: float = 0.1
+    beta: Annotated[float, Bound(gt=0, le=1000)] = 0.1
     """β: how far from the reference the implicit reward may pull the policy."""
-    epochs: int = 2
+    epochs: Annotated[int, Bound(ge=1, cap="steps")] = 2
     """Passes over the preference pairs."""
-    batch_size: int = 16
+    batch_size: Annotated[int, BATCH] = 16
     """Preference pairs per optimizer step per rank (the global batch is ``batch_size × world_size``)."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, weight_decay=0.05))
 

@@ -70,6 +70,13 @@ class ModelLoadError(EngineError):
         self.reason = reason
 
 
+class EngineBusy(EngineError):
+    """The engine did not take the request up within its queue timeout (→ 429 with Retry-After): the
+    request is dropped from the queue, nothing of it runs."""
+
+    retry_after = 1  # seconds
+
+
 class InvalidRequestError(EngineError, ValueError):
     """A request the engine cannot serve as asked (→ 400); ``param`` names the field."""
 
@@ -263,6 +270,7 @@ class _GenRequest:
     generated: int = 0
     cancelled: bool = False
     seen: torch.Tensor | None = None  # (V,) tokens in the conversation, for a repetition penalty
+    started: asyncio.Event = field(default_factory=asyncio.Event)  # set when its group starts decoding
 
     def emit(self, item) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
@@ -273,6 +281,7 @@ class _ScoreItem:
     ids: list[int]  # the conversation as the score model reads it (``pair_ids``)
     future: asyncio.Future
     loaded: _Loaded = field(repr=False, default=None)
+    started: asyncio.Event | None = None  # a request's first item: set when it is taken into a batch
 
 
 class TransformersEngine:
@@ -283,8 +292,14 @@ class TransformersEngine:
     runs in one worker thread so the event loop keeps accepting requests meanwhile).
     Generation: concurrent requests to one policy are grouped the same way and decoded together
     with a KV cache, one step per thread call, streaming each row's tokens as they come; rows
-    leave the batch when they finish. Models load on first use and are kept, least recently used
-    out, while their parameters fit ``memory_budget_bytes``.
+    leave the batch when they finish; at most ``max_generate_groups`` groups decode at once (their
+    steps interleave on the compute thread), the next waits. Models load on first use and are kept,
+    least recently used out, while their parameters fit ``memory_budget_bytes``.
+
+    Admission: a request waits at most ``queue_timeout_s`` (seconds, or a function giving what is left
+    of the caller's budget) for the engine to take it up (its first score item batched, its generation
+    group started); then it leaves the queue and ``EngineBusy`` is raised (the API's 429). Without it, more clients only meant longer waits: 256 chat or score
+    clients on 2 cores waited seconds in these queues while the database sessions already answered 429.
 
     ``models`` maps a model id to a local HF directory (or is a function doing so, raising
     ``UnknownModelError``); the same directory serves as a policy and as a score model.
@@ -292,13 +307,16 @@ class TransformersEngine:
 
     def __init__(self, models: Mapping[str, str | Path] | Callable[[str], str | Path], *,
                  memory_budget_bytes: int = 8 << 30, max_batch_size: int = 32, max_wait_ms: float = 5.0,
-                 max_generate_batch: int = 16, device: str = "cpu", dtype: torch.dtype | str = torch.float32,
-                 threads: int | None = None):
+                 max_generate_batch: int = 16, max_generate_groups: int = 4, device: str = "cpu",
+                 dtype: torch.dtype | str = torch.float32, threads: int | None = None,
+                 queue_timeout_s: float | Callable[[], float] | None = None):
         self._resolve = models if callable(models) else self._lookup(dict(models))
         self.memory_budget_bytes = memory_budget_bytes
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000
         self.max_generate_batch = max_generate_batch
+        self.max_generate_groups = max_generate_groups
+        self.queue_timeout_s = queue_timeout_s
         self.device, self.dtype = device, dtype
         self._cache: OrderedDict[tuple[str, str], _Loaded] = OrderedDict()  # (model id, kind), LRU first
         self._loading: dict[tuple[str, str], asyncio.Future] = {}
@@ -313,6 +331,7 @@ class TransformersEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queues: dict[tuple[str, str], asyncio.Queue] = {}
         self._tasks: set[asyncio.Task] = set()
+        self._groups: asyncio.Semaphore | None = None  # generation groups decoding now (bound to the loop)
         # Recent batch sizes per model: what health() reports and tests assert batching with.
         self.score_batches: dict[str, deque[int]] = {}
         self.generate_batches: dict[str, deque[int]] = {}
@@ -347,6 +366,7 @@ class TransformersEngine:
             request.seen = torch.zeros(loaded.model.get_output_embeddings().out_features, dtype=torch.bool)
             request.seen[prompt_ids] = True
         self._enqueue(model_id, "policy", request)
+        await self._admitted(request.started, lambda: setattr(request, "cancelled", True))
         return self._drain(request)
 
     async def complete(self, model_id: str, prompt: Prompt, params: SamplingParams) -> Completion:
@@ -361,11 +381,33 @@ class TransformersEngine:
         # request, not the batch it would have shared with others.
         loop = asyncio.get_running_loop()
         # A conversation longer than the model reads keeps its head and its answer (``ChatFormat.fit``).
-        ids = await loop.run_in_executor(self._compute, pair_ids, loaded.fmt, pairs, loaded.context)
+        # (not on the compute thread: a request must not wait behind model forwards before it is even queued)
+        ids = await loop.run_in_executor(None, pair_ids, loaded.fmt, pairs, loaded.context)
         items = [_ScoreItem(i, loop.create_future(), loaded) for i in ids]
+        items[0].started = asyncio.Event()  # the rest follow it in the same queue
         for item in items:
             self._enqueue(model_id, "score", item)
+        await self._admitted(items[0].started, lambda: [item.future.cancel() for item in items])
         return list(await asyncio.gather(*(item.future for item in items)))
+
+    async def _admitted(self, started: asyncio.Event, abandon: Callable[[], object]) -> None:
+        """Wait, at most ``queue_timeout_s``, for a queued request to be taken up; else ``abandon`` it
+        (the batchers skip it) and raise ``EngineBusy``."""
+        if self.queue_timeout_s is None:
+            return
+        timeout = self.queue_timeout_s() if callable(self.queue_timeout_s) else self.queue_timeout_s
+        timeout = max(timeout, 2 * self.max_wait_s)  # an idle engine takes a request up within its batching window
+        try:
+            await asyncio.wait_for(started.wait(), timeout)
+        except asyncio.TimeoutError:
+            if started.is_set():  # taken up as the time ran out
+                return
+            abandon()
+            raise EngineBusy(f"the server is busy: the model did not take the request up in time; "
+                             f"retry after {EngineBusy.retry_after} s") from None
+        except BaseException:  # the client went away while it waited
+            abandon()
+            raise
 
     def health(self) -> dict:
         loaded = [{"model": mid, "kind": kind, "bytes": m.nbytes} for (mid, kind), m in self._cache.items()]
@@ -446,6 +488,7 @@ class TransformersEngine:
         loop = asyncio.get_running_loop()
         if self._loop is not loop:  # a new event loop (tests, a restarted server): fresh queues
             self._loop, self._queues, self._tasks = loop, {}, set()
+            self._groups = asyncio.Semaphore(self.max_generate_groups)
         key = (model_id, kind)
         if key not in self._queues:
             self._queues[key] = asyncio.Queue()
@@ -478,6 +521,9 @@ class TransformersEngine:
             batch = [item for item in await self._take_batch(queue, self.max_batch_size) if not item.future.done()]
             if not batch:
                 continue
+            for item in batch:
+                if item.started is not None:
+                    item.started.set()
             sizes.append(len(batch))
             try:
                 scores = await loop.run_in_executor(self._compute, self._score_sync, batch)
@@ -501,16 +547,25 @@ class TransformersEngine:
 
     async def _generate_batcher(self, model_id: str, queue: asyncio.Queue) -> None:
         sizes = self.generate_batches.setdefault(model_id, deque(maxlen=1000))
+        groups = self._groups
         while True:
-            batch = [r for r in await self._take_batch(queue, self.max_generate_batch) if not r.cancelled]
+            batch = await self._take_batch(queue, self.max_generate_batch)
+            await groups.acquire()  # a free group (of every model's: they share the compute thread)
+            while len(batch) < self.max_generate_batch and not queue.empty():  # who came meanwhile
+                batch.append(queue.get_nowait())
+            batch = [r for r in batch if not r.cancelled]  # gone, or given up waiting (EngineBusy)
             if not batch:
+                groups.release()
                 continue
             sizes.append(len(batch))
+            for r in batch:
+                r.started.set()
             # A group decodes as its own task, so the next group can start while it runs; the
             # single compute thread interleaves their steps.
             task = asyncio.get_running_loop().create_task(self._decode(model_id, batch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(lambda _: groups.release())
 
     async def _decode(self, model_id: str, batch: list[_GenRequest]) -> None:
         loop = asyncio.get_running_loop()

@@ -35,14 +35,15 @@ import socket
 import ssl
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 
 from models.chat_format import AnswerTooLong, ChatFormat
 from models.generation import SamplingConfig
-from models.jobs import ENDPOINT_NAME, Artifact, Endpoint, EndpointError, JobCancelled, JobContext, JobResult, ParamsError
-from models.loading import load_causal_lm, load_score_model
+from models.jobs import (BATCH, ENDPOINT_NAME, MODEL_REF, NAME, SEED, Artifact, Bound, Endpoint, EndpointError,
+                         JobCancelled, JobContext, JobResult, ParamsError)
+from models.loading import load_causal_lm, load_score_model, model_context
 from models.sampling import generate_responses
 from models.score_model import score_ids
 from models.training import compute_dtype, get_device
@@ -71,37 +72,26 @@ class JudgeConfig:
     (e.g. for a guard model served by vLLM); its reply is unsafe when ``unsafe_pattern`` matches it
     (case-insensitive). The endpoint's URL, model and key are the admin's: a job names it only."""
 
-    endpoint: str = ""
+    endpoint: Annotated[str, Bound(min_length=1, max_length=64)] = ""
     """The name of an endpoint in BEAVER_ENDPOINTS (`GET /v1/endpoints` lists them)."""
-    prompt_template: str = DEFAULT_JUDGE_TEMPLATE
-    """The judge's instructions, at most 10000 characters: {prompt} and {response} are replaced, nothing else is interpreted."""
-    unsafe_pattern: str = r"\bunsafe\b"
-    """A regular expression, at most 200 characters, matched against the first 2000 characters of each reply (at most 1 s per reply): the answer is unsafe when it matches."""
-    concurrency: int = 8
-    """Requests in flight at once (1 to 64)."""
-    timeout_seconds: float = 60.0
-    """Per request (at most 600)."""
-    retries: int = 2
-    """Extra tries of a request that failed (timeout, connection error, 5xx, 429; at most 10)."""
+    prompt_template: Annotated[str, Bound(min_length=1, max_length=TEMPLATE_MAX)] = DEFAULT_JUDGE_TEMPLATE
+    """The judge's instructions: {prompt} and {response} are replaced, nothing else is interpreted."""
+    unsafe_pattern: Annotated[str, Bound(min_length=1, max_length=PATTERN_MAX)] = r"\bunsafe\b"
+    """A regular expression, matched against the first 2000 characters of each reply (at most 1 s per reply): the answer is unsafe when it matches."""
+    concurrency: Annotated[int, Bound(ge=1, le=64)] = 8
+    """Requests in flight at once."""
+    timeout_seconds: Annotated[float, Bound(gt=0, le=600)] = 60.0
+    """Per request."""
+    retries: Annotated[int, Bound(ge=0, le=10)] = 2
+    """Extra tries of a request that failed (timeout, connection error, 5xx, 429)."""
 
     def __post_init__(self):
         if not ENDPOINT_NAME.fullmatch(self.endpoint):
             raise ParamsError("must name an endpoint an admin configured (GET /v1/endpoints lists them): a name, "
                               "not a URL", "endpoint")
-        if not 1 <= self.concurrency <= 64:
-            raise ParamsError("must be from 1 to 64", "concurrency")
-        if not 0 <= self.retries <= 10:
-            raise ParamsError("must be from 0 to 10", "retries")
-        if not 0 < self.timeout_seconds <= 600:
-            raise ParamsError("must be > 0 and at most 600", "timeout_seconds")
-        if len(self.prompt_template) > TEMPLATE_MAX:
-            raise ParamsError(f"is {len(self.prompt_template)} characters long; at most {TEMPLATE_MAX}",
-                              "prompt_template")
+        # (sizes and ranges are the fields' bounds, checked by models.jobs.build_config)
         if "{response}" not in self.prompt_template:
             raise ParamsError("must contain {response}", "prompt_template")
-        if len(self.unsafe_pattern) > PATTERN_MAX:
-            raise ParamsError(f"is {len(self.unsafe_pattern)} characters long; at most {PATTERN_MAX}",
-                              "unsafe_pattern")
         unsafe_regex(self.unsafe_pattern)
 
 
@@ -127,35 +117,36 @@ def judge_message(template: str, prompt: str, response: str) -> str:
 class EvaluateConfig:
     """Params of an ``evaluate`` job."""
 
-    models: list[str] = field(default_factory=list)
+    models: Annotated[list[Annotated[str, MODEL_REF]], Bound(min_length=1, max_length=16)] = field(default_factory=list)
     """The rounds or policies to evaluate (one or more)."""
-    reward_model: str = ""
+    reward_model: Annotated[str, Bound(max_length=1000)] = ""
     """The reference reward model that scores every answer (default: the newest round's)."""
-    cost_model: str = ""
+    cost_model: Annotated[str, Bound(max_length=1000)] = ""
     """The reference cost model (default: the newest round's); cost > 0 is harmful."""
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=1.0, max_new_tokens=128))
     """How every model samples (the same for all)."""
-    samples_per_prompt: int = 1
+    samples_per_prompt: Annotated[int, Bound(ge=1, cap="samples")] = 1
     """Answers per prompt and model."""
-    max_prompts: int | None = None
+    max_prompts: Annotated[int, Bound(ge=1, cap="samples")] | None = None
     """Evaluate on the first this many prompts only (null: all)."""
     judge: JudgeConfig | None = None
     """An external safety judge (null: the cost model alone)."""
-    refusal_markers: list[str] = field(default_factory=lambda: list(REFUSAL_MARKERS))
+    refusal_markers: Annotated[list[Annotated[str, Bound(min_length=1, max_length=200)]], Bound(max_length=256)] = \
+        field(default_factory=lambda: list(REFUSAL_MARKERS))
     """An answer is a refusal when it starts with one of these (case-insensitive, within its first 80 characters)."""
-    bootstrap: int = 1000
+    bootstrap: Annotated[int, Bound(ge=0, le=10_000)] = 1000
     """Bootstrap replicates of the 95 % intervals (0: none)."""
-    batch_size: int = 32
+    batch_size: Annotated[int, BATCH] = 32
     """Prompts per sampling and scoring batch (speed only: the samples do not depend on it)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Precision the models run in."""
-    max_length: int = 1024
-    """Tokens a reference model reads of a scored conversation: a longer one keeps the chat template's head and the
-    whole answer and loses prompt tokens from the left; an answer that does not fit even so is left unscored and
-    counted (`<model>/skipped_too_long`), outside every score-based number."""
-    seed: int = 0
+    max_length: Annotated[int, Bound(ge=8, cap="tokens")] | None = None
+    """Tokens a reference model reads of a scored conversation (null: the score model's context): a longer one keeps
+    the chat template's head and the whole answer and loses prompt tokens from the left; an answer that does not fit
+    even so is left unscored and counted (`<model>/skipped_too_long`), outside every score-based number."""
+    seed: Annotated[int, SEED] = 0
     """Seeds sampling and the bootstrap."""
-    name: str = ""
+    name: Annotated[str, NAME] = ""
     """Name of the samples dataset (default ``evaluation-<job>``)."""
 
     def __post_init__(self):
@@ -411,8 +402,8 @@ def run(config: EvaluateConfig, ctx: JobContext) -> JobResult:
         fmt.score_padding()
         model = load_score_model(path, fmt.tokenizer, dtype=dtype).to(device).eval()
         for name in config.models:
-            scores[name][kind] = score_answers(model, fmt, prompts, answers[name], config.max_length,
-                                               config.batch_size)
+            max_length = config.max_length or model_context(path) or fmt.tokenizer.model_max_length
+            scores[name][kind] = score_answers(model, fmt, prompts, answers[name], max_length, config.batch_size)
         del model
         ctx.report({"step": len(config.models) + j + 1, "total_steps": total, "message": f"scored by the {kind} model"})
 

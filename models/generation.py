@@ -18,27 +18,28 @@ import functools
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Annotated, Protocol, Sequence
 
 import torch
 
 from models import distributed
+from models.jobs import TOKENS, Bound
 
 
 @dataclass
 class SamplingConfig:
     """How tokens are drawn; every field explicit, none read from the model."""
 
-    temperature: float = 1.0
+    temperature: Annotated[float, Bound(ge=0, le=2)] = 1.0
     """Softmax temperature; 0 decodes greedily."""
-    top_p: float = 1.0
+    top_p: Annotated[float, Bound(gt=0, le=1)] = 1.0
     """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (1: off)."""
-    top_k: int = 0
+    top_k: Annotated[int, Bound(ge=0, le=1 << 20)] = 0
     """Keep the k most likely tokens (0: off)."""
-    repetition_penalty: float = 1.0
+    repetition_penalty: Annotated[float, Bound(gt=0, le=100)] = 1.0
     """CTRL's penalty on tokens already in the conversation (1: off)."""
-    max_new_tokens: int = 128
-    """Tokens per answer at most."""
+    max_new_tokens: Annotated[int, TOKENS] = 128
+    """Tokens per answer at most (and fewer than the policy's context, which the prompt shares)."""
 
     def __post_init__(self):
         if not (0.0 <= self.temperature <= 2.0) or math.isnan(self.temperature):

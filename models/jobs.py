@@ -54,6 +54,94 @@ class Endpoint:
     api_key_file: str | None = None  # or: a file holding the key (read by the worker when the job runs)
 
 
+# --- bounds: every size a job accepts is declared next to its field --------------------------------------
+# ``steps: Annotated[int, Bound(ge=1, cap="steps")] = 100``: ``build_config`` checks it (at POST /v1/jobs
+# and again in the worker), the params reference and /openapi.json show it. A ``cap`` is an upper bound an
+# admin sets: the API's ``BEAVER_MAX_JOB_<CAP>`` setting, checked at POST only (``caps``), so a job already
+# accepted still runs after an admin lowers it; a worker, a test or a notebook builds configs without caps.
+# Bounds that need the job's models or datasets (tokens by the model's context, answers and optimizer
+# steps counted from the datasets' records) are ``check_size``'s, also at POST.
+
+CAPS = ("tokens", "samples", "steps", "batch")  # BEAVER_MAX_JOB_TOKENS, _SAMPLES, _STEPS, _BATCH
+
+
+def cap_setting(cap: str) -> str:
+    """The setting an admin raises a cap with."""
+    return f"BEAVER_MAX_JOB_{cap.upper()}"
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The declared range of a param. Numbers: ``ge`` / ``gt`` below, ``le`` / ``lt`` or ``cap`` above;
+    strings (characters) and lists (items): ``min_length`` … ``max_length`` (a list's items carry their
+    own bounds)."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    cap: str | None = None  # one of CAPS: the upper bound is an admin's setting
+    min_length: int | None = None
+    max_length: int | None = None
+
+    def problem(self, value, caps: dict | None = None) -> str | None:
+        """Why ``value`` is out of bounds (the end of a message), or None."""
+        if value is None:
+            return None
+        if isinstance(value, (str, list, tuple)):
+            what = "characters" if isinstance(value, str) else "items"
+            if self.min_length is not None and len(value) < self.min_length:
+                return f"must have at least {self.min_length} {what[:-1] if self.min_length == 1 else what}, " \
+                       f"got {len(value)}"
+            if self.max_length is not None and len(value) > self.max_length:
+                return f"must have at most {self.max_length:,} {what}, got {len(value):,}"
+            return None
+        for limit, ok, word in ((self.ge, lambda lo: value >= lo, "≥"), (self.gt, lambda lo: value > lo, ">"),
+                                (self.le, lambda hi: value <= hi, "≤"), (self.lt, lambda hi: value < hi, "<")):
+            if limit is not None and not ok(limit):
+                return f"must be {word} {_number(limit)}, got {_number(value)}"
+        if self.cap is not None and caps is not None and value > caps[self.cap]:
+            return (f"must be ≤ {_number(caps[self.cap])} (this server's {cap_setting(self.cap)}, which an admin "
+                    f"may raise), got {_number(value)}")
+        return None
+
+    def schema(self, caps: dict | None = None) -> dict:
+        """JSON Schema keywords (the caps as ``caps`` has them)."""
+        out = {"minimum": self.ge, "exclusiveMinimum": self.gt, "maximum": self.le, "exclusiveMaximum": self.lt}
+        if self.cap is not None and caps is not None:
+            out["maximum"] = caps[self.cap]
+        return {k: v for k, v in out.items() if v is not None}
+
+    def text(self, unit: str = "") -> str:
+        """The bound as the params reference shows it (``unit``: "characters" or "items" for lengths)."""
+        if unit:
+            low, high = self.min_length or 0, self.max_length
+            return f"{low}–{high:,} {unit}" if low else f"≤ {high:,} {unit}"
+        low = f"≥ {_number(self.ge)}" if self.ge is not None else f"> {_number(self.gt)}" if self.gt is not None \
+            else ""
+        high = f"≤ {_number(self.le)}" if self.le is not None else f"< {_number(self.lt)}" if self.lt is not None \
+            else f"≤ `{cap_setting(self.cap)}`" if self.cap is not None else ""
+        return ", ".join(p for p in (low, high) if p)
+
+
+def _number(x) -> str:
+    if isinstance(x, float) and x.is_integer() and abs(x) < 1e15:
+        x = int(x)
+    if isinstance(x, int) and x >= 2 ** 32 and x & (x - 1) == 0:
+        return f"2^{x.bit_length() - 1}"
+    return f"{x:,}" if isinstance(x, int) else f"{x:g}"
+
+
+# Bounds several configs share.
+MODEL_REF = Bound(min_length=1, max_length=1000)  # a model id or name, a round name, a local path or a hub id
+NAME = Bound(max_length=200)  # names, as everywhere in the API
+TEMPLATE = Bound(max_length=65536)  # a Jinja chat template (64 KiB)
+SEED = Bound(ge=0, lt=2 ** 63)  # torch and numpy take these
+TOKENS = Bound(ge=1, cap="tokens")  # tokens per sequence; also ≤ the model's context (check_size)
+BATCH = Bound(ge=1, cap="batch")  # sequences per batch
+UNIT = Bound(ge=0, lt=1)  # a share of something: [0, 1)
+
+
 @dataclass
 class Artifact:
     """Something a job produced that the registry should know about."""
@@ -178,9 +266,9 @@ def register(name: str, job_type: JobType) -> None:
     JOB_TYPES[name] = job_type
 
 
-def parse_params(job_type: str, params: dict | None) -> Any:
-    """Build the config dataclass of ``job_type`` from ``params``; unknown or mistyped fields
-    raise ``ParamsError`` naming the field."""
+def parse_params(job_type: str, params: dict | None, caps: dict | None = None) -> Any:
+    """Build the config dataclass of ``job_type`` from ``params``; unknown, mistyped or out-of-bounds
+    fields raise ``ParamsError`` naming the field (``caps``: the admin's caps, checked at POST)."""
     if job_type not in JOB_TYPES:
         raise ParamsError(f"unknown job type {job_type!r}; known: {', '.join(sorted(JOB_TYPES))}", "type")
     spec = JOB_TYPES[job_type]
@@ -189,7 +277,7 @@ def parse_params(job_type: str, params: dict | None) -> Any:
         if name in params and params[name] != value:
             raise ParamsError(f"params.{name} is set by the job type {job_type!r}", f"params.{name}")
         params[name] = value
-    return build_config(spec.config_class(), params)
+    return build_config(spec.config_class(), params, caps=caps)
 
 
 def model_refs(job_type: str, config: Any) -> list[tuple[str, str, str]]:
@@ -216,11 +304,60 @@ def endpoint_refs(job_type: str, config: Any) -> list[tuple[str, str]]:
     return refs
 
 
-def build_config(cls: type, params: dict, prefix: str = "params") -> Any:
-    """Recursively build a (possibly nested) config dataclass from a dict, checking types."""
+def check_size(job_type: str, config: Any, records: int, contexts: dict[str, int | None], caps: dict) -> None:
+    """The bounds that need the job's models and datasets, checked at POST /v1/jobs (``ParamsError``):
+
+    - tokens by the model's context (``contexts``: model param → its context in tokens, None when
+      unknown, e.g. a hub model not in the cache: then the tokens cap alone): an answer leaves room for
+      a prompt (``sampling.max_new_tokens`` < the context of every policy that samples); ``max_length``
+      fits every model that reads whole conversations (all of a training job's, evaluate's reward and
+      cost models); PPO's prompt and answer share ``max_length`` (``max_new_tokens`` < ``max_length``);
+    - answers a generate or evaluate job produces, prompts × ``samples_per_prompt`` × models (``records``:
+      the datasets' records, an upper bound of the prompts), ≤ the samples cap;
+    - optimizer steps of sft, dpo, reward and cost, ``epochs`` × ⌈records / ``batch_size``⌉, ≤ the steps cap
+      (PPO's ``steps`` is declared against it directly)."""
+    from models.training import TrainingConfig  # torch: an API process has it loaded already
+
+    training = isinstance(config, TrainingConfig)
+    sampling = getattr(config, "sampling", None)
+    max_length = getattr(config, "max_length", None)
+    for param, ref, kind in model_refs(job_type, config):
+        context = contexts.get(param)
+        if context is None:
+            continue
+        if sampling is not None and kind == "causal" and sampling.max_new_tokens >= context:
+            raise ParamsError(f"params.sampling.max_new_tokens ({sampling.max_new_tokens:,}) must leave room for a "
+                              f"prompt within the context of params.{param} ({ref!r}: {context:,} tokens)",
+                              "params.sampling.max_new_tokens")
+        if max_length is not None and (training or kind != "causal") and max_length > context:
+            raise ParamsError(f"params.max_length ({max_length:,}) is longer than the context of params.{param} "
+                              f"({ref!r}: {context:,} tokens)", "params.max_length")
+    if training and sampling is not None and sampling.max_new_tokens >= max_length:
+        raise ParamsError(f"params.sampling.max_new_tokens ({sampling.max_new_tokens:,}) must be below max_length "
+                          f"({max_length:,}): a rollout's prompt and answer share max_length",
+                          "params.sampling.max_new_tokens")
+    if hasattr(config, "samples_per_prompt"):
+        prompts = min(records, config.max_prompts or records) if hasattr(config, "max_prompts") else records
+        models = len(config.models) if hasattr(config, "models") else 1
+        answers = prompts * config.samples_per_prompt * models
+        if answers > caps["samples"]:
+            raise ParamsError(f"{job_type} would produce up to {prompts:,} prompts × {config.samples_per_prompt:,} "
+                              f"samples_per_prompt × {models} model(s) = {answers:,} answers, more than this server's "
+                              f"{cap_setting('samples')} ({caps['samples']:,}): fewer prompts or samples",
+                              "params.samples_per_prompt")
+    if hasattr(config, "epochs") and hasattr(config, "batch_size"):
+        steps = config.epochs * -(-records // config.batch_size)
+        if steps > caps["steps"]:
+            raise ParamsError(f"{job_type} would run {config.epochs:,} epochs × ⌈{records:,} records / "
+                              f"{config.batch_size:,}⌉ = {steps:,} optimizer steps, more than this server's "
+                              f"{cap_setting('steps')} ({caps['steps']:,})", "params.epochs")
+
+
+def build_config(cls: type, params: dict, prefix: str = "params", caps: dict | None = None) -> Any:
+    """Recursively build a (possibly nested) config dataclass from a dict, checking types and bounds."""
     if not isinstance(params, dict):
         raise ParamsError(f"{prefix} must be an object", prefix)
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(params) - set(fields))
     if unknown:
@@ -233,7 +370,7 @@ def build_config(cls: type, params: dict, prefix: str = "params") -> Any:
             # A partial object overrides some fields of this config's own default (e.g. one
             # optimizer's lr), keeping the rest of that default rather than the class's.
             value = {**dataclasses.asdict(default()), **value}
-        kwargs[name] = _coerce(hints[name], value, f"{prefix}.{name}")
+        kwargs[name] = _coerce(hints[name], value, f"{prefix}.{name}", caps)
     try:
         config = cls(**kwargs)
     except ParamsError as e:  # a config's own check naming its field: made absolute
@@ -244,11 +381,17 @@ def build_config(cls: type, params: dict, prefix: str = "params") -> Any:
     return config
 
 
-def _coerce(hint, value, where: str):
+def _coerce(hint, value, where: str, caps: dict | None = None):
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
+    if origin is typing.Annotated:
+        value = _coerce(args[0], value, where, caps)
+        for bound in (a for a in args[1:] if isinstance(a, Bound)):
+            if (problem := bound.problem(value, caps)) is not None:
+                raise ParamsError(f"{where} {problem}", where)
+        return value
     if dataclasses.is_dataclass(hint):
-        return build_config(hint, value, where)
+        return build_config(hint, value, where, caps)
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         if value is None and type(None) in args:
             return None
@@ -257,7 +400,7 @@ def _coerce(hint, value, where: str):
             if arg is type(None):
                 continue
             try:
-                return _coerce(arg, value, where)
+                return _coerce(arg, value, where, caps)
             except ParamsError as e:
                 errors.append(e)
         # The first alternative's error, naming the field it found (params.judge.unsafe_pattern, not params.judge).
@@ -270,7 +413,7 @@ def _coerce(hint, value, where: str):
         if not isinstance(value, (list, tuple)):
             raise ParamsError(f"{where} must be a list", where)
         inner = args[0] if args else typing.Any
-        items = [_coerce(inner, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        items = [_coerce(inner, v, f"{where}[{i}]", caps) for i, v in enumerate(value)]
         return items if origin is list else tuple(items)
     if origin is dict:
         if not isinstance(value, dict):
@@ -338,6 +481,84 @@ def _type_name(hint) -> str:
     return {str: "string", int: "integer", float: "number", bool: "boolean"}.get(hint, getattr(hint, "__name__", "any"))
 
 
+def _bounds_text(hint) -> str:
+    """A param's bounds as the params reference shows them: "≥ 1, ≤ `BEAVER_MAX_JOB_BATCH`", "≤ 200 characters"."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Annotated:
+        inner = args[0]
+        listed = typing.get_origin(inner) in (list, tuple)
+        unit = "characters" if inner is str else "items" if listed else ""
+        own = "; ".join(b.text(unit) for b in args[1:] if isinstance(b, Bound))
+        each = _bounds_text(typing.get_args(inner)[0]) if listed else ""
+        return own + (f", each {each}" if each else "")
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return "; ".join(t for t in (_bounds_text(a) for a in args if a is not type(None)) if t)
+    if origin in (list, tuple) and args and (each := _bounds_text(args[0])):
+        return f"each {each}"
+    return ""
+
+
+def json_schema(hint, caps: dict | None = None) -> dict:
+    """The JSON Schema of a param's type with its declared bounds (the caps as ``caps`` has them)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Annotated:
+        schema = json_schema(args[0], caps)
+        for bound in (a for a in args[1:] if isinstance(a, Bound)):
+            if args[0] is str or typing.get_origin(args[0]) in (list, tuple):
+                names = ("minLength", "maxLength") if args[0] is str else ("minItems", "maxItems")
+                schema.update({k: v for k, v in zip(names, (bound.min_length, bound.max_length)) if v is not None})
+            else:
+                schema.update(bound.schema(caps))
+        return schema
+    if dataclasses.is_dataclass(hint):
+        return config_schema(hint, caps)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        options = [json_schema(a, caps) for a in args if a is not type(None)]
+        options += [{"type": "null"}] if type(None) in args else []
+        return options[0] if len(options) == 1 else {"anyOf": options}
+    if origin is typing.Literal:
+        return {"enum": list(args)}
+    if origin in (list, tuple):
+        return {"type": "array", "items": json_schema(args[0], caps) if args else {}}
+    if origin is dict or hint is dict:
+        return {"type": "object"}
+    return {str: {"type": "string"}, int: {"type": "integer"}, float: {"type": "number"},
+            bool: {"type": "boolean"}}.get(hint, {})
+
+
+def config_schema(cls: type, caps: dict | None = None, fixed: dict | None = None) -> dict:
+    """The JSON Schema of a config dataclass: every field with its bounds, description and default; a field
+    whose default is out of its own bounds (``model: ""``) is required; ``fixed`` params as constants."""
+    import json
+
+    hints, docs = typing.get_type_hints(cls, include_extras=True), field_docs(cls)
+    properties, required = {}, []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        fixed_value = (fixed or {}).get(f.name, dataclasses.MISSING)
+        schema = json_schema(hints[f.name], caps) if fixed_value is dataclasses.MISSING else {"const": fixed_value}
+        if docs.get(f.name):
+            schema["description"] = docs[f.name]
+        properties[f.name] = schema
+        if fixed_value is not dataclasses.MISSING:
+            continue
+        default = json.loads(json.dumps(config_to_dict(d) if dataclasses.is_dataclass(d := _default(f)) else d))
+        try:
+            _coerce(hints[f.name], default, f.name)
+            schema["default"] = default
+        except ParamsError:
+            required.append(f.name)
+    return {"type": "object", "title": cls.__name__, "properties": properties, "additionalProperties": False,
+            **({"required": required} if required else {})}
+
+
+def params_schema(job_type: str, caps: dict | None = None) -> dict:
+    """The JSON Schema of a job type's ``params`` (for /openapi.json)."""
+    spec = JOB_TYPES[job_type]
+    return config_schema(spec.config_class(), caps, fixed=dict(spec.fixed))
+
+
 def _default(f: dataclasses.Field) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default
@@ -356,14 +577,16 @@ def _json(value) -> str:
 
 def _table(cls: type, names: list[str]) -> list[str]:
     hints, docs = typing.get_type_hints(cls), field_docs(cls)
+    bounded = typing.get_type_hints(cls, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    rows = ["| param | type | default | meaning |", "|---|---|---|---|"]
+    rows = ["| param | type | bounds | default | meaning |", "|---|---|---|---|---|"]
     for name in names:
         nested = [a for a in (hints[name], *typing.get_args(hints[name])) if dataclasses.is_dataclass(a)]
         doc = docs.get(name, "")
         if nested and not doc:
             doc = f"see `{nested[0].__name__}` below"
-        rows.append(f"| `{name}` | {_type_name(hints[name])} | {_json(_default(fields[name]))} | {doc} |")
+        rows.append(f"| `{name}` | {_type_name(hints[name])} | {_bounds_text(bounded[name])} | "
+                    f"{_json(_default(fields[name]))} | {doc} |")
     return rows
 
 
@@ -375,7 +598,10 @@ def params_markdown() -> str:
     from models.training import LoraConfig, OptimConfig, TrainingConfig
 
     shared = [f.name for f in dataclasses.fields(TrainingConfig)]
-    lines = ["**Every training job** (sft, dpo, reward, cost, ppo_lag, ppo, ppo_shaping) takes:", ""]
+    lines = ["Every bound is checked at `POST /v1/jobs` (422 naming the param). `BEAVER_MAX_JOB_*` are caps an admin "
+             "sets (see Configuration); token lengths are also bounded by the model's context, and a job's answers "
+             "and optimizer steps, counted from its datasets, by the samples and steps caps.", "",
+             "**Every training job** (sft, dpo, reward, cost, ppo_lag, ppo, ppo_shaping) takes:", ""]
     lines += _table(TrainingConfig, shared)
     shown: dict[type, str] = {}
     for name, spec in JOB_TYPES.items():

@@ -7,9 +7,13 @@ and conversation formats come from ``models.chat_format.ChatFormat.load``.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+
+# config.json's names for a model's context window (Llama/Qwen/Mistral, GPT-2, Falcon, ChatGLM …).
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 
 
 def fit_embeddings(model, tokenizer) -> None:
@@ -136,3 +140,23 @@ def kind_problem(path: str | Path, kind: str) -> tuple[str, str] | None:
                         f"loaded, it would score with a randomly initialised head. Train a {kind} model with a "
                         f"`{kind}` job")
     return None
+def model_context(path: str | Path) -> int | None:
+    """A model folder's context window in tokens, read from its files (no weights loaded): config.json's
+    ``max_position_embeddings`` (or another name of it; a multimodal model's ``text_config``), else the
+    tokenizer's ``model_max_length`` when it is a real length (transformers writes 1e30 for "unset").
+    None when neither says."""
+    path = Path(path)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    for section in (config, config.get("text_config") if isinstance(config, dict) else None):
+        for key in CONTEXT_KEYS:
+            value = section.get(key) if isinstance(section, dict) else None
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    try:
+        length = json.loads((path / "tokenizer_config.json").read_text()).get("model_max_length")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return int(length) if isinstance(length, (int, float)) and 0 < length < 10_000_000 else None

@@ -37,14 +37,14 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Annotated, Callable, Literal, Sequence
 
 import torch
 
 from models import distributed
 from models.chat_format import AnswerTooLong, ChatFormat, Prompt
 from models.generation import GenerationBackend, Sampler, SamplingConfig, position_ids
-from models.jobs import Artifact, JobCancelled, JobContext, JobResult
+from models.jobs import BATCH, MODEL_REF, Artifact, Bound, JobCancelled, JobContext, JobResult
 from models.rl import gae, masked_mean, sequence_mean
 from models.score_model import score_ids
 from models.training import (OptimConfig, Stepper, TrainingConfig, adapters_disabled, autocast, checkpoint_source,
@@ -111,57 +111,57 @@ class PPOLagConfig(TrainingConfig):
     ``ppo-lag.sh``. ``model`` is the actor's starting point (usually the SFT model) and the frozen
     reference; model fields take what ``model`` takes."""
 
-    reward_model: str | None = None
+    reward_model: Annotated[str, MODEL_REF] | None = None
     """The frozen reward model R (required)."""
-    cost_model: str | None = None
+    cost_model: Annotated[str, MODEL_REF] | None = None
     """The frozen cost model C (required by ppo_lag and ppo_shaping; ppo scores it for telemetry)."""
-    reward_critic: str | None = None
+    reward_critic: Annotated[str, MODEL_REF] | None = None
     """Reward critic init; default the reward model."""
-    cost_critic: str | None = None
+    cost_critic: Annotated[str, MODEL_REF] | None = None
     """Cost critic init; default the cost model."""
     objective: Literal["lagrangian", "reward", "shaping"] = "lagrangian"
     """Set by the job type (ppo_lag, ppo, ppo_shaping), not by params."""
-    shaping_lambda: float = 1.0
+    shaping_lambda: Annotated[float, Bound(ge=0, le=1e6)] = 1.0
     """The fixed λ of ``ppo_shaping`` (R − λ·C)."""
-    steps: int = 100
+    steps: Annotated[int, Bound(ge=1, cap="steps")] = 100
     """PPO iterations, each one rollout batch followed by its updates."""
-    rollout_batch_size: int = 64
+    rollout_batch_size: Annotated[int, BATCH] = 64
     """Prompts per rollout per rank (the global rollout is `rollout_batch_size × world_size`)."""
-    mini_batch_size: int | None = None
+    mini_batch_size: Annotated[int, BATCH] | None = None
     """Sequences per optimizer step per rank; default the rank's whole rollout."""
-    ppo_epochs: int = 1
+    ppo_epochs: Annotated[int, Bound(ge=1, le=100)] = 1
     """Passes over each rollout."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     """How rollouts are sampled (repetition_penalty must stay 1: log π_old must be the sampling distribution)."""
-    kl_coef: float = 0.01
+    kl_coef: Annotated[float, Bound(ge=0, le=1e6)] = 0.01
     """β of the per-token KL penalty to the reference."""
     actor_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, warmup_ratio=0.0,
                                                                          scheduler="constant"))
     critic_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-6, warmup_ratio=0.0,
                                                                           scheduler="constant"))
-    clip_range: float = 0.2
+    clip_range: Annotated[float, Bound(gt=0, le=1)] = 0.2
     """PPO ε: the ratio is clipped to [1 − ε, 1 + ε]."""
-    value_clip: float = 5.0
+    value_clip: Annotated[float, Bound(gt=0, le=1e6)] = 5.0
     """New values are clipped to old ± this in the critic loss."""
-    gamma: float = 1.0
+    gamma: Annotated[float, Bound(ge=0, le=1)] = 1.0
     """Discount of GAE."""
-    gae_lambda: float = 0.95
+    gae_lambda: Annotated[float, Bound(ge=0, le=1)] = 0.95
     """λ of GAE (not the Lagrange multiplier)."""
-    score_clip: float = 50.0
+    score_clip: Annotated[float, Bound(gt=0, le=1e6)] = 50.0
     """Shaped per-token rewards and costs are clamped to ± this."""
-    lambda_init: float = 1.0
+    lambda_init: Annotated[float, Bound(gt=0, le=1e6)] = 1.0
     """λ₀; carry the previous round's final λ here."""
-    lambda_lr: float = 0.1
+    lambda_lr: Annotated[float, Bound(ge=0, le=100)] = 0.1
     """SGD learning rate of log λ."""
-    lambda_max: float = 5.0
+    lambda_max: Annotated[float, Bound(gt=0, le=1e6)] = 5.0
     """λ is clamped to at most this."""
-    threshold: float = 0.0
+    threshold: Annotated[float, Bound(ge=-1e6, le=1e6)] = 0.0
     """d: the constraint is J̄_C ≤ d (safe ⇔ cost ≤ 0)."""
-    episode_cost_window: int = 128
+    episode_cost_window: Annotated[int, Bound(ge=1, le=1_000_000)] = 128
     """J̄_C is the mean of the last this many episode costs."""
-    lambda_update_delay: int = 0
+    lambda_update_delay: Annotated[int, Bound(ge=0, cap="steps")] = 0
     """Steps before λ starts to move."""
-    ptx_coef: float = 16.0
+    ptx_coef: Annotated[float, Bound(ge=0, le=1e6)] = 16.0
     """Weight of the SFT loss on the job's sft datasets (only when the job has one)."""
     offload_frozen: bool = False
     """Keep the frozen models (reference, reward, cost) in CPU memory while the policy trains (GPU only)."""

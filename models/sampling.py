@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 
 from models.chat_format import ChatFormat, Prompt
 from models.generation import Sampler, SamplingConfig
-from models.jobs import Artifact, JobContext, JobResult
+from models.jobs import BATCH, MODEL_REF, NAME, SEED, TEMPLATE, Artifact, Bound, JobContext, JobResult
 from models.loading import load_causal_lm
 from models.training import check_conversations, compute_dtype, get_device
 
@@ -24,20 +24,20 @@ from models.training import check_conversations, compute_dtype, get_device
 class GenerateConfig:
     """Params of a ``generate`` job."""
 
-    model: str = ""
+    model: Annotated[str, MODEL_REF] = ""
     """The policy to sample from: a registered model id or name, a round name, a local folder or a hub id."""
-    samples_per_prompt: int = 1
+    samples_per_prompt: Annotated[int, Bound(ge=1, cap="samples")] = 1
     """Answers per prompt."""
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=64))
-    batch_size: int = 64
+    batch_size: Annotated[int, BATCH] = 64
     """Prompts per sampling batch."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Precision the policy runs in (auto: bfloat16 on a GPU that has it, else float32)."""
-    chat_template: str | None = None
+    chat_template: Annotated[str, TEMPLATE] | None = None
     """A Jinja chat template to render prompts with instead of the model's own."""
-    seed: int = 0
+    seed: Annotated[int, SEED] = 0
     """Seeds the sampling."""
-    name: str = ""
+    name: Annotated[str, NAME] = ""
     """Name of the samples dataset (default ``samples-<job>``)."""
 
     def __post_init__(self):

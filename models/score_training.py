@@ -19,14 +19,14 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Annotated, Callable, Sequence
 
 import torch
 
 from models import distributed
 from models.chat_format import ChatFormat
 from models.evaluation import evaluate
-from models.jobs import Artifact, JobCancelled, JobContext, JobResult
+from models.jobs import BATCH, UNIT, Artifact, Bound, JobCancelled, JobContext, JobResult
 from models.losses import cost_loss, reward_loss
 from models.preference import collate_pairs, fitting_pairs, length_grouped_batches, preference_pairs
 from models.records import InvalidRecords, check_records
@@ -41,15 +41,15 @@ class ScoreTrainingConfig(TrainingConfig):
     """Params of a ``reward`` or ``cost`` job; defaults follow the Safe RLHF reference scripts.
     ``model`` is the backbone: a causal LM (a fresh head is added) or a score model."""
 
-    epochs: int = 2
+    epochs: Annotated[int, Bound(ge=1, cap="steps")] = 2
     """Passes over the training pairs."""
-    batch_size: int = 16
+    batch_size: Annotated[int, BATCH] = 16
     """Preference pairs per optimizer step (each pair is two sequences in one forward pass)."""
-    regularization: float = 0.001
+    regularization: Annotated[float, Bound(ge=0, le=1000)] = 0.001
     """μ of the score regulariser μ·E[(s_w² + s_l²)/2], which keeps scores near 0."""
-    eval_split: float = 0.1
+    eval_split: Annotated[float, UNIT] = 0.1
     """Fraction of the pairs held out for the evaluation after each epoch (0: evaluate on the training pairs)."""
-    log_every: int = 10
+    log_every: Annotated[int, Bound(ge=1, cap="steps")] = 10
     """Optimizer steps between two progress events."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-5, weight_decay=0.1))
 

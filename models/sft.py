@@ -12,12 +12,13 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import torch
 
 from models import distributed
 from models.chat_format import ChatFormat
-from models.jobs import Artifact, JobCancelled, JobContext, JobResult
+from models.jobs import BATCH, UNIT, Artifact, Bound, JobCancelled, JobContext, JobResult
 from models.records import check_records
 from models.training import (OptimConfig, Stepper, TrainingConfig, autocast, check_conversations, collate_labelled,
                              labelled_conversation,
@@ -29,11 +30,11 @@ from models.training import (OptimConfig, Stepper, TrainingConfig, autocast, che
 class SFTConfig(TrainingConfig):
     """Defaults follow Safe RLHF's SFT script (Alpaca: 3 epochs, lr 2e-5, cosine, warm-up 3 %)."""
 
-    epochs: int = 3
+    epochs: Annotated[int, Bound(ge=1, cap="steps")] = 3
     """Passes over the training records."""
-    batch_size: int = 16
+    batch_size: Annotated[int, BATCH] = 16
     """Conversations per optimizer step per rank (the global batch is ``batch_size × world_size``)."""
-    eval_fraction: float = 0.0
+    eval_fraction: Annotated[float, UNIT] = 0.0
     """Held-out share of the records; its loss is reported as ``eval/loss`` after each epoch."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-5))
 

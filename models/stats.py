@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from typing import Annotated
 
-from models.jobs import JobContext, JobResult
+from models.jobs import Bound, JobContext, JobResult
 from models.records import harm_categories
 
 
@@ -13,7 +14,7 @@ from models.records import harm_categories
 class StatsConfig:
     """Params of the ``dataset_stats`` job."""
 
-    percentiles: tuple[int, ...] = (50, 90, 99)
+    percentiles: Annotated[tuple[Annotated[int, Bound(ge=0, le=100)], ...], Bound(max_length=100)] = (50, 90, 99)
     """Length percentiles to report (in words) for prompts and responses."""
 
 

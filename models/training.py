@@ -21,12 +21,13 @@ import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal, Sequence
+from typing import Annotated, Iterator, Literal, Sequence
 
 import torch
 
 from models import distributed
 from models.chat_format import ChatFormat, TemplateRefused, as_messages
+from models.jobs import BATCH, MODEL_REF, SEED, TEMPLATE, UNIT, Bound
 from models.loading import load_causal_lm, load_score_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -37,13 +38,13 @@ Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 class OptimConfig:
     """AdamW with linear warm-up and cosine decay to 0; weight decay on matrices only."""
 
-    lr: float = 1e-5
+    lr: Annotated[float, Bound(gt=0, le=1)] = 1e-5
     """Peak learning rate."""
-    weight_decay: float = 0.0
+    weight_decay: Annotated[float, Bound(ge=0, le=10)] = 0.0
     """AdamW weight decay (never on biases and norm gains)."""
-    warmup_ratio: float = 0.03
+    warmup_ratio: Annotated[float, UNIT] = 0.03
     """Share of the optimizer steps with a linear warm-up."""
-    max_grad_norm: float = 1.0
+    max_grad_norm: Annotated[float, Bound(ge=0, le=1e6)] = 1.0
     """Gradient clipping norm (0: off)."""
     scheduler: Literal["cosine", "constant"] = "cosine"
     """Decay after the warm-up: cosine to 0, or constant."""
@@ -61,13 +62,14 @@ class OptimConfig:
 class LoraConfig:
     """Low-rank adapters (``peft``) instead of full fine-tuning; merged into the weights on save."""
 
-    r: int = 16
+    r: Annotated[int, Bound(ge=1, le=4096)] = 16
     """Rank of the adapters."""
-    alpha: float = 32.0
+    alpha: Annotated[float, Bound(gt=0, le=1e6)] = 32.0
     """Scale: the update is (alpha / r)·B·A."""
-    dropout: float = 0.0
+    dropout: Annotated[float, UNIT] = 0.0
     """Dropout on the adapters' input."""
-    target_modules: list[str] | None = None
+    target_modules: Annotated[list[Annotated[str, Bound(min_length=1, max_length=200)]],
+                              Bound(min_length=1, max_length=256)] | None = None
     """Module names to adapt (e.g. ["q_proj", "v_proj"]); default every linear layer."""
 
     def __post_init__(self):
@@ -79,7 +81,7 @@ class LoraConfig:
 class TrainingConfig:
     """The params every training job takes (sft, dpo, reward, cost, ppo_lag, ppo, ppo_shaping)."""
 
-    model: str = ""
+    model: Annotated[str, MODEL_REF] = ""
     """The model the job starts from: a registered model id or name, a round name, a local Hugging Face
     folder or a hub id."""
     dtype: Dtype = "auto"
@@ -89,21 +91,21 @@ class TrainingConfig:
     """Recompute activations in the backward pass: less memory, about a third more compute."""
     lora: LoraConfig | None = None
     """Train low-rank adapters instead of every weight (null: full fine-tuning)."""
-    chat_template: str | None = None
+    chat_template: Annotated[str, TEMPLATE] | None = None
     """A Jinja chat template to train with instead of the model's own (saved with the artifact)."""
-    max_length: int = 512
+    max_length: Annotated[int, Bound(ge=8, cap="tokens")] = 512
     """Tokens per conversation. sft (and PPO's PTX records): a longer one is cut at its end, and a record left with no
     assistant token is skipped and counted (`data/skipped_no_target`; none left: `invalid_input`). reward, cost, dpo
     and the score models in PPO: a longer one keeps the chat template's head and the whole answer and loses prompt
     tokens from the left; a pair whose answer does not fit even so is skipped and counted (`data/skipped_too_long`;
     none left: `invalid_input`). PPO leaves out prompts longer than `max_length` − `sampling.max_new_tokens`."""
-    micro_batch_size: int | None = None
+    micro_batch_size: Annotated[int, BATCH] | None = None
     """Sequences per forward pass; a larger batch is split and its gradients accumulated (null: the whole batch)."""
-    seed: int = 42
+    seed: Annotated[int, SEED] = 42
     """Seeds initialisation, data order and sampling."""
-    checkpoint_every: int = 0
+    checkpoint_every: Annotated[int, Bound(ge=0, cap="steps")] = 0
     """Save a checkpoint every this many optimizer steps (0: never); a re-queued job resumes from the last one."""
-    zero_stage: int = 0
+    zero_stage: Annotated[int, Bound(ge=0, le=3)] = 0
     """DeepSpeed ZeRO stage of a job on several ranks (`world_size`): 0 plain data parallelism (every rank holds
     everything), 1 Adam's moments sharded over the ranks, 2 the gradients too, 3 the weights too (frozen models
     under ZeRO-3 inference; whole weights gathered on save)."""

@@ -9,7 +9,7 @@ from api.db import release, run_db
 from api.deps import Annotator, Reader, SessionDep
 from api.errors import ApiError, not_found, responses
 from api.limits import InvalidJson, is_json, loads, text_problem
-from api.pagination import IndexCursor, IdCursor, listing, page
+from api.pagination import IndexCursor, IdCursor, Limit, listing, page
 from api.registry import create_dataset_rows
 from api.tables import Dataset, DatasetRecord, public
 from models.records import KINDS, RecordError, jsonl_lines, validate_records
@@ -112,7 +112,7 @@ async def create_dataset(request: Request, session: SessionDep, key: Annotator) 
 
 
 @router.get("")
-def list_datasets(session: SessionDep, _: Reader, after: IdCursor = None, limit: int = 20) -> dict:
+def list_datasets(session: SessionDep, _: Reader, after: IdCursor = None, limit: Limit = 20) -> dict:
     """List datasets, newest first."""
     rows, has_more = page(session, select(Dataset), Dataset.id, after, limit)
     return listing([public(r, "dataset") for r in rows], has_more)
@@ -128,7 +128,7 @@ def get_dataset(dataset_id: str, session: SessionDep, _: Reader) -> dict:
 
 
 @router.get("/{dataset_id}/records", responses=responses(404))
-def list_records(dataset_id: str, session: SessionDep, _: Reader, after: IndexCursor = None, limit: int = 100) -> dict:
+def list_records(dataset_id: str, session: SessionDep, _: Reader, after: IndexCursor = None, limit: Limit = 100) -> dict:
     """A dataset's records in upload order; ``after`` is the last index seen."""
     if session.get(Dataset, dataset_id) is None:
         raise not_found("dataset", dataset_id)

@@ -19,7 +19,8 @@ from sqlmodel import Session, select
 from api.db import DatabaseBusy, run_db
 from api.deps import STAFF_ROLES, Reader, SessionDep, Trainer
 from api.errors import ApiError, not_found, responses
-from api.pagination import MAX_INT_ID, IdCursor, IndexCursor, check_limit, listing, page
+from api.job_bounds import check_job_size, job_create_schema
+from api.pagination import MAX_INT_ID, IdCursor, IndexCursor, Limit, listing, page
 from api.queue import BrokerUnavailable, job_queue, send_job
 from api.registry import ModelNotFound, WrongModelKind, add_event, check_model, newest_judged_round
 from api.settings import get_settings
@@ -39,7 +40,8 @@ class JobCreate(BaseModel):
                             "CPU ranks on a CPU worker started with --ranks). Training jobs only; their "
                             "batch_size is per rank.")
 
-    model_config = {"extra": "forbid"}
+    # /openapi.json: one body per job type, with its params' bounds (api/job_bounds.py)
+    model_config = {"extra": "forbid", "json_schema_extra": lambda schema, _: job_create_schema(schema)}
 
 
 def job_public(job: Job, staff: bool = True) -> dict:
@@ -79,7 +81,7 @@ def create_job(body: JobCreate, response: Response, session: SessionDep, key: Tr
     if body.type in JOB_TYPES and JOB_TYPES[body.type].default_judges:
         params = {**newest_judges(session), **params}
     try:
-        config = parse_params(body.type, params)
+        config = parse_params(body.type, params, caps=get_settings().job_caps)
     except ParamsError as e:
         raise ApiError(422 if e.param != "type" else 400, str(e), param=e.param) from None
     params = config_to_dict(config)
@@ -90,12 +92,17 @@ def create_job(body: JobCreate, response: Response, session: SessionDep, key: Tr
     if idempotency_key and (existing := _find_idempotent(session, key.id, idempotency_key)) is not None:
         return _replay(session, existing, body, params, response)
     check_datasets(session, body.type, body.datasets)
+    found = {}
     for name, ref, kind in model_refs(body.type, config):
         try:
-            check_model(session, name, ref, kind)
+            found[name] = check_model(session, name, ref, kind)
         except (ModelNotFound, WrongModelKind) as e:
             raise ApiError(422, f"params.{name}: {e}", param=f"params.{name}") from None
     check_endpoints(body.type, config)
+    try:  # tokens by each model's context, answers and steps by the datasets' records (BEAVER_MAX_JOB_*)
+        check_job_size(session, body.type, config, body.datasets, found)
+    except ParamsError as e:
+        raise ApiError(422, str(e), param=e.param) from None
     queue = job_queue(JOB_TYPES[body.type].queue, body.world_size)
     job = Job(id=new_id("job"), type=body.type, params=params, datasets=body.datasets, queue=queue,
               world_size=body.world_size, created_by=key.id, idempotency_key=idempotency_key)
@@ -201,7 +208,7 @@ def check_datasets(session: Session, job_type: str, dataset_ids: list[str]) -> N
 
 
 @router.get("")
-def list_jobs(session: SessionDep, key: Reader, after: IdCursor = None, limit: int = 20,
+def list_jobs(session: SessionDep, key: Reader, after: IdCursor = None, limit: Limit = 20,
               status: str | None = None, type: str | None = None) -> dict:
     """List jobs, newest first; filter by ``status`` or ``type``."""
     stmt = select(Job)
@@ -272,7 +279,7 @@ EVENTS_RESPONSES = {**responses(404), 200: {"description": "A list of events, or
 
 @router.get("/{job_id}/events", response_model=None, responses=EVENTS_RESPONSES)
 def job_events(job_id: str, request: Request, session: SessionDep, key: Reader, after: IndexCursor = None,
-               limit: int = 100, last_event_id: Annotated[str | None, Header()] = None) -> dict | StreamingResponse:
+               limit: Limit = 100, last_event_id: Annotated[str | None, Header()] = None) -> dict | StreamingResponse:
     """A job's events, oldest first; ``Accept: text/event-stream`` streams them live until the job ends
     (resuming after ``Last-Event-ID``)."""
     _get_job(session, job_id)
@@ -281,7 +288,6 @@ def job_events(job_id: str, request: Request, session: SessionDep, key: Reader, 
         start = event_cursor(last_event_id, after)
         return StreamingResponse(_stream_events(job_id, start, staff), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    check_limit(limit)
     stmt = select(JobEvent).where(JobEvent.job_id == job_id)
     rows, has_more = page(session, stmt, JobEvent.id, after, limit, descending=False)
     return listing([event_public(e, staff) for e in rows], has_more)

@@ -8,7 +8,7 @@ from sqlmodel import Session, select
 
 from api.deps import Reader, SessionDep, Trainer
 from api.errors import ApiError, not_found, responses
-from api.pagination import IdCursor, listing, page
+from api.pagination import IdCursor, Limit, listing, page
 from api.registry import chat_template_record, find_model, find_round
 from api.tables import Model, Round, new_id, public
 
@@ -58,7 +58,7 @@ def create_round(body: RoundCreate, session: SessionDep, _: Trainer) -> dict:
 
 
 @router.get("")
-def list_rounds(session: SessionDep, _: Reader, after: IdCursor = None, limit: int = 20) -> dict:
+def list_rounds(session: SessionDep, _: Reader, after: IdCursor = None, limit: Limit = 20) -> dict:
     """List rounds, newest first."""
     rows, has_more = page(session, select(Round), Round.id, after, limit)
     return listing([round_public(session, r) for r in rows], has_more)

@@ -171,7 +171,7 @@ def test_an_evaluation_of_two_rounds_with_an_external_judge(platform, rounds, ju
 def test_evaluate_refuses_what_cannot_work(platform, rounds):
     p = platform
     dataset = upload(p, PROMPTS, kind="prompt", name="eval-prompts-bad")
-    for params, param in (({"models": []}, "params"), ({"models": ["nope"]}, "params.models[0]"),
+    for params, param in (({"models": []}, "params.models"), ({"models": ["nope"]}, "params.models[0]"),
                           ({"models": [f"r1-{p.name}"], "judge": {"url": "http://x"}}, "params.judge.url"),
                           ({"models": [f"r1-{p.name}"], "judge": {"endpoint": "nope"}}, "params.judge.endpoint")):
         r = p.client.post("/v1/jobs", json={"type": "evaluate", "datasets": [dataset], "params": params})
