@@ -47,6 +47,14 @@ def newest_judged_round(session: Session) -> Round | None:
                         .order_by(Round.created_at.desc(), Round.id.desc())).first()
 
 
+def reference_round(session: Session) -> Round | None:
+    """The round whose reward and cost models are the reference judges of everything compared across
+    rounds — the arena's scores, ``/v1/chat/compare``, ``/v1/moderations`` without a model, an
+    evaluate job's defaults: ``BEAVER_ARENA_JUDGES`` when set, else the newest round that has both."""
+    name = get_settings().arena_judges
+    return find_round(session, name) if name else newest_judged_round(session)
+
+
 # --- model references --------------------------------------------------------------------------------
 # What a job's model param may name, checked at POST /v1/jobs (``check_model``) and loaded by the
 # worker (``resolve_model_path``) through the same ``locate_model``, so a reference the API accepts

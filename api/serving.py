@@ -20,7 +20,7 @@ from sqlmodel import Session
 
 from api.db import queue_budget
 from api.errors import ApiError, busy
-from api.registry import find_model, find_round, newest_judged_round
+from api.registry import find_model, find_round, reference_round
 from api.settings import Settings, get_settings
 from api.tables import Model, Round
 from models.chat_format import TemplateRefused
@@ -162,8 +162,7 @@ def reference_judges(session: Session) -> tuple[str | None, Judges]:
     compared or moderated without naming a model (the arena, ``/v1/chat/compare``,
     ``/v1/moderations``), so scores compare across rounds: ``BEAVER_ARENA_JUDGES``, else the newest
     round that has both. ``(None, no judges)`` when there is none."""
-    name = get_settings().arena_judges
-    round_ = find_round(session, name) if name else newest_judged_round(session)
+    round_ = reference_round(session)
     if round_ is None:
         return None, Judges(None, None)
     return round_.name, resolve_judges(session, None, round_=round_)

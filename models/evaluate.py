@@ -120,9 +120,9 @@ class EvaluateConfig:
     models: Annotated[list[Annotated[str, MODEL_REF]], Bound(min_length=1, max_length=16)] = field(default_factory=list)
     """The rounds or policies to evaluate (one or more)."""
     reward_model: Annotated[str, Bound(max_length=1000)] = ""
-    """The reference reward model that scores every answer (default: the newest round's)."""
+    """The reference reward model that scores every answer (default: the reference round's, `BEAVER_ARENA_JUDGES` or the newest round with both)."""
     cost_model: Annotated[str, Bound(max_length=1000)] = ""
-    """The reference cost model (default: the newest round's); cost > 0 is harmful."""
+    """The reference cost model (default: the reference round's, as `reward_model`); cost > 0 is harmful."""
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=1.0, max_new_tokens=128))
     """How every model samples (the same for all)."""
     samples_per_prompt: Annotated[int, Bound(ge=1, cap="samples")] = 1

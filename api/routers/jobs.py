@@ -22,7 +22,7 @@ from api.errors import ApiError, not_found, responses
 from api.job_bounds import check_job_size, job_create_schema
 from api.pagination import MAX_INT_ID, IdCursor, IndexCursor, Limit, listing, page
 from api.queue import BrokerUnavailable, job_queue, send_job
-from api.registry import ModelNotFound, WrongModelKind, add_event, check_model, newest_judged_round
+from api.registry import ModelNotFound, WrongModelKind, add_event, check_model, reference_round
 from api.settings import get_settings
 from api.tables import TERMINAL_STATES, Dataset, Job, JobEvent, Worker, job_error, new_id, now, public
 from models.jobs import JOB_TYPES, ParamsError, config_to_dict, endpoint_refs, model_refs, parse_params
@@ -121,10 +121,12 @@ def create_job(body: JobCreate, response: Response, session: SessionDep, key: Tr
 
 
 def newest_judges(session: Session) -> dict:
-    """The reward and cost model ids of the newest round that has both (the same pair for every
-    model a job compares), or nothing when no round has both."""
-    round_ = newest_judged_round(session)
-    return {"reward_model": round_.reward_model_id, "cost_model": round_.cost_model_id} if round_ else {}
+    """The reference reward and cost model ids (``api.registry.reference_round``: the same pair for
+    every model a job compares, and the pair the arena and compare use), or nothing when there is none."""
+    round_ = reference_round(session)
+    if round_ is None or round_.reward_model_id is None or round_.cost_model_id is None:
+        return {}
+    return {"reward_model": round_.reward_model_id, "cost_model": round_.cost_model_id}
 
 
 def _no_taker(session: Session, queue: str, world_size: int) -> str:
