@@ -245,7 +245,8 @@ def run(config: EvaluateConfig, ctx: JobContext) -> JobResult:
         path = ctx.resolve_model(ref)
         fmt = ChatFormat.load(path, padding_side="left")
         policy = load_causal_lm(path, fmt.tokenizer, dtype=dtype).to(device).eval()
-        answers[ref] = generate_responses(policy, fmt, prompts, config.sampling, config.batch_size, config.seed)
+        answers[ref] = generate_responses(policy, fmt, prompts, config.sampling, config.batch_size, config.seed,
+                                          should_stop=ctx.stop_requested)
         del policy
         ctx.report({"step": k + 1, "total_steps": total, "message": f"{ref}: {len(prompts)} answers"})
 
@@ -258,7 +259,8 @@ def run(config: EvaluateConfig, ctx: JobContext) -> JobResult:
         model = load_score_model(path, fmt.tokenizer, dtype=dtype).to(device).eval()
         for name in config.models:
             ids = [fmt.completion_ids(p, a, config.max_length) for p, a in zip(prompts, answers[name])]
-            scores[name][kind] = score_ids(model, ids, fmt.tokenizer.pad_token_id, config.batch_size)
+            scores[name][kind] = score_ids(model, ids, fmt.tokenizer.pad_token_id, config.batch_size,
+                                           should_stop=ctx.stop_requested)
         del model
         ctx.report({"step": len(config.models) + j + 1, "total_steps": total, "message": f"scored by the {kind} model"})
 
