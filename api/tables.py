@@ -33,7 +33,8 @@ JOB_ERROR_CODES = {
     "model_not_found": "a model reference names nothing loadable, or its files are missing or unreadable",
     "out_of_memory": "the job ran out of GPU or CPU memory",
     "worker_lost": "the worker running the job died, and the job had no attempts left",
-    "rank_failed": "a rank of a multi-rank job died without an error of its own (killed, e.g. out of host memory)",
+    "rank_failed": "the job's process (or a rank of a multi-rank job) died without an error of its own (killed, e.g. "
+                   "out of host memory)",
     "broker_unavailable": "the job could not be queued: the Celery broker did not answer",
     "internal_error": "anything else (a bug: the traceback is in the job's events)",
     "job_failed": "a job that failed before errors had codes (its old text is the message)",

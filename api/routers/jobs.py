@@ -216,7 +216,8 @@ def get_job(job_id: str, session: SessionDep, key: Reader) -> dict:
 
 @router.post("/{job_id}/cancel", responses=responses(403, 404, 409))
 def cancel_job(job_id: str, session: SessionDep, _: Trainer) -> dict:
-    """Cancel a job: a queued one at once, a running one at its next step."""
+    """Cancel a job: a queued one at once, a running one within seconds (its process is killed if it
+    does not stop by itself)."""
     job = _get_job(session, job_id)
     if job.status in TERMINAL_STATES:
         raise ApiError(409, f"job {job_id} already {job.status}")
@@ -225,7 +226,7 @@ def cancel_job(job_id: str, session: SessionDep, _: Trainer) -> dict:
         message = "cancelled before it started"
     else:
         job.cancel_requested = True
-        message = "cancel requested; the job stops at its next step"
+        message = "cancel requested; the job stops within seconds"
     session.add(job)
     session.commit()
     add_event(session, job.id, message, {"status": job.status})
