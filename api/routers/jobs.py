@@ -25,6 +25,7 @@ from api.registry import ModelNotFound, WrongModelKind, add_event, check_model, 
 from api.settings import get_settings
 from api.tables import TERMINAL_STATES, Dataset, Job, JobEvent, Worker, job_error, new_id, now, public
 from models.jobs import JOB_TYPES, ParamsError, config_to_dict, model_refs, parse_params
+from models.template_probe import TemplateRefused, check_template
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=responses(400, 401, 413, 422))
 
@@ -95,6 +96,11 @@ def create_job(body: JobCreate, response: Response, session: SessionDep, key: Tr
             check_model(session, name, ref, kind)
         except (ModelNotFound, WrongModelKind) as e:
             raise ApiError(422, f"params.{name}: {e}", param=f"params.{name}") from None
+    if getattr(config, "chat_template", None):  # rendered once here, time- and size-limited
+        try:
+            check_template(config.chat_template)
+        except TemplateRefused as e:
+            raise ApiError(422, f"params.chat_template {e}", param="params.chat_template") from None
     queue = job_queue(JOB_TYPES[body.type].queue, body.world_size)
     job = Job(id=new_id("job"), type=body.type, params=params, datasets=body.datasets, queue=queue,
               world_size=body.world_size, created_by=key.id, idempotency_key=idempotency_key)
