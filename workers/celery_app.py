@@ -108,13 +108,11 @@ def _exit_with_supervisor() -> None:
     if not pid:
         return
 
+    from workers.ranks import alive
+
     def watch():
-        while True:
+        while alive(pid):
             time.sleep(0.5)
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(settings.cancel_grace_seconds + 15)  # the job's processes are stopped within the grace
         os._exit(1)

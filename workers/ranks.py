@@ -257,14 +257,19 @@ def _exit_with_worker() -> None:
         return
 
     def watch():
-        while True:
+        while alive(pid):
             time.sleep(0.5)
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                os._exit(3)
+        os._exit(3)
 
     threading.Thread(target=watch, daemon=True, name="watch-worker").start()
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs: not gone, and not dead awaiting its parent's wait (a zombie)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
 
 
 def _write(path: Path, data: dict) -> None:
@@ -383,4 +388,9 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(spare_main() if sys.argv[1:] == ["--spare"] else main(sys.argv[1:]))
+    if sys.argv[1:] == ["--spare"]:
+        code = spare_main()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # the outcome is written: skip the interpreter's teardown (torch's takes a second)
+    sys.exit(main(sys.argv[1:]))

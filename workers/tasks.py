@@ -155,10 +155,10 @@ def _run(fence: Fence, settings) -> str:
     heartbeat = Heartbeat(fence, settings.heartbeat_seconds)
     heartbeat.start()
 
-    run = ranks.JobRun(job_id, fence.attempt, fence.worker, str(output_dir), resume_from,
-                       dataclasses.asdict(JOB_TYPES[job_type]), params, dataset_ids)
     status, error, metrics, artifacts = "succeeded", None, {}, []
     try:
+        run = ranks.JobRun(job_id, fence.attempt, fence.worker, str(output_dir), resume_from,
+                           dataclasses.asdict(JOB_TYPES[job_type]), params, dataset_ids)
         result = ranks.run_job_process(run, world_size, heartbeat.stop_reason, settings.cancel_grace_seconds,
                                        _torch_threads(settings, world_size),
                                        on_kill=lambda reason: _killed_event(fence, reason, settings))
