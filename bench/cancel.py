@@ -125,7 +125,8 @@ def main() -> None:
                 while c.get(f"/v1/jobs/{job}").json()["status"] != "running" and time.time() < deadline:
                     time.sleep(0.1)
                 if wait == "step":
-                    while not any("step" in e["data"] for e in c.get(f"/v1/jobs/{job}/events?limit=1000").json()["data"]):
+                    while not any("step" in e["data"]
+                                  for e in c.get(f"/v1/jobs/{job}/events?limit=1000").json()["data"]):
                         time.sleep(0.1)
                 else:
                     time.sleep(seconds)
@@ -137,8 +138,8 @@ def main() -> None:
                 assert status == "cancelled", (name, status)
                 kills += any(e["data"].get("killed") for e in c.get(f"/v1/jobs/{job}/events?limit=1000").json()["data"])
             results["cases"][name] = {"latencies": latencies, "killed": kills}
-            print(f"{name:14s} cancel → cancelled: median {statistics.median(latencies):.1f} s, max {max(latencies):.1f} s"
-                  f" ({kills}/{len(latencies)} killed after the grace)", flush=True)
+            print(f"{name:14s} cancel → cancelled: median {statistics.median(latencies):.1f} s, "
+                  f"max {max(latencies):.1f} s ({kills}/{len(latencies)} killed after the grace)", flush=True)
     finally:
         platform.stop()
         shutil.rmtree(work, ignore_errors=True)

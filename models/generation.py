@@ -106,7 +106,8 @@ def row_seed(seed: int, row: int) -> int:
 UNIFORM_CHUNK = 4096  # tokens of each row's stream drawn at a time
 
 
-def row_uniforms(seed: int, rows: Sequence[int], device, total: int, chunk: int | None = None) -> Iterator[torch.Tensor]:
+def row_uniforms(seed: int, rows: Sequence[int], device, total: int,
+                 chunk: int | None = None) -> Iterator[torch.Tensor]:
     """Each row's draws in (0, 1], one (B,) tensor per token, up to ``total`` tokens: row ``rows[i]``'s
     come from its own stream ``row_seed(seed, rows[i])``, ``chunk`` tokens at a time, so memory is
     O(B × chunk) whatever ``total`` is (drawing ``total`` up front took 8 GB per row for a

@@ -211,8 +211,8 @@ def _killed_event(fence: Fence, reason: str, settings) -> None:
     try:
         with Session(get_engine()) as session:
             fence.hold(session)
-            add_event(session, fence.job_id, f"the job's process did not stop within {settings.cancel_grace_seconds:g} s "
-                      f"of the {reason}: killed", {"killed": True}, level="warning")
+            add_event(session, fence.job_id, f"the job's process did not stop within "
+                      f"{settings.cancel_grace_seconds:g} s of the {reason}: killed", {"killed": True}, level="warning")
     except FenceLost:
         pass
 
