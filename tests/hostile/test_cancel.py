@@ -7,7 +7,9 @@ while its worker's job hung left that worker running on its own. Now a job runs 
 own that checks for a stop at every token and is killed when it does not stop within
 ``BEAVER_CANCEL_GRACE_SECONDS`` (a template render, a long forward), a job's own template is
 rendered once at ``POST /v1/jobs`` with a time and an output limit, and the worker goes with
-``beaver up``. Each test below failed on the code before (347aae8).
+``beaver up``. Each test below failed on the code before (347aae8), but two that guard the fixes
+from going too far: real templates still pass at POST, and ``beaver up`` stopped with SIGTERM
+(which already stopped its worker, after 20 s) still does.
 
 Each cancel prints its latency (request → ``cancelled``); the README's "cancel stops a job within
 N s" comes from these runs and ``bench/cancel.py``. Nothing here asserts a duration.
