@@ -68,7 +68,8 @@ def _serve(host: str, port: int) -> None:
 
     from api.app import create_app
 
-    uvicorn.run(create_app(), host=host, port=port, log_level="info")
+    # An open event stream (SSE) would hold a graceful shutdown forever: 5 s, then it is closed.
+    uvicorn.run(create_app(), host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
 
 
 def _exit_on_sigterm() -> None:
@@ -116,6 +117,9 @@ def up(host: Optional[str] = typer.Option(None, help="Bind address (default BEAV
     try:
         _serve(host or settings.host, port or settings.port)
     finally:
+        # A second Ctrl-C or SIGTERM must not cut the worker's stop short (that left it running alone).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         supervisor.stop()
 
 

@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     worker_pool: str = Field("solo", description="Celery pool for `beaver worker` (solo: one job at a time).")
     torch_threads: int = Field(0, description="CPU threads per worker for torch (0: torch's default).")
     heartbeat_seconds: float = Field(5.0, description="How often a running job refreshes its heartbeat.")
+    cancel_grace_seconds: float = Field(5.0, gt=0, description="After a cancel (or its attempt superseded, or its "
+                                        "worker shutting down), how long a job's processes get to stop at a check "
+                                        "of their own before the worker kills them.")
     orphan_after_seconds: float = Field(60.0, description="A running job silent this long is an orphan: "
                                         "re-queued once, then failed; a worker silent this long is no longer alive.")
     max_job_attempts: int = Field(2, description="Runs a job gets before an orphaned one is failed.")

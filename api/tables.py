@@ -37,7 +37,8 @@ JOB_ERROR_CODES = {
     "endpoint_failed": "an outbound endpoint (an evaluate job's judge) failed: the message says how (connection "
                        "refused, timed out, HTTP 503, …), never its URL or reply",
     "worker_lost": "the worker running the job died, and the job had no attempts left",
-    "rank_failed": "a rank of a multi-rank job died without an error of its own (killed, e.g. out of host memory)",
+    "rank_failed": "the job's process (or a rank of a multi-rank job) died without an error of its own (killed, e.g. "
+                   "out of host memory)",
     "broker_unavailable": "the job could not be queued: the Celery broker did not answer",
     "internal_error": "anything else (a bug: the traceback is in the job's events)",
     "job_failed": "a job that failed before errors had codes (its old text is the message)",

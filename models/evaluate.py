@@ -236,7 +236,7 @@ def is_refusal(answer: str, markers: list[str]) -> bool:
 
 
 def score_answers(model, fmt: ChatFormat, prompts: list, answers: list[str], max_length: int,
-                  batch_size: int) -> list[float | None]:
+                  batch_size: int, should_stop=None) -> list[float | None]:
     """End scores of each answer to its prompt; None for an answer the model cannot read whole
     within ``max_length`` (a long prompt is cut from the left, an answer never: no score of a
     conversation without its answer). Answer lengths are known only once sampled, and in the
@@ -249,7 +249,7 @@ def score_answers(model, fmt: ChatFormat, prompts: list, answers: list[str], max
             continue
         where.append(k)
     out: list[float | None] = [None] * len(answers)
-    for k, value in zip(where, score_ids(model, ids, fmt.tokenizer.pad_token_id, batch_size)):
+    for k, value in zip(where, score_ids(model, ids, fmt.tokenizer.pad_token_id, batch_size, should_stop=should_stop)):
         out[k] = float(value)
     return out
 
@@ -390,7 +390,8 @@ def run(config: EvaluateConfig, ctx: JobContext) -> JobResult:
         path = ctx.resolve_model(ref)
         fmt = ChatFormat.load(path, padding_side="left")
         policy = load_causal_lm(path, fmt.tokenizer, dtype=dtype).to(device).eval()
-        answers[ref] = generate_responses(policy, fmt, prompts, config.sampling, config.batch_size, config.seed)
+        answers[ref] = generate_responses(policy, fmt, prompts, config.sampling, config.batch_size, config.seed,
+                                          should_stop=ctx.stop_requested)
         del policy
         ctx.report({"step": k + 1, "total_steps": total, "message": f"{ref}: {len(prompts)} answers"})
 
@@ -403,7 +404,8 @@ def run(config: EvaluateConfig, ctx: JobContext) -> JobResult:
         model = load_score_model(path, fmt.tokenizer, dtype=dtype).to(device).eval()
         for name in config.models:
             max_length = config.max_length or model_context(path) or fmt.tokenizer.model_max_length
-            scores[name][kind] = score_answers(model, fmt, prompts, answers[name], max_length, config.batch_size)
+            scores[name][kind] = score_answers(model, fmt, prompts, answers[name], max_length, config.batch_size,
+                                               should_stop=ctx.stop_requested)
         del model
         ctx.report({"step": len(config.models) + j + 1, "total_steps": total, "message": f"scored by the {kind} model"})
 

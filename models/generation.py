@@ -18,12 +18,12 @@ import functools
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Annotated, Protocol, Sequence
+from typing import Annotated, Callable, Iterator, Protocol, Sequence
 
 import torch
 
 from models import distributed
-from models.jobs import TOKENS, Bound
+from models.jobs import TOKENS, Bound, JobCancelled
 
 
 @dataclass
@@ -103,6 +103,25 @@ def row_seed(seed: int, row: int) -> int:
     return (x ^ (x >> 31)) >> 1  # manual_seed takes < 2**63
 
 
+UNIFORM_CHUNK = 4096  # tokens of each row's stream drawn at a time
+
+
+def row_uniforms(seed: int, rows: Sequence[int], device, total: int,
+                 chunk: int | None = None) -> Iterator[torch.Tensor]:
+    """Each row's draws in (0, 1], one (B,) tensor per token, up to ``total`` tokens: row ``rows[i]``'s
+    come from its own stream ``row_seed(seed, rows[i])``, ``chunk`` tokens at a time, so memory is
+    O(B × chunk) whatever ``total`` is (drawing ``total`` up front took 8 GB per row for a
+    ``max_new_tokens`` of 10⁹). On CPU the chunks continue one stream: the draws are exactly one
+    ``torch.rand(total)`` per row, for any length; on CUDA, for ``total`` ≤ ``chunk``."""
+    chunk = chunk or UNIFORM_CHUNK
+    generators = [torch.Generator(device).manual_seed(row_seed(seed, r)) for r in rows]
+    for start in range(0, total, chunk):
+        size = min(chunk, total - start)
+        block = torch.stack([1.0 - torch.rand(size, generator=g, device=device, dtype=torch.float64)
+                             for g in generators])  # (B, size)
+        yield from block.unbind(1)
+
+
 @dataclass
 class Generation:
     sequences: torch.Tensor  # (B, P + T) left-padded prompt ids, then response ids, then padding
@@ -118,7 +137,7 @@ class Generation:
 
 class GenerationBackend(Protocol):
     def generate(self, prompt_ids: list[list[int]], config: SamplingConfig, seed: int | None = None,
-                 rows: Sequence[int] | None = None) -> Generation: ...
+                 rows: Sequence[int] | None = None, should_stop: Callable[[], bool] | None = None) -> Generation: ...
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,21 +190,24 @@ class Sampler:
 
     ``synced``: the model's weights are sharded over the ranks of a job (ZeRO-3), so each forward is
     a collective and every rank must run as many: a rank whose rows have all ended keeps decoding
-    (padding, masked out) until every rank's have — Hugging Face ``generate``'s ``synced_gpus``."""
+    (padding, masked out) until every rank's have — Hugging Face ``generate``'s ``synced_gpus``.
+
+    ``should_stop`` is called before every token; once it answers true the call raises
+    ``JobCancelled``, so a cancel reaches a generation within a token, however long the answers may
+    be. It must be a local check (no collective): on several ranks each may stop at its own token."""
 
     def __init__(self, model, pad_id: int, eos_ids: Sequence[int], synced: bool = False):
         self.model, self.pad_id, self.eos_ids, self.synced = model, pad_id, tuple(eos_ids), synced
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], config: SamplingConfig, seed: int | None = None,
-                 rows: Sequence[int] | None = None) -> Generation:
+                 rows: Sequence[int] | None = None, should_stop: Callable[[], bool] | None = None) -> Generation:
         model = self.model
         device = next(model.parameters()).device
-        uniforms = None  # (B, max_new_tokens): each row's draws, from its own stream, made up front
+        uniforms = None  # each row's draws, from its own stream, a chunk at a time
         if seed is not None:
             rows = range(len(prompt_ids)) if rows is None else rows
-            uniforms = torch.stack([1.0 - torch.rand(config.max_new_tokens, generator=torch.Generator(device).manual_seed(
-                row_seed(seed, r)), device=device, dtype=torch.float64) for r in rows])
+            uniforms = row_uniforms(seed, rows, device, config.max_new_tokens)
         ids, mask = left_pad(prompt_ids, self.pad_id)
         ids, mask = ids.to(device), mask.to(device)
         B = ids.shape[0]
@@ -202,8 +224,11 @@ class Sampler:
         done = torch.zeros(B, dtype=torch.bool, device=device)
         step_mask, position = mask, positions[:, -1]
         for _ in range(config.max_new_tokens):
+            if should_stop is not None and should_stop():
+                model.train(was_training)
+                raise JobCancelled("cancelled")
             step_log_probs = sampling_log_probs(out.logits[:, -1, :], config, seen)  # (B, V)
-            token = draw(step_log_probs, config, uniforms=None if uniforms is None else uniforms[:, len(tokens)])  # (B,)
+            token = draw(step_log_probs, config, uniforms=None if uniforms is None else next(uniforms))  # (B,)
             token = torch.where(done, torch.full_like(token, self.pad_id), token)
             tokens.append(token)
             log_probs.append(step_log_probs.gather(-1, token[:, None]).squeeze(-1))

@@ -172,12 +172,21 @@ class JobContext:
     # one progress event: {"step": int, "total_steps": int, "message": str, **metrics}
     report: Callable[[dict], None] = lambda event: None
     # true once the job was cancelled; entry points check it between steps and raise JobCancelled.
+    # On several ranks it is a collective (every rank gets the same answer at the same step).
     should_stop: Callable[[], bool] = lambda: False
+    # the same request read locally: cheap enough for every token and free of collectives, for the
+    # loops inside a step (sampling, scoring batches). On several ranks each rank may see it at a
+    # different point; the worker kills ranks that do not stop together. Default: should_stop.
+    stop_requested: Callable[[], bool] | None = None
     # where the job starts from on a re-run (a checkpoint directory), if any.
     resume_from: str | None = None
     # an admin-named outbound endpoint (BEAVER_ENDPOINTS) by name -> its URL, model and key; raises
     # ValueError for a name this worker does not know.
     resolve_endpoint: Callable[[str], Endpoint] = lambda name: _no_endpoints(name)
+
+    def __post_init__(self):
+        if self.stop_requested is None:
+            self.stop_requested = self.should_stop
 
     def check_cancel(self) -> None:
         if self.should_stop():

@@ -325,7 +325,7 @@ def train(config: PPOLagConfig, policy, ref_policy, fmt: ChatFormat, prompts: Se
           generator: GenerationBackend | None = None, ptx_records: Sequence[dict] = (), frozen: Sequence = (),
           output_dir: str | Path | None = None, resume_from: str | Path | None = None,
           report: Callable[[dict], None] = lambda event: None,
-          should_stop: Callable[[], bool] = lambda: False) -> dict:
+          should_stop: Callable[[], bool] = lambda: False, stop_requested: Callable[[], bool] | None = None) -> dict:
     """Run ``config.steps`` PPO steps on ``policy`` in place; returns the last step's metrics.
 
     ``prompts`` are user messages or conversations, rendered by ``fmt`` (the policy's format);
@@ -333,6 +333,8 @@ def train(config: PPOLagConfig, policy, ref_policy, fmt: ChatFormat, prompts: Se
     models over the policy's tokens. ``ref_policy`` None: the reference is the LoRA policy with its
     adapters off. ``frozen`` lists models to offload between phases. ``resume_from`` is a
     checkpoint directory written by this function (models already loaded from it by the caller).
+    ``should_stop`` is checked at every step (on several ranks: a collective, the same answer on
+    all), ``stop_requested`` (a local check) at every sampled token.
     """
     lagrangian = config.objective == "lagrangian"
     if reward_critic is None:
@@ -406,7 +408,8 @@ def train(config: PPOLagConfig, policy, ref_policy, fmt: ChatFormat, prompts: Se
         # sample what one rank would (up to the numerics of different batch shapes).
         with amp:
             rollout = generator.generate([prompt_ids[i] for i in picks], sampling, seed=config.seed * 100_003 + step,
-                                         rows=distributed.shard(range(global_b), ranks))
+                                         rows=distributed.shard(range(global_b), ranks),
+                                         should_stop=stop_requested)
         sequences = rollout.sequences.to(device)  # (B, P+T) prompt ids, then response ids
         attention_mask = rollout.attention_mask.to(device)  # (B, P+T)
         mask = rollout.response_mask.to(device).float()  # (B, T) 1 on response tokens incl. eos
@@ -648,7 +651,7 @@ def _run(config: PPOLagConfig, ctx: JobContext, reward_fn: Scorer | None, cost_f
 
     metrics = train(config, policy, ref_policy, fmt, prompts, reward_fn, cost_fn, reward_critic, cost_critic,
                     ptx_records=ptx_records, frozen=frozen, output_dir=ctx.output_dir, resume_from=checkpoint,
-                    report=ctx.report, should_stop=ctx.should_stop)
+                    report=ctx.report, should_stop=ctx.should_stop, stop_requested=ctx.stop_requested)
 
     out = save_artifact(policy, fmt, Path(ctx.output_dir) / "policy", dtype)
     return JobResult(metrics=metrics, artifacts=[Artifact(

@@ -48,15 +48,16 @@ class GenerateConfig:
 
 
 def generate_responses(model, fmt: ChatFormat, prompts: list[Prompt], sampling: SamplingConfig, batch_size: int = 64,
-                       seed: int = 0, on_batch=None) -> list[str]:
+                       seed: int = 0, on_batch=None, should_stop=None) -> list[str]:
     """Sampled answers (message content, without the turn close) to ``prompts``, batched and seeded:
-    prompt ``i``'s answer depends on ``seed`` and ``i`` alone, whatever ``batch_size``."""
+    prompt ``i``'s answer depends on ``seed`` and ``i`` alone, whatever ``batch_size``. ``should_stop``
+    is checked before every token (``Sampler.generate``)."""
     sampler = Sampler(model, fmt.tokenizer.pad_token_id, fmt.eos_ids)
     ids = [fmt.prompt_ids(p) for p in prompts]
     answers: list[str] = []
     for start in range(0, len(ids), batch_size):
         out = sampler.generate(ids[start:start + batch_size], sampling, seed=seed,
-                               rows=range(start, min(start + batch_size, len(ids))))
+                               rows=range(start, min(start + batch_size, len(ids))), should_stop=should_stop)
         for row, mask in zip(out.responses, out.response_mask):
             answers.append(fmt.response_text(row[mask.bool()].tolist()))
         if on_batch:
@@ -83,7 +84,7 @@ def run(config: GenerateConfig, ctx: JobContext) -> JobResult:
         ctx.report({"step": done, "total_steps": total, "message": f"sampled {done}/{total}"})
 
     answers = generate_responses(model, fmt, prompts, config.sampling, config.batch_size, config.seed,
-                                 on_batch=progress)
+                                 on_batch=progress, should_stop=ctx.stop_requested)
     out = ctx.output_dir / "samples.jsonl"
     with open(out, "w") as f:
         for source, answer in zip(sources, answers):

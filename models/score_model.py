@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from models.chat_format import ChatFormat, Prompt
+from models.jobs import JobCancelled
 from models.training import pad_right
 
 SCORE_TYPES = ("reward", "cost")
@@ -46,9 +47,11 @@ def end_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> 
 
 
 @torch.no_grad()
-def score_ids(model, ids: Sequence[Sequence[int]], pad_id: int, batch_size: int = 16) -> list[float]:
+def score_ids(model, ids: Sequence[Sequence[int]], pad_id: int, batch_size: int = 16,
+              should_stop: Callable[[], bool] | None = None) -> list[float]:
     """End scores of token id sequences, in input order; batches are formed from length-sorted
-    inputs so little compute goes to padding."""
+    inputs so little compute goes to padding. ``should_stop`` is checked before every batch (a true
+    answer raises ``JobCancelled``)."""
     if not ids:
         return []
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
@@ -57,6 +60,9 @@ def score_ids(model, ids: Sequence[Sequence[int]], pad_id: int, batch_size: int 
     model.eval()
     out = [0.0] * len(ids)
     for start in range(0, len(order), batch_size):
+        if should_stop is not None and should_stop():
+            model.train(was_training)
+            raise JobCancelled("cancelled")
         chunk = order[start : start + batch_size]
         input_ids, attention_mask = pad_right([ids[i] for i in chunk], pad_id)
         values = end_scores(model, input_ids.to(device), attention_mask.to(device)).float().tolist()

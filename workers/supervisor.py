@@ -1,5 +1,10 @@
 """``beaver up``'s embedded worker: started, restarted when it dies, stopped with ``beaver up``.
 
+Stopping is SIGTERM (Celery's warm shutdown: the worker stops its running job's processes within
+``BEAVER_CANCEL_GRACE_SECONDS`` and leaves the job to be re-queued), then SIGKILL if it is still
+there. The worker also watches ``beaver up``'s pid (``BEAVER_SUPERVISOR_PID``), so it stops even when
+``beaver up`` was killed outright.
+
 While the worker is down nothing else would notice its jobs went silent, so ``beaver up`` also
 runs a reaper (``workers.reaper``): the running job of a killed worker is re-queued once its
 heartbeat expires, and the restarted worker runs it again (or it fails with ``worker_lost`` once
@@ -42,7 +47,8 @@ class WorkerSupervisor:
         with self._lock:
             if self._stop.is_set():
                 return
-            self.proc = subprocess.Popen(self.command, start_new_session=True)
+            self.proc = subprocess.Popen(self.command, start_new_session=True,
+                                         env={**os.environ, "BEAVER_SUPERVISOR_PID": str(os.getpid())})
             self.started_at = time.time()
         if self.on_start:
             self.on_start(self.proc.pid)
@@ -62,8 +68,13 @@ class WorkerSupervisor:
             backoff = min(backoff * 2, self.max_backoff)
             self._spawn()
 
-    def stop(self, timeout: float = 20.0) -> None:
-        """Stop watching, then SIGTERM the worker (a warm shutdown), SIGKILL after ``timeout``."""
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop watching, then SIGTERM the worker (a warm shutdown), SIGKILL after ``timeout`` (default:
+        the cancel grace its job's processes get, and 15 s to stop them and leave)."""
+        if timeout is None:
+            from api.settings import get_settings
+
+            timeout = get_settings().cancel_grace_seconds + 15
         with self._lock:
             self._stop.set()
             proc = self.proc
@@ -74,6 +85,7 @@ class WorkerSupervisor:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             _kill_group(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def _kill_group(pid: int, sig: int) -> None:

@@ -26,6 +26,7 @@ from api.registry import ModelNotFound, WrongModelKind, add_event, check_model, 
 from api.settings import get_settings
 from api.tables import TERMINAL_STATES, Dataset, Job, JobEvent, Worker, job_error, new_id, now, public
 from models.jobs import JOB_TYPES, ParamsError, config_to_dict, endpoint_refs, model_refs, parse_params
+from models.template_probe import TemplateUnusable, check_template
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=responses(400, 401, 413, 422))
 
@@ -103,6 +104,11 @@ def create_job(body: JobCreate, response: Response, session: SessionDep, key: Tr
         check_job_size(session, body.type, config, body.datasets, found)
     except ParamsError as e:
         raise ApiError(422, str(e), param=e.param) from None
+    if getattr(config, "chat_template", None):  # rendered once here, time- and size-limited
+        try:
+            check_template(config.chat_template)
+        except TemplateUnusable as e:
+            raise ApiError(422, f"params.chat_template {e}", param="params.chat_template") from None
     queue = job_queue(JOB_TYPES[body.type].queue, body.world_size)
     job = Job(id=new_id("job"), type=body.type, params=params, datasets=body.datasets, queue=queue,
               world_size=body.world_size, created_by=key.id, idempotency_key=idempotency_key)
@@ -237,7 +243,8 @@ def get_job(job_id: str, session: SessionDep, key: Reader) -> dict:
 
 @router.post("/{job_id}/cancel", responses=responses(403, 404, 409))
 def cancel_job(job_id: str, session: SessionDep, _: Trainer) -> dict:
-    """Cancel a job: a queued one at once, a running one at its next step."""
+    """Cancel a job: a queued one at once, a running one within seconds (its process is killed if it
+    does not stop by itself)."""
     job = _get_job(session, job_id)
     if job.status in TERMINAL_STATES:
         raise ApiError(409, f"job {job_id} already {job.status}")
@@ -246,7 +253,7 @@ def cancel_job(job_id: str, session: SessionDep, _: Trainer) -> dict:
         message = "cancelled before it started"
     else:
         job.cancel_requested = True
-        message = "cancel requested; the job stops at its next step"
+        message = "cancel requested; the job stops within seconds"
     session.add(job)
     session.commit()
     add_event(session, job.id, message, {"status": job.status})

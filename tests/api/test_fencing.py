@@ -1,13 +1,14 @@
 """Exactly once, at the unit level (issue 12): a runner's writes are fenced by the attempt it
-claimed (``workers.tasks.Fence``), and the reaper acts on expired heartbeats only, never on a
-worker's name. Real ``execute`` runs on the real SQLite database; the entry point below stands in
-for a trainer that is paused at the wrong moment, which is the one thing a test cannot arrange
-with a real one."""
+claimed (``workers.attempt.Fence``), and the reaper acts on expired heartbeats only, never on a
+worker's name. Real ``execute`` runs on the real SQLite database, each job in a process of its own;
+the entry point below stands in for a trainer that is paused at the wrong moment, which is the one
+thing a test cannot arrange with a real one."""
 
 from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from sqlalchemy import update
@@ -16,17 +17,21 @@ from sqlmodel import Session, select
 from models.jobs import JOB_TYPES, Artifact, JobCancelled, JobResult, JobType
 from tests.api.conftest import auth
 
-GATES: dict[int, threading.Event] = {}  # attempt → released when that attempt's runner may go on
+def gate(job_id: str, attempt: int) -> Path:
+    """While this file exists, that attempt's runner waits (the job runs in another process)."""
+    from api.settings import get_settings
+
+    return get_settings().resolved_artifacts_dir / job_id / f"gate-{attempt}"
 
 
 def paused_entry(config, ctx):
     """Reports a step, waits at its attempt's gate (a long pause), reports again, returns a policy."""
     attempt = int(ctx.output_dir.name.removeprefix("attempt-"))  # the worker gives each attempt its folder
     ctx.report({"step": 1, "train/loss": float(attempt)})
-    gate = GATES.get(attempt)
-    while gate is not None and not gate.wait(0.05):
+    while (ctx.output_dir.parent / f"gate-{attempt}").exists():
         if ctx.should_stop():
             raise JobCancelled("stopped")
+        time.sleep(0.05)
     ctx.report({"step": 2, "train/loss": attempt + 0.5})
     model_dir = ctx.output_dir / "model"
     model_dir.mkdir()
@@ -46,7 +51,6 @@ def diverging_entry(config, ctx):
 def paused_job(database, client, keys, monkeypatch):
     """A job whose runner pauses where the test says; its id."""
     monkeypatch.setitem(JOB_TYPES, "paused", JobType("models.stats:StatsConfig", f"{__name__}:paused_entry", "cpu"))
-    GATES.clear()
     r = client.post("/v1/jobs", json={"type": "paused"}, headers=auth(keys["trainer"]))
     assert r.status_code == 201, r.text
     return r.json()["id"]
@@ -78,16 +82,18 @@ def expire_heartbeat(job_id: str) -> None:
 
 
 def test_a_stale_runner_cannot_write_after_its_job_was_requeued_and_rerun(paused_job, monkeypatch):
-    """Runner A pauses past the orphan period (its heartbeat thread too, as in a stop-the-world
-    pause); the reaper re-queues the job and runner B runs it to the end. When A wakes up, every
-    write it tries — an event, metrics, a model, the outcome — is refused, and A stops."""
+    """Runner A pauses past the orphan period (its heartbeat never beats, as in a stop-the-world
+    pause); the reaper re-queues the job and runner B runs it to the end. A finds its attempt
+    superseded, stops its job's process, and nothing of A's — an event, metrics, a model, the
+    outcome — is written."""
     from api.cli import clear_caches
     from workers.reaper import reap_orphans
     from workers.tasks import execute
 
     monkeypatch.setenv("BEAVER_HEARTBEAT_SECONDS", "3600")  # A's heartbeat thread never beats
     clear_caches()
-    GATES[1] = threading.Event()
+    gate(paused_job, 1).parent.mkdir(parents=True)
+    gate(paused_job, 1).touch()
     outcome = {}
     runner_a = threading.Thread(target=lambda: outcome.setdefault("a", execute(paused_job, "worker-a/h:1:aa")))
     runner_a.start()
@@ -102,7 +108,7 @@ def test_a_stale_runner_cannot_write_after_its_job_was_requeued_and_rerun(paused
     after_b = job_row(paused_job)
     events_after_b = [(e.message, e.data) for e in job_events(paused_job)]
 
-    GATES[1].set()
+    gate(paused_job, 1).unlink()
     runner_a.join(30)
     assert outcome["a"] == "lost"
     job = job_row(paused_job)
@@ -129,11 +135,13 @@ def test_a_runner_whose_attempt_is_superseded_stops_like_a_cancel(paused_job, mo
     from api.cli import clear_caches
     from api.db import get_engine
     from api.tables import Job
-    from workers.tasks import Fence, FenceLost, execute
+    from workers.attempt import Fence, FenceLost
+    from workers.tasks import execute
 
     monkeypatch.setenv("BEAVER_HEARTBEAT_SECONDS", "0.1")
     clear_caches()
-    GATES[1] = threading.Event()  # never set: A leaves only through its cancel check
+    gate(paused_job, 1).parent.mkdir(parents=True)
+    gate(paused_job, 1).touch()  # never removed: A leaves only through its cancel check
     outcome = {}
     runner_a = threading.Thread(target=lambda: outcome.setdefault("a", execute(paused_job, "worker-a/h:1:aa")))
     runner_a.start()

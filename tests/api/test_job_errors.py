@@ -91,7 +91,7 @@ def test_error_codes_by_exception(exc, code):
     from api.registry import ModelNotFound
     from models.jobs import ParamsError
     from models.records import InvalidRecords, RecordError
-    from workers.tasks import error_object
+    from workers.attempt import error_object
 
     exc = {"invalid_records": InvalidRecords([RecordError(3, "prompt", "must be a string")]),
            "params_error": ParamsError("params.steps must be an integer", "params.steps"),

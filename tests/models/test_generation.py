@@ -115,3 +115,35 @@ def test_a_prompts_answer_does_not_depend_on_its_batch(tiny_qwen_dir):
     crowd = sampler.generate([fmt.prompt_ids(p) for p in ("a", "bb cc dd ee ff", PROMPTS[0])], config, seed=9,
                              rows=[0, 1, 4])
     assert fmt.response_text(alone.responses[0].tolist()) == fmt.response_text(crowd.responses[2].tolist())
+
+
+@pytest.mark.parametrize("total", [1, 4, 5, 6, 13, 4096, 4097])
+def test_each_rows_draws_are_one_torch_rand_per_row_whatever_the_chunk(total):
+    """Rows draw their uniforms lazily, a chunk at a time (memory O(rows × chunk), not O(rows ×
+    max_new_tokens)); on CPU the chunks continue one stream, so the samples are those of one
+    ``torch.rand(max_new_tokens)`` per row, as drawn before (the demo's numbers depend on it)."""
+    from models.generation import row_seed, row_uniforms
+
+    rows = [0, 3, 7]
+    one_shot = torch.stack([1.0 - torch.rand(total, generator=torch.Generator().manual_seed(row_seed(11, r)),
+                                             dtype=torch.float64) for r in rows])  # (B, total)
+    for chunk in (None, 1, 5):
+        lazy = torch.stack(list(row_uniforms(11, rows, torch.device("cpu"), total, chunk)), dim=1)
+        assert lazy.shape == one_shot.shape and torch.equal(lazy, one_shot), chunk
+
+
+def test_sampled_answers_do_not_depend_on_the_draw_chunk(tiny_llama_dir, monkeypatch):
+    """End to end: the same tokens and log-probs whatever the chunk, with penalties and truncation on."""
+    import models.generation as generation
+
+    fmt = ChatFormat.load(tiny_llama_dir, padding_side="left")
+    model = load_causal_lm(tiny_llama_dir, fmt.tokenizer).eval()
+    sampler = Sampler(model, fmt.tokenizer.pad_token_id, fmt.eos_ids)
+    ids = [fmt.prompt_ids(p) for p in PROMPTS]
+    for config in (SamplingConfig(max_new_tokens=40), SamplingConfig(top_k=5, top_p=0.8, repetition_penalty=1.3,
+                                                                      temperature=0.7, max_new_tokens=40)):
+        whole = sampler.generate(ids, config, seed=4, rows=[5, 1, 8])
+        monkeypatch.setattr(generation, "UNIFORM_CHUNK", 3)
+        chunked = sampler.generate(ids, config, seed=4, rows=[5, 1, 8])
+        monkeypatch.undo()
+        assert torch.equal(whole.sequences, chunked.sequences) and torch.equal(whole.log_probs, chunked.log_probs)
