@@ -45,7 +45,7 @@ def test_a_bad_endpoints_value_is_refused_naming_what_is_wrong_never_the_key(mon
 def test_a_worker_reads_an_endpoints_key_from_its_file(monkeypatch, tmp_path):
     from api.settings import get_settings
     from models.jobs import EndpointError
-    from workers.tasks import resolve_endpoint
+    from workers.attempt import resolve_endpoint
 
     key_file = tmp_path / "guard.key"
     key_file.write_text(KEY + "\n")

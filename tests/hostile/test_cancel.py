@@ -112,7 +112,7 @@ def post_with_template(client, keys, policy, template: str, job_type: str = "gen
     ("{% for m in messages %}{{ m['content'] }}", "does not compile"),
     ("{{ raise_exception('no chat here') }}", "raises on a user, assistant, user conversation: no chat here"),
     ("{{ ''.__class__.__mro__ }}", "unsafe"),
-    ("{# " + "x" * 70_000 + " #}", "at most 65536"),
+    ("{# " + "x" * 70_000 + " #}", "at most 65,536"),
 ])
 def test_a_jobs_template_that_hangs_blows_up_or_fails_is_refused_at_post(client, keys, policy, template, why):  # noqa: F811
     r = post_with_template(client, keys, policy, template)
