@@ -27,7 +27,17 @@ distributed.init(ranks)
 module, name = sys.argv[1].split(":")
 kwargs = json.loads(open(sys.argv[2]).read())
 result = getattr(importlib.import_module(module), name)(**kwargs)
-open(os.path.join(sys.argv[3], f"rank-{ranks.rank}.json"), "w").write(json.dumps(result))
+with open(os.path.join(sys.argv[3], f"rank-{ranks.rank}.json"), "w") as f:
+    f.write(json.dumps(result))
+# Leave together and without the interpreter's teardown: a rank that exits with the process group (and
+# DeepSpeed's threads) still alive was seen to abort ("terminate called without an active exception")
+# after its result was written, on a loaded host.
+import torch.distributed as dist
+if dist.is_initialized():
+    dist.barrier()
+    dist.destroy_process_group()
+sys.stdout.flush(); sys.stderr.flush()
+os._exit(0)
 """
 
 
