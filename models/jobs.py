@@ -37,6 +37,12 @@ class EndpointError(RuntimeError):
     an exception's text or a response body, since job errors and events are read by every role."""
 
 
+class RolloutEngineError(RuntimeError):
+    """The rollout engine (vLLM, ``models/vllm_rollout.py``) could not start, exited, or refused a
+    request (a weight sync, a generation): the job fails with ``rollout_engine_failed``, never samples on
+    with another engine or with stale weights."""
+
+
 # An endpoint's name as an admin writes it in BEAVER_ENDPOINTS and a job names it: a plain word, so a
 # job's params can never hold a URL, a host or a port.
 ENDPOINT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -183,6 +189,9 @@ class JobContext:
     # an admin-named outbound endpoint (BEAVER_ENDPOINTS) by name -> its URL, model and key; raises
     # ValueError for a name this worker does not know.
     resolve_endpoint: Callable[[str], Endpoint] = lambda name: _no_endpoints(name)
+    # the Python of the environment that has vLLM (BEAVER_VLLM_PYTHON), for rollout_engine vllm / auto;
+    # "": this Python.
+    vllm_python: str = ""
 
     def __post_init__(self):
         if self.stop_requested is None:
