@@ -133,6 +133,43 @@ def _names(model):
     return list(policy_tensors(model))
 
 
+def ppo_on_ranks(model_dir: str, output_dir: str, vllm_python: str, zero_stage: int) -> dict:
+    """A 3-step PPO-Lag job sampled by vLLM (T = 1), run on each rank; its step events and engine events."""
+    from models import distributed
+    from models.ppo_lag import PPOLagConfig, run_ppo_lag
+    from models.training import OptimConfig
+
+    lr = OptimConfig(lr=1e-3, warmup_ratio=0.0, scheduler="constant")
+    config = PPOLagConfig(model=model_dir, reward_model=model_dir, cost_model=model_dir, steps=3, rollout_batch_size=4,
+                          micro_batch_size=2, sampling=SamplingConfig(temperature=1.0, max_new_tokens=6), seed=3,
+                          actor_optim=lr, critic_optim=lr, zero_stage=zero_stage, rollout_engine="vllm")
+    events = []
+    records = [{"prompt": p} for p in PROMPTS if isinstance(p, str)]
+    run_ppo_lag(config, JobContext(output_dir=output_dir, datasets=["d"], load_dataset=lambda _: records,
+                                   report=events.append, vllm_python=vllm_python))
+    keys = ("step", "train/sampler_logprob_gap", "rollout/weights_version", "lagrange/lambda")
+    return {"rank": distributed.current().rank, "steps": [{k: e[k] for k in keys} for e in events if "step" in e],
+            "engines": [e["message"] for e in events if e["message"].startswith("rollout engine (vLLM")]}
+
+
+def test_two_ranks_share_one_engine_and_sample_on_policy(vllm_python, tiny_llama_dir, tmp_path):
+    """World size 2 under ZeRO-3: rank 0 alone starts an engine, samples both ranks' prompts and sends
+    each rank its rows; the weights are gathered a module at a time for every sync. Each rank's rollouts
+    are its own prompts' and the updated policy's: the largest log-prob gap over both ranks stays under
+    1e-3 at every step."""
+    from tests.ranks import run_on_ranks
+
+    ranks = run_on_ranks(2, f"{__name__}:ppo_on_ranks", {"model_dir": str(tiny_llama_dir),
+                                                          "output_dir": str(tmp_path / "job"),
+                                                          "vllm_python": vllm_python, "zero_stage": 3}, tmp_path)
+    assert len(ranks[0]["engines"]) == 1 and ranks[1]["engines"] == []  # one engine, on rank 0
+    for rank in ranks:
+        assert [s["step"] for s in rank["steps"]] == [1, 2, 3]
+        assert all(s["train/sampler_logprob_gap"] < 1e-3 for s in rank["steps"])
+        assert [s["rollout/weights_version"] for s in rank["steps"]] == [0, 1, 2]
+    assert [s["lagrange/lambda"] for s in ranks[0]["steps"]] == [s["lagrange/lambda"] for s in ranks[1]["steps"]]
+
+
 OWNER = """
 import sys, time, torch
 from models.chat_format import ChatFormat
