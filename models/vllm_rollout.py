@@ -341,7 +341,7 @@ class VLLMRollout:
         calls it (under ZeRO-3 the weights are gathered a module at a time, a collective); rank 0 sends."""
         tensors = policy_tensors(model)
         if self.engine is None:
-            if any(hasattr(p, "ds_id") for p in model.parameters()):
+            if distributed.zero3(model):
                 for _ in tensors:  # take part in every gather
                     pass
             return
