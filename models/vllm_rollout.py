@@ -213,9 +213,11 @@ class EngineProcess:
                 pass
 
     def send(self, message: dict) -> None:
+        data = memoryview((json.dumps(message) + "\n").encode())
         try:
-            os.write(self._to_engine, (json.dumps(message) + "\n").encode())
-        except (BrokenPipeError, OSError):
+            while data:  # a pipe takes a large request in parts
+                data = data[os.write(self._to_engine, data):]
+        except OSError:  # the engine is gone (a broken pipe)
             self._died(message.get("op", "request"))
 
     def receive(self, op: str, should_stop: Callable[[], bool] | None = None, timeout: float | None = None) -> dict:

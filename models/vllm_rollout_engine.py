@@ -17,7 +17,8 @@ needs of vLLM, it asks here:
   logits (``LogitsProcessor.scale``) and samples at temperature 1 with ``raw_logprobs``: vLLM then draws
   from exactly the distribution temperature T gives (the penalties, top-k and top-p see logits / T in
   both cases) and reports ``log softmax(logits / T)``. Greedy decoding (T = 0) reports
-  ``log softmax(logits)``, as the trainer computes it.
+  ``log softmax(logits)``, as the trainer computes it. (A repetition penalty — generate and evaluate
+  only: PPO refuses one — is applied to the draws, not to the reported log-probs.)
 - New weights after every policy update (``load_weights``: a safetensors file Beaver wrote in
   ``/dev/shm``, reloaded in place by vLLM's layer-wise reload — the CPU path; ``update``: vLLM's
   weight-transfer engine, CUDA IPC when colocated, NCCL to GPUs of its own), then the prefix cache is

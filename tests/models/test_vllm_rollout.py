@@ -231,3 +231,27 @@ def _open_by(path: Path, pid: int) -> bool:
         return str(path) in Path(f"/proc/{pid}/cmdline").read_text()
     except OSError:
         return False
+
+
+def test_the_engine_is_placed_on_the_gpus_the_job_leaves_it(monkeypatch):
+    """Where the engine runs on a GPU worker (the arithmetic only: no GPU here): colocated on rank 0's
+    GPU, weights by CUDA IPC, asleep while an RL job's trainer works; or on the GPUs after the job's
+    ranks', weights by NCCL; a worker without enough GPUs refuses, naming both counts."""
+    from models.distributed import Ranks
+    from models.vllm_rollout import placement
+
+    assert placement(0, None, Ranks(), trains=True).device == "cpu"
+    with pytest.raises(ValueError, match="no GPU"):
+        placement(1, None, Ranks(), trains=True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3,4,5,6,7")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    ranks = Ranks(rank=0, world_size=2, local_rank=0)
+    colocated = placement(0, None, ranks, trains=True)
+    assert (colocated.gpus, colocated.transport, colocated.sleep, colocated.gpu_memory) == (["2"], "ipc", True, 0.4)
+    assert placement(0, None, Ranks(), trains=False).sleep is False  # generate / evaluate: nothing to make room for
+    own = placement(3, 0.8, ranks, trains=True)
+    assert (own.gpus, own.transport, own.sleep, own.gpu_memory) == (["4", "5", "6"], "nccl", False, 0.8)
+    with pytest.raises(ValueError, match="needs 7 GPUs; this worker sees 6"):
+        placement(5, None, ranks, trains=True)
