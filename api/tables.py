@@ -36,6 +36,9 @@ JOB_ERROR_CODES = {
                  "the device's folder",
     "endpoint_failed": "an outbound endpoint (an evaluate job's judge) failed: the message says how (connection "
                        "refused, timed out, HTTP 503, …), never its URL or reply",
+    "rollout_engine_failed": "the job's rollout engine (vLLM) could not start, exited, or failed a request (a weight "
+                             "sync, a generation): the message says how; its output is rollout-engine.log in the "
+                             "attempt's artifacts folder",
     "worker_lost": "the worker running the job died, and the job had no attempts left",
     "rank_failed": "the job's process (or a rank of a multi-rank job) died without an error of its own (killed, e.g. "
                    "out of host memory)",

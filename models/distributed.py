@@ -138,6 +138,24 @@ def all_gather(values: list[float]) -> list[float]:
     return [v for part in gathered for v in part]
 
 
+def gather_objects(obj) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank (``[obj]`` on one rank)."""
+    if not _active():
+        return [obj]
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` (picklable) on every rank; the other ranks' ``obj`` is ignored."""
+    if not _active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def global_scale(local_count: int | float) -> float:
     """The factor that turns a sum over this rank's slice into its share of the global mean: the
     engine averages gradients over ranks, so ``world_size / global count``."""

@@ -44,6 +44,7 @@ from models.generation import SamplingConfig
 from models.jobs import (BATCH, ENDPOINT_NAME, MODEL_REF, NAME, SEED, Artifact, Bound, Endpoint, EndpointError,
                          JobCancelled, JobContext, JobResult, ParamsError)
 from models.loading import load_causal_lm, load_score_model, model_context
+from models.rollout import RolloutParams, choose_engine, open_vllm
 from models.sampling import generate_responses
 from models.score_model import score_ids
 from models.training import compute_dtype, get_device
@@ -114,7 +115,7 @@ def judge_message(template: str, prompt: str, response: str) -> str:
 
 
 @dataclass
-class EvaluateConfig:
+class EvaluateConfig(RolloutParams):
     """Params of an ``evaluate`` job."""
 
     models: Annotated[list[Annotated[str, MODEL_REF]], Bound(min_length=1, max_length=16)] = field(default_factory=list)
@@ -158,6 +159,7 @@ class EvaluateConfig:
             raise ValueError("samples_per_prompt and batch_size must be ≥ 1, bootstrap ≥ 0")
         if self.max_prompts is not None and self.max_prompts < 1:
             raise ValueError("max_prompts must be ≥ 1")
+        self.check_rollout()
         if not self.reward_model or not self.cost_model:
             raise ValueError("reward_model and cost_model are required (the API fills in the newest round's)")
 
@@ -377,6 +379,7 @@ def run(config: EvaluateConfig, ctx: JobContext) -> JobResult:
     if not records:
         raise ValueError("evaluate needs at least one dataset with prompts")
     records = records[: config.max_prompts] if config.max_prompts else records
+    engine = choose_engine(config, ctx, trains=False)
     # The judge's endpoint first: a name this worker does not know fails the job before any sampling.
     endpoint = ctx.resolve_endpoint(config.judge.endpoint) if config.judge is not None else None
     device = get_device()
@@ -389,10 +392,15 @@ def run(config: EvaluateConfig, ctx: JobContext) -> JobResult:
         ctx.check_cancel()
         path = ctx.resolve_model(ref)
         fmt = ChatFormat.load(path, padding_side="left")
-        policy = load_causal_lm(path, fmt.tokenizer, dtype=dtype).to(device).eval()
-        answers[ref] = generate_responses(policy, fmt, prompts, config.sampling, config.batch_size, config.seed,
-                                          should_stop=ctx.stop_requested)
-        del policy
+        if engine.engine == "vllm":  # an engine per model, stopped before the next one starts
+            with open_vllm(engine, ctx, path, fmt, dtype) as backend:
+                answers[ref] = generate_responses(None, fmt, prompts, config.sampling, config.batch_size, config.seed,
+                                                  should_stop=ctx.stop_requested, backend=backend)
+        else:
+            policy = load_causal_lm(path, fmt.tokenizer, dtype=dtype).to(device).eval()
+            answers[ref] = generate_responses(policy, fmt, prompts, config.sampling, config.batch_size, config.seed,
+                                              should_stop=ctx.stop_requested)
+            del policy
         ctx.report({"step": k + 1, "total_steps": total, "message": f"{ref}: {len(prompts)} answers"})
 
     scores: dict[str, dict[str, list[float]]] = {ref: {} for ref in config.models}

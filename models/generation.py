@@ -18,7 +18,7 @@ import functools
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Annotated, Callable, Iterator, Protocol, Sequence
+from typing import Annotated, Callable, Iterator, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -129,6 +129,9 @@ class Generation:
     response_mask: torch.Tensor  # (B, T) 1 on response tokens up to and including the first eos
     prompt_length: int  # P: responses start at column P of ``sequences``
     log_probs: torch.Tensor | None = None  # (B, T) the sampler's log-prob of each response token
+    # The policy updates the sampler's weights include, when it holds weights of its own (vLLM); None:
+    # it sampled with the trainer's own weights (``Sampler``).
+    weights_version: int | None = None
 
     @property
     def responses(self) -> torch.Tensor:  # (B, T)
@@ -136,8 +139,18 @@ class Generation:
 
 
 class GenerationBackend(Protocol):
+    """What samples rollouts: ``Sampler`` (the trainer's own weights) or ``models.vllm_rollout.VLLMRollout``."""
+
     def generate(self, prompt_ids: list[list[int]], config: SamplingConfig, seed: int | None = None,
                  rows: Sequence[int] | None = None, should_stop: Callable[[], bool] | None = None) -> Generation: ...
+
+
+@runtime_checkable
+class WeightSynced(Protocol):
+    """A backend that holds a copy of the policy's weights (vLLM): a trainer gives it the policy's weights
+    after every update, before the next rollout (``version``: the updates they include)."""
+
+    def sync_weights(self, model, version: int) -> None: ...
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,6 +37,12 @@ class EndpointError(RuntimeError):
     an exception's text or a response body, since job errors and events are read by every role."""
 
 
+class RolloutEngineError(RuntimeError):
+    """The rollout engine (vLLM, ``models/vllm_rollout.py``) could not start, exited, or refused a
+    request (a weight sync, a generation): the job fails with ``rollout_engine_failed``, never samples on
+    with another engine or with stale weights."""
+
+
 # An endpoint's name as an admin writes it in BEAVER_ENDPOINTS and a job names it: a plain word, so a
 # job's params can never hold a URL, a host or a port.
 ENDPOINT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -183,6 +189,9 @@ class JobContext:
     # an admin-named outbound endpoint (BEAVER_ENDPOINTS) by name -> its URL, model and key; raises
     # ValueError for a name this worker does not know.
     resolve_endpoint: Callable[[str], Endpoint] = lambda name: _no_endpoints(name)
+    # the Python of the environment that has vLLM (BEAVER_VLLM_PYTHON), for rollout_engine vllm / auto;
+    # "": this Python.
+    vllm_python: str = ""
 
     def __post_init__(self):
         if self.stop_requested is None:
@@ -604,14 +613,20 @@ def params_markdown() -> str:
     then the nested objects (``optim``, ``lora``, ``sampling``)."""
     from models.evaluate import JudgeConfig
     from models.generation import SamplingConfig
+    from models.rollout import RolloutParams
     from models.training import LoraConfig, OptimConfig, TrainingConfig
 
     shared = [f.name for f in dataclasses.fields(TrainingConfig)]
+    rollout = [f.name for f in dataclasses.fields(RolloutParams)]
+    samplers = [name for name, spec in JOB_TYPES.items() if issubclass(spec.config_class(), RolloutParams)]
     lines = ["Every bound is checked at `POST /v1/jobs` (422 naming the param). `BEAVER_MAX_JOB_*` are caps an admin "
              "sets (see Configuration); token lengths are also bounded by the model's context, and a job's answers "
              "and optimizer steps, counted from its datasets, by the samples and steps caps.", "",
              "**Every training job** (sft, dpo, reward, cost, ppo_lag, ppo, ppo_shaping) takes:", ""]
     lines += _table(TrainingConfig, shared)
+    lines += ["", f"**Every job that samples** ({', '.join(samplers)}) takes the rollout engine's params (see "
+              "[Rollout engines](#rollout-engines)):", ""]
+    lines += _table(RolloutParams, rollout)
     shown: dict[type, str] = {}
     for name, spec in JOB_TYPES.items():
         cls = spec.config_class()
@@ -623,7 +638,7 @@ def params_markdown() -> str:
         shown[cls] = name
         fixed = {k for k, _ in spec.fixed}
         own = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in fixed
-               and not (training and f.name in shared)]
+               and not (training and f.name in shared) and f.name not in rollout]
         lines += [""] + _table(cls, own)
     for title, cls in (("`optim` / `actor_optim` / `critic_optim` (OptimConfig)", OptimConfig),
                        ("`lora` (LoraConfig)", LoraConfig), ("`sampling` (SamplingConfig)", SamplingConfig),

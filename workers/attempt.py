@@ -24,7 +24,7 @@ from api.db import get_engine
 from api.registry import ModelNotFound, add_event, load_records, resolve_model_path
 from api.settings import get_settings
 from api.tables import Job, job_error
-from models.jobs import Endpoint, EndpointError, JobContext
+from models.jobs import Endpoint, EndpointError, JobContext, RolloutEngineError
 
 log = logging.getLogger("beaver.worker")
 
@@ -90,7 +90,8 @@ def job_context(dataset_ids: list[str], output_dir: Path, resume_from: str | Non
 
     return JobContext(output_dir=output_dir, datasets=dataset_ids, load_dataset=load_dataset,
                       resolve_model=resolve_model, report=report, should_stop=should_stop,
-                      stop_requested=stop_requested, resume_from=resume_from, resolve_endpoint=resolve_endpoint)
+                      stop_requested=stop_requested, resume_from=resume_from, resolve_endpoint=resolve_endpoint,
+                      vllm_python=get_settings().vllm_python)
 
 
 def resolve_endpoint(name: str) -> Endpoint:
@@ -126,6 +127,8 @@ def error_object(e: BaseException, output_dir: Path | None = None) -> dict:
         code = "invalid_input"
     elif isinstance(e, EndpointError):  # its message is classified already: no URL, no body
         code = "endpoint_failed"
+    elif isinstance(e, RolloutEngineError):
+        code = "rollout_engine_failed"
     elif isinstance(e, ModelNotFound) or (isinstance(e, OSError) and _reading_a_model(e, output_dir)):
         code = "model_not_found"
     else:

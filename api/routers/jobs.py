@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
+import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -100,6 +103,7 @@ def create_job(body: JobCreate, response: Response, session: SessionDep, key: Tr
         except (ModelNotFound, WrongModelKind) as e:
             raise ApiError(422, f"params.{name}: {e}", param=f"params.{name}") from None
     check_endpoints(body.type, config)
+    check_rollout_engine(config)
     try:  # tokens by each model's context, answers and steps by the datasets' records (BEAVER_MAX_JOB_*)
         check_job_size(session, body.type, config, body.datasets, found)
     except ParamsError as e:
@@ -198,6 +202,29 @@ def check_endpoints(job_type: str, config) -> None:
             names = ", ".join(sorted(known)) if known else "none: an admin names them in BEAVER_ENDPOINTS"
             raise ApiError(422, f"params.{param}: no endpoint {name!r}; configured endpoints: {names}",
                            param=f"params.{param}")
+
+
+_VLLM_PROBES: dict[str, tuple[float, str | None]] = {}  # Python → (when probed, why it cannot run vLLM)
+
+
+def check_rollout_engine(config) -> None:
+    """``rollout_engine: vllm`` where this host can tell it cannot work: the Python the workers run vLLM in
+    (``BEAVER_VLLM_PYTHON``, else this one — the embedded deployment's worker) is here and has no vLLM: 422
+    naming it and the fix. A Python this host does not have is a worker's (the team's GPU image): the
+    worker decides, and a job on a worker without vLLM fails naming it. Probed once a minute at most."""
+    if getattr(config, "rollout_engine", None) != "vllm":
+        return
+    from models.vllm_engine import vllm_missing
+
+    python = get_settings().vllm_python or sys.executable
+    if shutil.which(python) is None:
+        return
+    probed, problem = _VLLM_PROBES.get(python, (-math.inf, None))
+    if time.monotonic() - probed > 60:
+        problem = vllm_missing(python)
+        _VLLM_PROBES[python] = (time.monotonic(), problem)
+    if problem is not None:
+        raise ApiError(422, f"params.rollout_engine: {problem}", param="params.rollout_engine")
 
 
 def check_datasets(session: Session, job_type: str, dataset_ids: list[str]) -> None:

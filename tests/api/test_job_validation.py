@@ -255,3 +255,46 @@ def test_datasets_of_the_wrong_kind_or_none(client, keys, registry):
     assert r.status_code == 404 and r.json()["error"]["param"] == "datasets[0]"
     # a job type that reads any kind still takes none
     assert client.post("/v1/jobs", json={"type": "dataset_stats"}, headers=auth(keys["trainer"])).status_code == 201
+
+
+def test_rollout_engine_vllm_is_refused_where_this_host_knows_vllm_is_missing(client, keys, registry, tmp_path,
+                                                                               monkeypatch):
+    """The Python the workers run vLLM in (BEAVER_VLLM_PYTHON, else the API's own) is on this host
+    without vLLM: 422 naming it and the fix. One this host does not have belongs to a worker's image:
+    accepted (that worker decides). hf needs nothing; rollout_gpus needs vllm."""
+    import importlib.util
+    import sys
+
+    from api.routers.jobs import _VLLM_PROBES
+    from api.settings import get_settings
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("Beaver's own Python has vLLM here")
+    job = {"model": registry["policy"], "rollout_engine": "vllm"}
+    for python in ("", sys.executable):  # unset: the API's own Python, as the embedded worker's
+        monkeypatch.setenv("BEAVER_VLLM_PYTHON", python)
+        get_settings.cache_clear()
+        _VLLM_PROBES.clear()
+        message = assert_422(post_job(client, keys, "generate", [registry["prompt_data"]], **job),
+                             "params.rollout_engine", "vLLM is not installed", "BEAVER_VLLM_PYTHON")
+        assert sys.executable in message
+    monkeypatch.setenv("BEAVER_VLLM_PYTHON", str(tmp_path / "gpu-image" / "bin" / "python"))
+    get_settings.cache_clear()
+    assert post_job(client, keys, "generate", [registry["prompt_data"]], **job).status_code == 201
+    assert post_job(client, keys, "generate", [registry["prompt_data"]], model=registry["policy"],
+                    rollout_engine="hf").status_code == 201
+    assert_422(post_job(client, keys, "ppo_lag", [registry["prompt_data"]], model=registry["policy"],
+                        reward_model=registry["reward"], cost_model=registry["cost"], rollout_gpus=2),
+               "params.rollout_gpus", "needs rollout_engine vllm")
+
+
+def test_rollout_engine_vllm_is_accepted_where_this_host_has_it(client, keys, registry, vllm_python, monkeypatch):
+    from api.routers.jobs import _VLLM_PROBES
+    from api.settings import get_settings
+
+    monkeypatch.setenv("BEAVER_VLLM_PYTHON", vllm_python)
+    get_settings.cache_clear()
+    _VLLM_PROBES.clear()
+    r = post_job(client, keys, "evaluate", [registry["prompt_data"]], models=[registry["policy"]],
+                 reward_model=registry["reward"], cost_model=registry["cost"], rollout_engine="vllm")
+    assert r.status_code == 201, r.text

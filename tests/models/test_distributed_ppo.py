@@ -41,6 +41,7 @@ def train_ppo_lag(model_dir: str, output_dir: str, rollout_batch_size: int, zero
     records = [{"prompt": p} for p in PROMPTS] + SFT
     ctx = JobContext(output_dir=output_dir, datasets=["d"], load_dataset=lambda _: records, report=events.append)
     result = run_ppo_lag(config, ctx)
+    events = [e for e in events if "rollout_engine" not in e]  # the step events
     return {"events": [{k: e[k] for k in (*KEYS, "train/ptx_loss", "step")} for e in events],
             "checkpoints": [e["checkpoint"] for e in events if "checkpoint" in e],
             "policy": result.artifacts[0].path, "rank": distributed.current().rank}

@@ -137,6 +137,11 @@ EVENT_KEYS = {"step", "total_steps", "message", "train/reward", "train/cost", "t
               "train/cost_critic_loss", "train/entropy", "train/response_length"}
 
 
+def steps(events):
+    """The step events (the job's first event names its rollout engine)."""
+    return [e for e in events if "step" in e]
+
+
 def job_context(tmp_path, events, **kwargs):
     # prompt records feed the rollouts; the sft record feeds the PTX loss
     records = [{"prompt": p, "red_team": False} for p in PROMPTS] + [
@@ -152,6 +157,8 @@ def test_ppo_lag_job_with_score_models_checkpoints_and_resumes(tiny_llama_dir, t
                   steps=4, rollout_batch_size=4, sampling=SamplingConfig(max_new_tokens=4), checkpoint_every=2, seed=1)
     events = []
     result = run_ppo_lag(PPOLagConfig(**config), job_context(tmp_path / "first", events))
+    assert events[0]["rollout_engine"] == "hf"  # auto, on a worker without a GPU
+    events = steps(events)
     assert [e["step"] for e in events] == [1, 2, 3, 4]
     assert all(EVENT_KEYS <= set(e) for e in events)
     checkpoint = events[1]["checkpoint"]
@@ -162,6 +169,7 @@ def test_ppo_lag_job_with_score_models_checkpoints_and_resumes(tiny_llama_dir, t
 
     resumed = []
     run_ppo_lag(PPOLagConfig(**config), job_context(tmp_path / "second", resumed, resume_from=checkpoint))
+    resumed = steps(resumed)
     assert [e["step"] for e in resumed] == [3, 4]
     # the same λ, optimizer state, weights and seeds: the resumed steps repeat the original ones
     for a, b in zip(events[2:], resumed):
@@ -171,12 +179,12 @@ def test_ppo_lag_job_with_score_models_checkpoints_and_resumes(tiny_llama_dir, t
 
 def test_cancelled_ppo_lag_job_stops_within_one_step(tiny_llama_dir, tmp_path):
     events = []
-    ctx = job_context(tmp_path, events, should_stop=lambda: len(events) >= 1)
+    ctx = job_context(tmp_path, events, should_stop=lambda: len(steps(events)) >= 1)
     config = PPOLagConfig(model=str(tiny_llama_dir), reward_model=str(tiny_llama_dir), cost_model=str(tiny_llama_dir),
                           steps=50, rollout_batch_size=4, sampling=SamplingConfig(max_new_tokens=4))
     with pytest.raises(JobCancelled):
         run_ppo_lag(config, ctx, reward_fn=synthetic_reward, cost_fn=synthetic_cost)
-    assert [e["step"] for e in events] == [1]
+    assert [e["step"] for e in steps(events)] == [1]
 
 
 @pytest.mark.parametrize("entry, lam", [(run_ppo, 0.0), (run_ppo_shaping, 10.0)])
@@ -185,6 +193,7 @@ def test_reward_only_and_shaping_jobs_train_one_critic(tiny_llama_dir, tmp_path,
     config = PPOLagConfig(model=str(tiny_llama_dir), reward_model=str(tiny_llama_dir), cost_model=str(tiny_llama_dir),
                           steps=2, rollout_batch_size=4, sampling=SamplingConfig(max_new_tokens=4), shaping_lambda=10.0)
     result = entry(config, job_context(tmp_path, events), reward_fn=synthetic_reward, cost_fn=synthetic_cost)
+    events = steps(events)
     assert [e["step"] for e in events] == [1, 2]
     assert all(e["lagrange/lambda"] == lam and "train/cost_critic_loss" not in e for e in events)
     assert "train/reward_critic_loss" in events[-1] and result.artifacts[0].kind == "policy"

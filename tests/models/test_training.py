@@ -28,7 +28,7 @@ def run(job_type: str, params: dict, records: list[dict], out_dir, **scorers):
     events = []
     ctx = JobContext(output_dir=out_dir, datasets=["d"], load_dataset=lambda _: records, report=events.append)
     result = JOB_TYPES[job_type].entry_point()(parse_params(job_type, params), ctx, **scorers)
-    return result, events
+    return result, [e for e in events if "rollout_engine" not in e]  # the step events
 
 
 def reward_fn(prompts, responses):
