@@ -1444,8 +1444,13 @@ def rollout_lines(results: dict) -> list[str]:
             f"{first['arch']} {_millions(first['params'])}, {first['weights']}") if first else "not run"
     ratios = ", ".join(f"{ROLLOUTS[n]} {r['tokens_per_second'] / base_tps:.2f}x" for n, r in runs.items()
                        if n != "rollout_dynamic" and "tokens_per_second" in r) if base_tps else ""
-    lines += ["", f"rollout ({what}): " + (f"{ratios} dynamic (today's loop) tokens/s" if ratios else
-                                          "no ratio, the dynamic baseline did not run")]
+    if ratios:
+        summary = f"{ratios} dynamic (today's loop) tokens/s"
+    elif base_tps:
+        summary = f"dynamic (today's loop) {base_tps:,.0f} tokens/s, no other decoding measured"
+    else:
+        summary = "no ratio, the dynamic baseline did not run"
+    lines += ["", f"rollout ({what}): {summary}"]
     return lines
 
 
@@ -1599,8 +1604,9 @@ def driver(args, cfg: BenchConfig) -> int:
             derive(results[v.name], peak)
     plain_tps = results.get("plain", {}).get("tokens_per_second")
     reward_run = any(v.name in names for v in VARIANTS)
-    lines = ((table(results, plain_tps) + [""] if reward_run else [])
-             + ([ppo_line(results.get(PPO))] if PPO in names else []))
+    lines = table(results, plain_tps) if reward_run else []
+    if PPO in names:
+        lines += ([""] if lines else []) + [ppo_line(results.get(PPO))]
     issue19 = {"ppo_step_lines": ppo_step_lines(results), "rollout_lines": rollout_lines(results)}
     best = [best_line(results)] if reward_run else []
     report = {
