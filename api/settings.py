@@ -72,6 +72,10 @@ class Settings(BaseSettings):
     leaderboard_min_votes: int = Field(20, ge=1, description="Blind votes a round needs before the leaderboard "
                                        "ranks it; until then it is listed with its vote count as 'not enough votes "
                                        "yet'.")
+    hf_decoding: Literal["auto", "dynamic", "static", "compiled"] = Field(
+        "auto", description="How the hf rollout engine decodes (models.generation.Decoding): auto (a static KV cache "
+                            "and a compiled, CUDA-graphed one-token step on CUDA, the dynamic cache elsewhere), or one "
+                            "forced. Every mode samples the same tokens; read by the job processes of a worker.")
     engine_memory_gb: float = Field(4.0, description="Memory budget of models cached by the serving engine (LRU).")
     serving_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Precision of served models, in-process and `beaver serve-vllm` (auto: the checkpoint's "

@@ -1,4 +1,5 @@
-"""Benchmark on one GPU: reward-model training tokens/s and MFU per speed-up, and one PPO-Lag iteration.
+"""Benchmark on one GPU: reward-model training tokens/s and MFU per speed-up, one PPO-Lag iteration,
+and (issue 19) Beaver's hf sampler in each decoding and Beaver's own PPO-Lag step.
 
 Issue 10. A ≈200M-parameter Llama (16 layers, hidden 1024, 16 heads / 4 kv heads, SwiGLU 3072,
 vocabulary 32000; 226M parameters, 33M of them the embedding) trains as a reward model: end score
@@ -49,15 +50,46 @@ models); the frozen ones in bf16, the trainable ones float32 under bf16 autocast
     update    KL-shaped rewards and costs, GAE, the Lagrange multiplier, one PPO epoch (4 mini-
               batches of 16) of the actor and both critics
 
-Run on the lent GPU machine (one H100/H200, no package registry; torch is all it needs)::
+Issue 19: rollouts at inference-engine speed without vLLM (which cannot travel to the GPU machine).
+Beaver's own code from this checkout — ``models.generation.Sampler`` and ``models.ppo_lag`` — on
+transformers' Llama of the shape above (with an LM head: 259M parameters), random init:
 
-    python bench/gpu.py                      # ≈ 7 min (``--budget-seconds 420``); writes
+    rollout_dynamic         today's sampler: the KV cache grows a column per token (DynamicCache)
+    rollout_static          a StaticCache for prompt + new tokens, written in place
+    rollout_compiled        the static cache and the one-token forward under torch.compile
+                            (``mode="reduce-overhead"``: a CUDA graph per token)
+    ppo_step_dynamic        Beaver's ppo_lag job (``run_ppo_lag``) for two steps — policy, reward and
+    ppo_step_compiled       cost model of that shape saved with a word-level tokenizer of its vocabulary
+                            — its rollouts decoded each way (``BEAVER_HF_DECODING``); the second step's
+                            time/rollout, time/scoring, time/update from the job's own events
+
+Each rollout child samples 256 prompts (32–128 random tokens, left-padded) × 512 new tokens at
+temperature 1 with no stop id (every decoding does the same work), the policy's weights float32
+under bf16 autocast as in a PPO job (``--rollout-weights bfloat16``: a bf16 model, as ``generate``
+loads one), after a warm-up call with the same shapes stopped after 8 tokens (where the compiled
+step compiles and records its graph). It reports tokens/s, ms per decode step, and how its first 16
+rows compare with the dynamic loop's (rows identical, the common prefix, the largest log-prob gap
+on it: in bf16 a sampled row may take another token at a near tie of two decodings' roundings and go
+its own way; in float32 on CPU they agree token for token). The PPO step uses 256 prompts × 512 new
+tokens, mini-batches of 64, micro-batches of 16, dtype auto. Goal: ``rollout_compiled`` ≥ 3× the
+dynamic loop's tokens/s (the issue measured 3.7× from a static cache on an H200).
+
+Run on the lent GPU machine (one H100/H200, no package registry; torch is all the reward part needs,
+transformers — which the machine has — the issue 19 part)::
+
+    python bench/gpu.py                      # ≈ 9 min (``--budget-seconds 540``); writes
                                              # bench/results/gpu.json and bench/results/gpu.md
+    python bench/gpu.py --variants rollout,ppo_step --budget-seconds 420 --name gpu_rollouts
+                                             # issue 19's part alone (≈ 7 min at most): gpu_rollouts.{json,md}
     python bench/gpu.py --variants plain,packing --budget-seconds 120    # a quick look
     .venv/bin/python bench/gpu.py --smoke    # tiny sizes on CPU in < 1 min (what the test runs)
+    .venv/bin/python bench/gpu.py --device cpu --variants rollout --rollout-arch qwen2 --rollout-prompts 16 \
+        --rollout-new-tokens 128 --rollout-max-prompt 64 --rollout-repeats 5 --rollout-interleave --threads 2 \
+        --budget-seconds 1100 --name hf_decoding_cpu --out bench/results    # the decodings on 2 CPU cores
 
 The last line is the ratio of the best variant's tokens/s to plain, e.g.
-``best (compile+packing): 1.42x plain tokens/s (MFU 47% vs 33%)``.
+``best (compile+packing): 1.42x plain tokens/s (MFU 47% vs 33%)``; without the reward variants, the
+rollout's, e.g. ``rollout (…): static 1.20x, compiled 3.10x dynamic (today's loop) tokens/s``.
 
 DeepSpeed and Liger do not come with torch; the GPU machine reaches no package registry, so they
 travel as wheels, built or downloaded here into ``bench/wheels/`` (not in the repository: list it in
@@ -99,6 +131,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -176,9 +209,31 @@ class PPOBench:
 
 
 @dataclass
+class RolloutBench:
+    """Issue 19: Beaver's own hf sampler (``models.generation.Sampler``) on a transformers causal LM,
+    one decoding per child, and Beaver's PPO-Lag trainer (``models.ppo_lag``) for two steps."""
+
+    arch: str = "llama"  # "llama": the reward bench's ≈200M shape; "qwen2": bench/memory.py's ≈50M Qwen2
+    shape: ModelShape = field(default_factory=ModelShape)
+    prompts: int = 256
+    min_prompt: int = 32  # prompt lengths uniform in [min_prompt, max_prompt] tokens, left-padded
+    max_prompt: int = 128
+    new_tokens: int = 512  # no stop id: every row samples them all (equal work for every decoding)
+    temperature: float = 1.0
+    warmup_tokens: int = 8  # a warm-up call with the timed call's shapes, stopped after these tokens
+    weights: str = "float32+autocast"  # a PPO policy's (float32, bf16 autocast on CUDA) or "bfloat16"
+    check_rows: int = 16  # rows whose tokens and log-probs each decoding reports, to compare with dynamic
+    repeats: int = 1  # timed calls; the fastest is reported (more on a shared CPU, whose load drifts)
+    ppo_mini_batch: int = 64
+    ppo_micro_batch: int = 16
+    seed: int = 0
+
+
+@dataclass
 class BenchConfig:
     reward: RewardBench = field(default_factory=RewardBench)
     ppo: PPOBench = field(default_factory=PPOBench)
+    rollout: RolloutBench = field(default_factory=RolloutBench)
     device: str = "cuda"
     impl: str = "torch"  # "torch" (this script's decoder) or "hf" (transformers' Llama)
     packed_attention: str = "auto"
@@ -195,6 +250,8 @@ def smoke_config() -> BenchConfig:
                            measure_seconds=0.0, min_steps=2, max_steps=2),
         ppo=PPOBench(shape=dataclasses.replace(tiny), prompts=4, prompt_len=8, new_tokens=8, minibatch=2,
                      iterations=1),
+        rollout=RolloutBench(shape=dataclasses.replace(tiny), prompts=4, min_prompt=3, max_prompt=9, new_tokens=12,
+                             warmup_tokens=2, check_rows=4, ppo_mini_batch=2, ppo_micro_batch=2),
         device="cpu", compile_backend="aot_eager", threads=1, smoke=True)
 
 
@@ -220,7 +277,19 @@ VARIANTS = [Variant("plain"), Variant("compile", compiled=True), Variant("packin
             Variant("zero2+compile+packing", packed=True, compiled=True, zero=2)]
 PPO = "ppo_lag"
 PPO_WEIGHT = 2.0
-RUN_ORDER = [v.name for v in VARIANTS[:5]] + [PPO] + [v.name for v in VARIANTS[5:]]
+# Issue 19: the hf sampler's decodings (models/generation.py), the first one today's loop, and
+# Beaver's own PPO-Lag step with the first and the last; each a child, weighted like the variants.
+DECODINGS = ("dynamic", "static", "compiled")
+ROLLOUTS = {f"rollout_{d}": d for d in DECODINGS}
+PPO_STEPS = {f"ppo_step_{d}": d for d in ("dynamic", "compiled")}
+ISSUE19_WEIGHTS = {"rollout_dynamic": 1.5, "rollout_static": 1.5, "rollout_compiled": 3.5,
+                   "ppo_step_dynamic": 2.0, "ppo_step_compiled": 4.0}  # compiling counts: a minute or more
+GROUPS = {"rollout": list(ROLLOUTS), "ppo_step": list(PPO_STEPS)}  # shorthands for --variants
+# --rollout-interleave: the rollout_* decodings in one child, taking turns (a fairer race on a shared CPU)
+INTERLEAVED = "rollouts_interleaved"
+ISSUE19_WEIGHTS[INTERLEAVED] = sum(ISSUE19_WEIGHTS[n] for n in ROLLOUTS)
+RUN_ORDER = ([v.name for v in VARIANTS[:5]] + [PPO] + [v.name for v in VARIANTS[5:]] + list(ROLLOUTS)
+             + list(PPO_STEPS))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -961,6 +1030,201 @@ def run_ppo(cfg: BenchConfig, deadline: float) -> dict:
     return result
 
 
+# ---------------------------------------------------------------------------------------------
+# Children: issue 19's rollouts with Beaver's sampler, and Beaver's own PPO-Lag step.
+
+QWEN2_50M = ModelShape(vocab=32768, hidden=640, layers=6, heads=10, kv_heads=2, intermediate=2048,
+                       rope_theta=1_000_000.0, eps=1e-6)  # bench/memory.py's policy
+
+
+def _import_beaver() -> None:
+    """The checkout's ``models`` package (torch and transformers are all it needs)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+
+
+def hf_lm(rb: RolloutBench, kind: str = "causal", vocab: int | None = None, pad_id: int = 0, **token_ids) -> nn.Module:
+    """A transformers model of ``rb``'s architecture and shape, random init: ``causal`` (the policy)
+    or ``score`` (``*ForSequenceClassification``, one label: a reward or cost model)."""
+    import transformers
+
+    s = rb.shape
+    family = {"llama": "Llama", "qwen2": "Qwen2"}[rb.arch]
+    config = getattr(transformers, f"{family}Config")(
+        vocab_size=vocab or s.vocab, hidden_size=s.hidden, intermediate_size=s.intermediate,
+        num_hidden_layers=s.layers, num_attention_heads=s.heads, num_key_value_heads=s.kv_heads,
+        max_position_embeddings=4096, rms_norm_eps=s.eps, rope_theta=s.rope_theta,
+        tie_word_embeddings=rb.arch == "qwen2", num_labels=1, pad_token_id=pad_id, **token_ids)
+    head = "ForCausalLM" if kind == "causal" else "ForSequenceClassification"
+    return getattr(transformers, family + head)(config)
+
+
+def rollout_prompts(rb: RolloutBench, vocab: int) -> list[list[int]]:
+    """``rb.prompts`` prompts of random token ids (≥ 3: no special token), lengths uniform in
+    [min_prompt, max_prompt]; the same in every child."""
+    g = torch.Generator().manual_seed(rb.seed)
+    lengths = torch.randint(rb.min_prompt, rb.max_prompt + 1, (rb.prompts,), generator=g)
+    return [torch.randint(3, vocab, (int(n),), generator=g).tolist() for n in lengths]
+
+
+def _rollout_amp(rb: RolloutBench, device: torch.device):
+    import contextlib
+
+    if rb.weights == "float32+autocast" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def run_rollouts(cfg: BenchConfig, decodings: Sequence[str], deadline: float) -> dict:
+    """Beaver's sampler in each of ``decodings`` on one model: for each a warm-up call with the timed
+    call's shapes (stopped after a few tokens: a compiled step compiles and records its CUDA graph
+    there), then ``prompts`` × ``new_tokens`` timed ``repeats`` times, the decodings taking turns (on
+    a shared CPU the load then drifts alike for all) — or as many tokens as the time slot allows
+    (``partial``). Returns each decoding's result, by decoding."""
+    device = _setup_torch(cfg)
+    rb = cfg.rollout
+    _import_beaver()
+    import transformers
+
+    from models.generation import Sampler, SamplingConfig
+    from models.jobs import JobCancelled
+
+    torch.manual_seed(rb.seed)
+    with torch.device(device):
+        model = hf_lm(rb).eval()
+    if rb.weights == "bfloat16":
+        model.to(torch.bfloat16)
+    prompts = rollout_prompts(rb, rb.shape.vocab)
+    config = SamplingConfig(temperature=rb.temperature, max_new_tokens=rb.new_tokens)
+    amp = _rollout_amp(rb, device)
+    asks: list[float] = []  # the time of every stop check, i.e. of every token
+
+    def call(sampler, seed: int, tokens: int | None):
+        """The sampler's answer, None when stopped (after ``tokens``, or at the deadline)."""
+        asks.clear()
+
+        def stop() -> bool:
+            asks.append(time.perf_counter())
+            return len(asks) > tokens if tokens is not None else asks[-1] > deadline
+
+        try:
+            with amp:
+                return sampler.generate(prompts, config, seed=seed, should_stop=stop)
+        except JobCancelled:
+            return None
+
+    samplers = {d: Sampler(model, pad_id=0, eos_ids=[], decoding=d, compile_backend=cfg.compile_backend)
+                for d in decodings}
+    warmup, timed, outs = {}, {d: [] for d in decodings}, {}
+    for d, sampler in samplers.items():
+        t = _sync(device)
+        call(sampler, rb.seed + 1, rb.warmup_tokens)
+        warmup[d] = _sync(device) - t
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(rb.repeats):
+        for d, sampler in samplers.items():
+            t0 = _sync(device)
+            outs[d] = out = call(sampler, rb.seed, None)
+            seconds = _sync(device) - t0
+            # the first check comes after the prompt's forward, each later one after a token's forward
+            ms = 1000 * (asks[-1] - asks[0]) / (len(asks) - 1) if len(asks) > 1 else None
+            timed[d].append((seconds, out.responses.shape[1] if out is not None else len(asks) - 1, ms))
+        if any(o is None for o in outs.values()) or time.perf_counter() > deadline:
+            break
+    B = len(prompts)
+    results = {}
+    for d, sampler in samplers.items():
+        # the fastest call (timeit's rule: on a shared machine the slower ones measure the other processes)
+        seconds, steps, ms = min(timed[d], key=lambda t: (-t[1], t[0]))
+        r = results[d] = {
+            "decoding": d, "decoding_used": sampler.last_decoding, "arch": rb.arch,
+            "transformers": transformers.__version__, "params": count_params(model)[0], "prompts": B,
+            "prompt_length": max(len(p) for p in prompts), "new_tokens": rb.new_tokens, "weights": rb.weights,
+            "tokens": B * steps, "seconds": seconds, "tokens_per_second": B * steps / seconds,
+            "partial": steps < rb.new_tokens, "warmup_seconds": warmup[d], "decode_ms_per_token": ms,
+            "repeats": len(timed[d]), "seconds_each": [t[0] for t in timed[d]], "interleaved": len(decodings) > 1,
+            "load_average": os.getloadavg()[0]}
+        if outs[d] is not None:
+            r["check_tokens"] = outs[d].responses[:rb.check_rows].tolist()
+            r["check_log_probs"] = [[round(x, 5) for x in row]
+                                    for row in outs[d].log_probs[:rb.check_rows].float().tolist()]
+        if device.type == "cuda":  # the peak of all decodings together when they share a child
+            r["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return results
+
+
+def run_ppo_step(cfg: BenchConfig, decoding: str, deadline: float) -> dict:
+    """Beaver's ``ppo_lag`` job (``models.ppo_lag.run_ppo_lag``) for two steps, its rollouts decoded
+    ``decoding`` (``BEAVER_HF_DECODING``): a policy, reward and cost model of ``rb``'s shape saved with a
+    word-level tokenizer of its vocabulary, ``prompts`` prompts, ``new_tokens`` new tokens. Each step's
+    time/rollout, time/scoring and time/update come from the job's own events; the second step is
+    the steady one (the first compiles and warms up)."""
+    import shutil
+
+    device = _setup_torch(cfg)
+    rb = cfg.rollout
+    _import_beaver()
+    os.environ["BEAVER_HF_DECODING"] = decoding
+    from models.generation import SamplingConfig
+    from models.jobs import JobCancelled, JobContext
+    from models.ppo_lag import PPOLagConfig, run_ppo_lag
+    from models.tiny import PROMPT_TEMPLATE_WORDS, SPECIAL_TOKENS, build_tokenizer
+
+    work = Path(tempfile.mkdtemp(prefix="bench-ppo-step-"))
+    try:
+        t = time.perf_counter()
+        n_words = rb.shape.vocab - len(SPECIAL_TOKENS) - len(PROMPT_TEMPLATE_WORDS.split())
+        words = [f"w{i}" for i in range(n_words)]
+        tok = build_tokenizer([" ".join(words)], vocab_size=rb.shape.vocab)
+        ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
+        torch.manual_seed(rb.seed)
+        for name, kind in (("policy", "causal"), ("reward", "score"), ("cost", "score")):
+            with torch.device(device):
+                model = hf_lm(rb, kind, len(tok), tok.pad_token_id, **ids)
+            model.save_pretrained(work / name)
+            tok.save_pretrained(work / name)
+            del model
+        g = torch.Generator().manual_seed(rb.seed)
+        records = [{"prompt": " ".join(words[int(j)] for j in torch.randint(0, n_words, (int(n),), generator=g))}
+                   for n in torch.randint(rb.min_prompt, rb.max_prompt + 1, (rb.prompts,), generator=g)]
+        config = PPOLagConfig(model=str(work / "policy"), reward_model=str(work / "reward"),
+                              cost_model=str(work / "cost"), steps=2, rollout_batch_size=rb.prompts,
+                              mini_batch_size=min(rb.ppo_mini_batch, rb.prompts),
+                              micro_batch_size=min(rb.ppo_micro_batch, rb.prompts),
+                              sampling=SamplingConfig(temperature=rb.temperature, max_new_tokens=rb.new_tokens),
+                              max_length=rb.max_prompt + rb.new_tokens + 16, seed=rb.seed)
+        events: list[dict] = []
+        ctx = JobContext(output_dir=work / "out", datasets=["prompts"], load_dataset=lambda _: records,
+                         report=events.append, should_stop=lambda: time.perf_counter() > deadline)
+        setup_seconds = time.perf_counter() - t
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        try:
+            run_ppo_lag(config, ctx)
+        except JobCancelled:
+            pass
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    steps, before = [], {}
+    for event in events:  # the job's time/* are totals since its start: one step is a difference
+        times = {k.split("/")[1]: event[k] - before.get(k, 0.0)
+                 for k in ("time/rollout", "time/scoring", "time/update")}
+        before = event
+        tokens = rb.prompts * event["train/response_length"]
+        steps.append({**times, "total": sum(times.values()), "rollout_tokens": tokens,
+                      "rollout_tokens_per_second": tokens / times["rollout"],
+                      "sampler_logprob_gap": event.get("train/sampler_logprob_gap")})
+    result = {"decoding": decoding, "arch": rb.arch, "prompts": rb.prompts, "new_tokens": rb.new_tokens,
+              "mini_batch": config.mini_batch_size, "micro_batch": config.micro_batch_size,
+              "setup_seconds": setup_seconds, "steps": steps, "partial": len(steps) < 2}
+    if device.type == "cuda":
+        result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    if not steps:
+        result["error"] = "no PPO step finished within the time slot"
+    return result
+
+
 def child_main(config_path: Path) -> None:
     """Run one variant (or the PPO iteration) and write its result as JSON."""
     job = json.loads(config_path.read_text())
@@ -969,6 +1233,12 @@ def child_main(config_path: Path) -> None:
     try:
         if job["name"] == PPO:
             result = run_ppo(cfg, deadline)
+        elif job["name"] in ROLLOUTS:
+            result = run_rollouts(cfg, [ROLLOUTS[job["name"]]], deadline)[ROLLOUTS[job["name"]]]
+        elif job["name"] == INTERLEAVED:
+            result = {"per_decoding": run_rollouts(cfg, DECODINGS, deadline)}
+        elif job["name"] in PPO_STEPS:
+            result = run_ppo_step(cfg, PPO_STEPS[job["name"]], deadline)
         else:
             result = run_variant(cfg, next(v for v in VARIANTS if v.name == job["name"]), deadline)
     except Exception as e:
@@ -987,7 +1257,8 @@ def _config_from_dict(d: dict) -> BenchConfig:
 
     return BenchConfig(reward=RewardBench(**{**d["reward"], "shape": shape(d["reward"]["shape"])}),
                        ppo=PPOBench(**{**d["ppo"], "shape": shape(d["ppo"]["shape"])}),
-                       **{k: v for k, v in d.items() if k not in ("reward", "ppo")})
+                       rollout=RolloutBench(**{**d["rollout"], "shape": shape(d["rollout"]["shape"])}),
+                       **{k: v for k, v in d.items() if k not in ("reward", "ppo", "rollout")})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1032,6 +1303,8 @@ def run_child(name: str, cfg: BenchConfig, slot_seconds: float, kill_after: floa
 
 def unavailable(name: str, cfg: BenchConfig) -> str | None:
     """Why ``name`` cannot run here, decided without starting a process (None: try it)."""
+    if name in ROLLOUTS or name in PPO_STEPS or name == INTERLEAVED:  # Beaver's sampler and trainer: transformers
+        return None if importlib.util.find_spec("transformers") else "transformers not importable"
     variant = next((v for v in VARIANTS if v.name == name), None)
     if variant is None:
         return None
@@ -1127,6 +1400,88 @@ def best_line(results: dict) -> str:
     return f"best ({name}): {tps / plain['tokens_per_second']:.2f}x plain tokens/s ({mfu})"
 
 
+def agreement(r: dict, ref: dict) -> dict | None:
+    """How a decoding's check rows compare with the dynamic loop's (same model, prompts, seed): rows
+    identical token for token, how far each row agrees, and the largest log-prob gap while it does.
+    In bf16 two decodings' logits differ by rounding, so a sampled row may take another token at a
+    near tie and go its own way from there; in float32 (the CPU tests) they agree exactly."""
+    if "check_tokens" not in r or "check_tokens" not in ref:
+        return None
+    same, prefixes, gap = 0, [], 0.0
+    for a, b, la, lb in zip(r["check_tokens"], ref["check_tokens"], r["check_log_probs"], ref["check_log_probs"]):
+        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        same += n == len(a) == len(b)
+        prefixes.append(n)
+        gap = max([gap] + [abs(x - y) for x, y in zip(la[:n], lb[:n])])
+    return {"rows": len(prefixes), "identical_rows": same, "mean_common_prefix": statistics.mean(prefixes),
+            "max_log_prob_gap": gap}
+
+
+def rollout_lines(results: dict) -> list[str]:
+    """The decodings side by side, and the ratio line (each against today's loop, ``dynamic``)."""
+    runs = {name: results[name] for name in ROLLOUTS if name in results}
+    if not runs:
+        return []
+    base = runs.get("rollout_dynamic", {})
+    base_tps = base.get("tokens_per_second")
+    lines = ["| decoding | used | tokens/s | seconds | ms/token | warm-up s | vs dynamic | rows = dynamic "
+             "| common prefix | max Δ log-prob | peak GiB |", "|" + "---|" * 11]
+    for name, r in runs.items():
+        if "tokens_per_second" not in r:
+            lines.append(f"| {ROLLOUTS[name]} | {r.get('skipped') or 'error: ' + r.get('error', '?')} |" + " |" * 9)
+            continue
+        r["agreement"] = agree = agreement(r, base) if name != "rollout_dynamic" else None
+        ratio = f"{r['tokens_per_second'] / base_tps:.2f}x" if base_tps else "—"
+        mem = f"{r['peak_memory_gib']:.1f}" if "peak_memory_gib" in r else "—"
+        ms = f"{r['decode_ms_per_token']:.1f}" if r.get("decode_ms_per_token") else "—"
+        same = (f"{agree['identical_rows']}/{agree['rows']} | {agree['mean_common_prefix']:.0f} "
+                f"| {agree['max_log_prob_gap']:.2g}") if agree else "— | — | —"
+        partial = " (partial)" if r["partial"] else ""
+        lines.append(f"| {ROLLOUTS[name]} | {r['decoding_used']} | {r['tokens_per_second']:,.0f}{partial} "
+                     f"| {r['seconds']:.2f} | {ms} | {r['warmup_seconds']:.1f} | {ratio} | {same} | {mem} |")
+    first = next((r for r in runs.values() if "params" in r), None)
+    what = (f"{first['prompts']} prompts (≤ {first['prompt_length']} tokens) × {first['new_tokens']} new tokens, "
+            f"{first['arch']} {_millions(first['params'])}, {first['weights']}") if first else "not run"
+    ratios = ", ".join(f"{ROLLOUTS[n]} {r['tokens_per_second'] / base_tps:.2f}x" for n, r in runs.items()
+                       if n != "rollout_dynamic" and "tokens_per_second" in r) if base_tps else ""
+    if ratios:
+        summary = f"{ratios} dynamic (today's loop) tokens/s"
+    elif base_tps:
+        summary = f"dynamic (today's loop) {base_tps:,.0f} tokens/s, no other decoding measured"
+    else:
+        summary = "no ratio, the dynamic baseline did not run"
+    lines += ["", f"rollout ({what}): {summary}"]
+    return lines
+
+
+def ppo_step_lines(results: dict) -> list[str]:
+    """Beaver's PPO-Lag step, split: the second (steady) step of each decoding, and the first."""
+    runs = {name: results[name] for name in PPO_STEPS if name in results}
+    if not runs:
+        return []
+    lines = ["| decoding | step s | rollout s | scoring s | update s | rollout share | rollout tokens/s "
+             "| first step s | sampler log-prob gap | peak GiB |", "|" + "---|" * 10]
+    totals = {}
+    for name, r in runs.items():
+        steps = r.get("steps") or []
+        if not steps:
+            lines.append(f"| {PPO_STEPS[name]} | {r.get('skipped') or 'error: ' + r.get('error', '?')} |" + " |" * 8)
+            continue
+        st = steps[-1]
+        totals[name] = st["total"]
+        mem = f"{r['peak_memory_gib']:.1f}" if "peak_memory_gib" in r else "—"
+        gap = st["sampler_logprob_gap"]
+        lines.append(f"| {PPO_STEPS[name]}{' (first step only)' if r['partial'] else ''} | {st['total']:.2f} "
+                     f"| {st['rollout']:.2f} | {st['scoring']:.2f} | {st['update']:.2f} "
+                     f"| {100 * st['rollout'] / st['total']:.0f}% | {st['rollout_tokens_per_second']:,.0f} "
+                     f"| {steps[0]['total']:.2f} | {'—' if gap is None else f'{gap:.2g}'} | {mem} |")
+    if "ppo_step_dynamic" in totals and "ppo_step_compiled" in totals:
+        lines += ["", f"PPO-Lag step (Beaver's trainer): compiled {totals['ppo_step_compiled']:.2f} s vs dynamic "
+                      f"{totals['ppo_step_dynamic']:.2f} s: "
+                      f"{totals['ppo_step_dynamic'] / totals['ppo_step_compiled']:.2f}x faster steps"]
+    return lines
+
+
 def markdown(report: dict, lines: list[str]) -> str:
     cfg, env = report["config"], report["environment"]
     s, rb = cfg["reward"]["shape"], cfg["reward"]
@@ -1158,6 +1513,38 @@ def markdown(report: dict, lines: list[str]) -> str:
         "235k tokens/s (33%), ZeRO-2 177k.",
         "",
     ]
+    if not report["variants"] and report["ppo_lag"] is None:  # issue 19's part alone
+        head = head[:4]
+    if report.get("rollouts") or report.get("ppo_steps"):
+        rb, runs = cfg["rollout"], list(report["rollouts"].values())
+        head[0] = "# GPU benchmark: reward-model training, PPO-Lag, and the hf sampler's decodings"
+        timing = ""
+        if runs and "repeats" in runs[0]:
+            timing = (f" Each decoding: the fastest of {runs[0]['repeats']} timed calls (all in the JSON's "
+                      "`seconds_each`)"
+                      + (", the decodings taking turns in one process" if runs[0].get("interleaved") else "")
+                      + f" (load average {runs[0]['load_average']:.1f} at the end).")
+        cuda = cfg["device"].startswith("cuda")
+        lines = lines + ([""] if lines else []) + [
+            "## Issue 19: the hf rollout engine's decodings (models/generation.py)", "",
+            f"Beaver's `Sampler` on transformers' {rb['arch']} causal LM ({rb['shape']['layers']} layers, hidden "
+            f"{rb['shape']['hidden']}, vocabulary {rb['shape']['vocab']}), weights {rb['weights']}"
+            f"{'' if cuda else ' (no autocast on CPU: float32)'}, {rb['prompts']} prompts of "
+            f"{rb['min_prompt']}–{rb['max_prompt']} random tokens (left-padded), {rb['new_tokens']} new tokens at "
+            f"temperature {rb['temperature']}, no stop id. `dynamic` is today's loop (DynamicCache); `static` a "
+            "StaticCache; `compiled` the static cache with the one-token forward under torch.compile "
+            f"(`{cfg['compile_backend']}`" + (", reduce-overhead: a CUDA graph per token)." if cuda else
+                                              "; on CPU there is no CUDA graph).") + timing +
+            f" *rows = dynamic*, *common prefix*, *max Δ log-prob*: the first {rb['check_rows']} rows against the "
+            "dynamic loop's.", ""]
+        lines = lines + report["rollout_lines"]
+        if report.get("ppo_steps"):
+            lines = lines + ["", "PPO-Lag step: Beaver's `ppo_lag` job (`models.ppo_lag.run_ppo_lag`) for two steps "
+                                 f"on the same shape (policy, reward and cost model; mini-batch {rb['ppo_mini_batch']}, "
+                                 f"micro-batch {rb['ppo_micro_batch']}, dtype auto), its rollouts decoded each way "
+                                 "(`BEAVER_HF_DECODING`); times from the job's own `time/rollout`, `time/scoring`, "
+                                 "`time/update`, of the second step (the first compiles).", ""]
+            lines = lines + report["ppo_step_lines"]
     notes = []
     for name, r in report["variants"].items():
         if r.get("attention_passed_over"):
@@ -1170,9 +1557,13 @@ def markdown(report: dict, lines: list[str]) -> str:
 
 def driver(args, cfg: BenchConfig) -> int:
     names = [n for n in RUN_ORDER if n in args.variants]
+    if args.rollout_interleave and any(n in ROLLOUTS for n in names):  # one child for them all, in place of the first
+        first = next(i for i, n in enumerate(names) if n in ROLLOUTS)
+        names = [n for n in names[:first] if n not in ROLLOUTS] + [INTERLEAVED] + \
+            [n for n in names[first:] if n not in ROLLOUTS]
     start = time.time()
     deadline = start + args.budget_seconds
-    weights = {v.name: v.weight for v in VARIANTS} | {PPO: PPO_WEIGHT}
+    weights = {v.name: v.weight for v in VARIANTS} | {PPO: PPO_WEIGHT} | ISSUE19_WEIGHTS
     results: dict = {}
     for name in names:
         if why := unavailable(name, cfg):
@@ -1200,13 +1591,24 @@ def driver(args, cfg: BenchConfig) -> int:
             if r.get("log_tail", "").strip():
                 print("    " + "\n    ".join(r["log_tail"].strip().splitlines()[-15:]), file=sys.stderr)
 
-    device_name = next((r["device_name"] for r in results.values() if "device_name" in r), cfg.device)
+    if INTERLEAVED in results:  # each decoding's result where its own child's would be
+        r = results.pop(INTERLEAVED)
+        for d in DECODINGS:
+            results[f"rollout_{d}"] = {**r.get("per_decoding", {}).get(d, {k: v for k, v in r.items()
+                                                                         if k != "per_decoding"}),
+                                       "device_name": r.get("device_name")}
+    device_name = next((r["device_name"] for r in results.values() if r.get("device_name")), cfg.device)
     peak = peak_flops(device_name, args.peak_tflops)
     for v in VARIANTS:
         if "real_tokens" in results.get(v.name, {}):
             derive(results[v.name], peak)
     plain_tps = results.get("plain", {}).get("tokens_per_second")
-    lines = table(results, plain_tps) + ["", ppo_line(results.get(PPO)), "", best_line(results)]
+    reward_run = any(v.name in names for v in VARIANTS)
+    lines = table(results, plain_tps) if reward_run else []
+    if PPO in names:
+        lines += ([""] if lines else []) + [ppo_line(results.get(PPO))]
+    issue19 = {"ppo_step_lines": ppo_step_lines(results), "rollout_lines": rollout_lines(results)}
+    best = [best_line(results)] if reward_run else []
     report = {
         "config": dataclasses.asdict(cfg),
         "environment": {"device_name": device_name, "peak_tflops": peak / 1e12 if peak else None,
@@ -1215,17 +1617,23 @@ def driver(args, cfg: BenchConfig) -> int:
         "budget_seconds": args.budget_seconds, "wall_seconds": time.time() - start,
         "variants": {v.name: results[v.name] for v in VARIANTS if v.name in results},
         "ppo_lag": results.get(PPO),
+        "rollouts": {n: results[n] for n in ROLLOUTS if n in results},
+        "ppo_steps": {n: results[n] for n in PPO_STEPS if n in results},
+        **issue19,
         "best": best_line(results), "reference": REFERENCE,
     }
     out = Path(args.out) if args.out else (RESULTS if cfg.device.startswith("cuda") and not cfg.smoke else None)
     if out is None:  # a smoke or CPU run does not overwrite the GPU results
         out = Path(tempfile.mkdtemp(prefix="bench-gpu-out-"))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "gpu.md").write_text(markdown(report, lines))
-    print(f"results: {out / 'gpu.json'}, {out / 'gpu.md'}")
-    print()
-    print("\n".join(lines))  # the last line: the best variant against plain
+    (out / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / f"{args.name}.md").write_text(markdown(report, lines + [""] + best if best else lines))
+    print(f"results: {out / (args.name + '.json')}, {out / (args.name + '.md')}")
+    # the last line: the best variant against plain (without the reward variants, the rollout's ratio)
+    for block in (lines, issue19["ppo_step_lines"], issue19["rollout_lines"], best):
+        if block:
+            print()
+            print("\n".join(block))
     return 0
 
 
@@ -1236,9 +1644,10 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU, < 1 min: checks every code path")
     parser.add_argument("--out", help="folder for gpu.json and gpu.md (default: bench/results on CUDA, "
                                       "a temporary folder otherwise)")
-    parser.add_argument("--budget-seconds", type=float, default=420.0, help="the whole run, children included")
+    parser.add_argument("--budget-seconds", type=float, default=540.0, help="the whole run, children included")
     parser.add_argument("--variants", default=",".join(RUN_ORDER),
-                        help="comma-separated subset of " + ",".join(RUN_ORDER))
+                        help="comma-separated subset of " + ",".join(RUN_ORDER) + "; rollout and ppo_step name "
+                             "issue 19's groups")
     parser.add_argument("--impl", choices=["hf", "torch"],
                         help="model: transformers' Llama (default where importable) or this script's decoder")
     parser.add_argument("--device", help="default: cuda (cpu with --smoke)")
@@ -1247,6 +1656,21 @@ def main() -> int:
     parser.add_argument("--peak-tflops", type=float, help="peak bf16 TFLOP/s for MFU (default: by device name)")
     parser.add_argument("--min-length", type=int, help="shortest sequence of the synthetic data (default 128)")
     parser.add_argument("--measure-seconds", type=float, help="timed seconds per variant (default 8)")
+    parser.add_argument("--threads", type=int, help="torch threads in each child (default: torch's; 1 with --smoke)")
+    parser.add_argument("--name", default="gpu", help="file stem of the results (default gpu: NAME.json, NAME.md)")
+    parser.add_argument("--rollout-arch", choices=("llama", "qwen2"),
+                        help="the rollouts' model: llama (the ≈200M shape above, default) or qwen2 (≈50M, 32k "
+                             "vocabulary, bench/memory.py's policy)")
+    parser.add_argument("--rollout-prompts", type=int, help="rollout prompts (default 256)")
+    parser.add_argument("--rollout-new-tokens", type=int, help="new tokens per rollout prompt (default 512)")
+    parser.add_argument("--rollout-max-prompt", type=int,
+                        help="longest rollout prompt (default 128; shortest: a quarter)")
+    parser.add_argument("--rollout-repeats", type=int, help="timed calls per decoding, the fastest reported (default 1)")
+    parser.add_argument("--rollout-interleave", action="store_true",
+                        help="the rollout decodings in one child, taking turns call by call (for a shared CPU, whose "
+                             "load drifts; by default each has a child of its own, as on the GPU)")
+    parser.add_argument("--rollout-weights", choices=("float32+autocast", "bfloat16"),
+                        help="the sampled policy's weights (default float32+autocast: a PPO policy's)")
     args = parser.parse_args()
     if args.child:
         child_main(Path(args.child))
@@ -1265,10 +1689,24 @@ def main() -> int:
         cfg.reward.min_length = args.min_length
     if args.measure_seconds is not None:
         cfg.reward.measure_seconds = args.measure_seconds
-    args.variants = [n.strip() for n in args.variants.split(",") if n.strip()]
+    if args.threads is not None:
+        cfg.threads = args.threads
+    rb = cfg.rollout
+    if args.rollout_arch == "qwen2" and not args.smoke:
+        rb.arch, rb.shape = "qwen2", dataclasses.replace(QWEN2_50M)
+    elif args.rollout_arch:
+        rb.arch = args.rollout_arch
+    rb.prompts = args.rollout_prompts or rb.prompts
+    rb.new_tokens = args.rollout_new_tokens or rb.new_tokens
+    if args.rollout_max_prompt:
+        rb.max_prompt, rb.min_prompt = args.rollout_max_prompt, max(1, args.rollout_max_prompt // 4)
+    rb.weights = args.rollout_weights or rb.weights
+    rb.repeats = args.rollout_repeats or rb.repeats
+    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    args.variants = [v for n in names for v in GROUPS.get(n, [n])]
     unknown = set(args.variants) - set(RUN_ORDER)
     if unknown:
-        parser.error(f"unknown variants {sorted(unknown)}; choose from {RUN_ORDER}")
+        parser.error(f"unknown variants {sorted(unknown)}; choose from {RUN_ORDER} or {list(GROUPS)}")
     return driver(args, cfg)
 
 

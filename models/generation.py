@@ -10,6 +10,15 @@ log-probability of every sampled token under the distribution it was drawn from 
 
 A ``GenerationBackend`` takes prompt token ids and returns a ``Generation``: prompts left-padded to a
 common length ``P``, responses after them, right-padded, each ended at (and including) its first eos.
+
+The sampler decodes in one of three ways (``Decoding``), all giving the same tokens and log-probs:
+``dynamic`` grows the KV cache by one column per token (transformers' ``DynamicCache``: each step
+concatenates, so it copies the whole cache, and launches every kernel of the forward from Python);
+``static`` writes into a cache allocated once for the prompt and every new token (``StaticCache``);
+``compiled`` is ``static`` with the one-token forward compiled (``torch.compile``; on CUDA
+``mode="reduce-overhead"``, i.e. replayed as a CUDA graph: one launch per token). ``auto`` is
+``compiled`` on CUDA (``static`` under ZeRO-3, whose per-layer weight gathering a compiled graph cannot
+hold) and ``dynamic`` elsewhere, where the copies and launches cost little next to the matmuls.
 """
 
 from __future__ import annotations
@@ -17,8 +26,9 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import os
 from dataclasses import dataclass
-from typing import Annotated, Callable, Iterator, Protocol, Sequence, runtime_checkable
+from typing import Annotated, Callable, Iterator, Literal, Protocol, Sequence, get_args, runtime_checkable
 
 import torch
 
@@ -194,6 +204,127 @@ def kv_cache(output):
     return cache if cache is not None else output.past_key_values
 
 
+# --- decoding: how the KV cache is kept and the one-token forward is run ------------------------------
+
+Decoding = Literal["auto", "dynamic", "static", "compiled"]
+DECODINGS: tuple[str, ...] = get_args(Decoding)
+DECODING_ENV = "BEAVER_HF_DECODING"  # the worker's choice (a setting: api/settings.py documents it)
+# Compiled decoding rounds the static cache's length up to a multiple of this, so that one compiled
+# graph (one per batch size × cache length) serves every prompt length of a bucket.
+STATIC_CACHE_BUCKET = 64
+# auto decodes with a static cache on CUDA when it takes at most this share of the free memory: a
+# cache for a huge max_new_tokens is not allocated up front (the dynamic one grows only as far as rows go).
+STATIC_CACHE_MEMORY_SHARE = 0.5
+
+
+def resolve_decoding(requested: str | None, device: torch.device, sharded: bool = False,
+                     cache_bytes: int | None = None, free_bytes: int | None = None) -> str:
+    """The decoding a call uses: ``requested``, else ``$BEAVER_HF_DECODING``, else ``auto``.
+
+    ``auto``: on CUDA ``compiled`` (``static`` when the weights are ``sharded`` by ZeRO-3, whose
+    per-layer gathering hooks a compiled graph cannot hold), or ``dynamic`` when the static cache's
+    ``cache_bytes`` exceed ``STATIC_CACHE_MEMORY_SHARE`` of ``free_bytes``; elsewhere ``dynamic``.
+    An explicit ``compiled`` on sharded weights decodes ``static``."""
+    mode = requested or os.environ.get(DECODING_ENV) or "auto"
+    if mode not in DECODINGS:
+        raise ValueError(f"decoding must be one of {', '.join(DECODINGS)}, not {mode[:40]!r} "
+                         f"(${DECODING_ENV} or the sampler's argument)")
+    if mode == "auto":
+        if device.type != "cuda":
+            return "dynamic"
+        if cache_bytes is not None and free_bytes is not None and \
+                cache_bytes > STATIC_CACHE_MEMORY_SHARE * free_bytes:
+            return "dynamic"
+        mode = "compiled"
+    return "static" if mode == "compiled" and sharded else mode
+
+
+def static_cache_bytes(config, batch: int, length: int, dtype: torch.dtype) -> int:
+    """Bytes of a static KV cache of ``length`` tokens for ``batch`` rows (every layer full length:
+    an upper bound for sliding-window layers)."""
+    config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return 2 * config.num_hidden_layers * batch * length * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+
+
+def _free_device_bytes(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # the allocator's spare too
+
+
+class DynamicDecoder:
+    """The cache grows by one column per token (``DynamicCache``: every step concatenates, copying it
+    whole), and so does the attention mask."""
+
+    def __init__(self, model, mask: torch.Tensor):
+        self.model, self.mask, self.cache, self.key = model, mask, None, cache_kwarg(model)
+
+    def prefill(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True,
+                         logits_to_keep=1)
+        self.cache = kv_cache(out)
+        return out.logits[:, -1, :]  # (B, V)
+
+    def step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        # (B, P + t); finished rows are cut later
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(token), 1)], dim=1)
+        out = self.model(input_ids=token[:, None], attention_mask=self.mask, position_ids=position[:, None],
+                         use_cache=True, **{self.key: self.cache})
+        self.cache = kv_cache(out)
+        return out.logits[:, -1, :]
+
+
+def one_token_logits(model, token, mask, position, key: str, cache) -> torch.Tensor:
+    """The decode step's forward, with fixed shapes (what compiled decoding compiles): the next
+    token's logits (B, V) after ``token`` (B,) at ``position`` (B,), against ``cache``."""
+    out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None], use_cache=True,
+                **{key: cache})
+    return out.logits[:, -1, :]
+
+
+@functools.cache
+def _compiled_one_token(device_type: str, backend: str):
+    # reduce-overhead: inductor's kernels replayed as a CUDA graph (the cache tensors are marked static
+    # addresses by transformers, so the graph writes into them in place); dynamic=False: every
+    # (batch, cache length) its own graph, hence the length buckets.
+    mode = "reduce-overhead" if device_type == "cuda" and backend == "inductor" else None
+    return torch.compile(one_token_logits, backend=backend, mode=mode, dynamic=False)
+
+
+class StaticDecoder:
+    """A cache allocated once for the prompt and every new token (``StaticCache``, written in place),
+    and a mask of that length from the start: the columns of tokens not yet written are hidden by
+    causality, so the step's inputs keep one shape and one address — what a compiled graph needs."""
+
+    def __init__(self, model, mask: torch.Tensor, cache, length: int, compiled: bool, compile_backend: str):
+        B, P = mask.shape
+        self.model, self.cache, self.key = model, cache, cache_kwarg(model)
+        self.mask = torch.cat([mask, mask.new_ones(B, length - P)], dim=1)  # (B, L)
+        self.forward = _compiled_one_token(mask.device.type, compile_backend) if compiled else one_token_logits
+        self.cuda_graphs = compiled and mask.device.type == "cuda"
+
+    def prefill(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True,
+                         logits_to_keep=1, **{self.key: self.cache})
+        return out.logits[:, -1, :]  # (B, V)
+
+    def step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        if self.cuda_graphs:  # the last step's logits are consumed: the graph may write its new ones there
+            torch.compiler.cudagraph_mark_step_begin()
+        return self.forward(self.model, token, self.mask, position, self.key, self.cache)
+
+
+def _cache_length(prompt: int, new_tokens: int, compiled: bool) -> int:
+    """Tokens a static cache must hold: the prompt and every new token but the last (which needs no
+    forward); rounded up to a bucket when compiled."""
+    length = prompt + max(new_tokens - 1, 0)
+    return -(-length // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET if compiled else length
+
+
 class Sampler:
     """Batched sampling with the KV cache; every row stops at its first eos id.
 
@@ -207,10 +338,54 @@ class Sampler:
 
     ``should_stop`` is called before every token; once it answers true the call raises
     ``JobCancelled``, so a cancel reaches a generation within a token, however long the answers may
-    be. It must be a local check (no collective): on several ranks each may stop at its own token."""
+    be. It must be a local check (no collective): on several ranks each may stop at its own token.
 
-    def __init__(self, model, pad_id: int, eos_ids: Sequence[int], synced: bool = False):
+    ``decoding`` (``Decoding``; None: ``$BEAVER_HF_DECODING``, else ``auto``) picks how the KV cache is
+    kept and the forward run, see ``resolve_decoding``; every mode gives the same tokens and log-probs.
+    ``last_decoding`` says which one the last call used. Compiled decoding keeps its static cache
+    between calls of the same batch size and cache length (a new cache would be a new CUDA graph)."""
+
+    def __init__(self, model, pad_id: int, eos_ids: Sequence[int], synced: bool = False,
+                 decoding: str | None = None, compile_backend: str = "inductor"):
         self.model, self.pad_id, self.eos_ids, self.synced = model, pad_id, tuple(eos_ids), synced
+        self.decoding, self.compile_backend = decoding, compile_backend
+        self.last_decoding: str | None = None
+        self._kept_cache = None  # compiled decoding's (shape, static cache), reused while the shape fits
+
+    def _decoder(self, mask: torch.Tensor, new_tokens: int):
+        model = self.model
+        B, P = mask.shape
+        device = mask.device
+        sharded = self.synced or distributed.zero3(model)
+        # the keys' dtype: the autocast one when on (a PPO policy's float32 weights under bf16 autocast)
+        dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
+                 else next(model.parameters()).dtype)
+        cache_bytes = (static_cache_bytes(model.config, B, _cache_length(P, new_tokens, True), dtype)
+                       if device.type == "cuda" else None)  # what auto weighs against the free memory
+        decoding = self.last_decoding = resolve_decoding(self.decoding, device, sharded, cache_bytes,
+                                                         _free_device_bytes(device))
+        if decoding == "dynamic":
+            self._kept_cache = None
+            return DynamicDecoder(model, mask)
+        from transformers import StaticCache
+
+        compiled = decoding == "compiled"
+        length = _cache_length(P, new_tokens, compiled)
+        shape = (B, length, device, dtype)
+        if compiled and self._kept_cache is not None and self._kept_cache[0] == shape:
+            cache = self._kept_cache[1]
+            cache.reset()
+        else:
+            self._kept_cache = None  # freed before the new one is allocated
+            cache = StaticCache(config=model.config, max_cache_len=length)
+            if compiled and any(getattr(layer, "is_sliding", False) for layer in getattr(cache, "layers", ())):
+                # a sliding-window layer keeps its fill level as a Python int: a compiled step would
+                # be recompiled at every token (transformers ≤ 5.25), so these models decode static
+                decoding = self.last_decoding = "static"
+                compiled = False
+            elif compiled:
+                self._kept_cache = (shape, cache)
+        return StaticDecoder(model, mask, cache, length, compiled, self.compile_backend)
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], config: SamplingConfig, seed: int | None = None,
@@ -231,35 +406,35 @@ class Sampler:
             seen.scatter_(1, ids, mask.bool())
         was_training = model.training
         model.eval()
-        positions = position_ids(mask)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-        tokens, log_probs = [], []
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        step_mask, position = mask, positions[:, -1]
-        for _ in range(config.max_new_tokens):
-            if should_stop is not None and should_stop():
-                model.train(was_training)
-                raise JobCancelled("cancelled")
-            step_log_probs = sampling_log_probs(out.logits[:, -1, :], config, seen)  # (B, V)
-            token = draw(step_log_probs, config, uniforms=None if uniforms is None else next(uniforms))  # (B,)
-            token = torch.where(done, torch.full_like(token, self.pad_id), token)
-            tokens.append(token)
-            log_probs.append(step_log_probs.gather(-1, token[:, None]).squeeze(-1))
-            if seen is not None:
-                seen[torch.arange(B, device=device), token] |= ~done
-            done = done | torch.isin(token, eos)
-            if len(tokens) == config.max_new_tokens:  # the last token needs no forward
-                break
-            finished = bool(done.all())
-            if self.synced:  # on every rank
-                finished = not distributed.any_rank(not finished)
-            if finished:
-                break
-            step_mask = torch.cat([step_mask, step_mask.new_ones(B, 1)], dim=1)  # (B, P + t); finished rows are cut later
-            position = position + 1
-            out = model(input_ids=token[:, None], attention_mask=step_mask, position_ids=position[:, None],
-                        use_cache=True, **{cache_kwarg(model): kv_cache(out)})
-        model.train(was_training)
+        try:
+            decoder = self._decoder(mask, config.max_new_tokens)
+            positions = position_ids(mask)
+            logits = decoder.prefill(ids, positions)  # (B, V) of the first new token
+            tokens, log_probs = [], []
+            done = torch.zeros(B, dtype=torch.bool, device=device)
+            position = positions[:, -1]
+            for _ in range(config.max_new_tokens):
+                if should_stop is not None and should_stop():
+                    raise JobCancelled("cancelled")
+                step_log_probs = sampling_log_probs(logits, config, seen)  # (B, V)
+                token = draw(step_log_probs, config, uniforms=None if uniforms is None else next(uniforms))  # (B,)
+                token = torch.where(done, torch.full_like(token, self.pad_id), token)
+                tokens.append(token)
+                log_probs.append(step_log_probs.gather(-1, token[:, None]).squeeze(-1))
+                if seen is not None:
+                    seen[torch.arange(B, device=device), token] |= ~done
+                done = done | torch.isin(token, eos)
+                if len(tokens) == config.max_new_tokens:  # the last token needs no forward
+                    break
+                finished = bool(done.all())
+                if self.synced:  # on every rank
+                    finished = not distributed.any_rank(not finished)
+                if finished:
+                    break
+                position = position + 1
+                logits = decoder.step(token, position)
+        finally:
+            model.train(was_training)
         responses = torch.stack(tokens, dim=1)  # (B, T)
         resp_mask = response_mask(responses, self.eos_ids)
         responses = torch.where(resp_mask.bool(), responses, torch.full_like(responses, self.pad_id))

@@ -1,7 +1,8 @@
 """bench/gpu.py: the GPU benchmark runs end to end (tiny, on CPU), and what it measures is right.
 
 The GPU machine gets one short try at it, so every code path that can run here runs here: the
-smoke run goes through the driver, one child process per variant and the PPO-Lag iteration; the
+smoke run goes through the driver, one child process per variant, the PPO-Lag iteration, Beaver's
+sampler in each decoding and Beaver's PPO-Lag job (issue 19; compiled with aot_eager here); the
 unit checks pin the model the timings are about (the pure-torch decoder computes what
 transformers' Llama computes; packed rows give each sequence its padded score; the KV cache gives
 the full forward's hidden states).
@@ -37,7 +38,8 @@ def run_smoke(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, 
     proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(tmp_path), *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc, json.loads((tmp_path / "gpu.json").read_text())
+    name = args[args.index("--name") + 1] if "--name" in args else "gpu"
+    return proc, json.loads((tmp_path / f"{name}.json").read_text())
 
 
 def test_smoke_run_measures_every_variant_and_the_ppo_split(tmp_path, gpu):
@@ -58,6 +60,45 @@ def test_smoke_run_measures_every_variant_and_the_ppo_split(tmp_path, gpu):
     assert (tmp_path / "gpu.md").exists()
     last = proc.stdout.strip().splitlines()[-1]
     assert "x plain" in last and last.startswith("best ("), last
+    # issue 19: Beaver's sampler in each decoding, all of them through to the end, and on CPU
+    # (float32) each decoding's rows are the dynamic loop's, token for token
+    for name, decoding in gpu.ROLLOUTS.items():
+        r = report["rollouts"][name]
+        assert r["decoding_used"] == decoding and not r["partial"] and r["tokens_per_second"] > 0, r
+        assert r["tokens"] == r["prompts"] * r["new_tokens"]
+        if decoding != "dynamic":
+            assert r["agreement"]["identical_rows"] == r["agreement"]["rows"] == 4, r["agreement"]
+    for name in gpu.PPO_STEPS:  # Beaver's PPO-Lag job, two steps, each split three ways
+        r = report["ppo_steps"][name]
+        assert len(r["steps"]) == 2 and not r["partial"], r
+        assert all(step[phase] > 0 for step in r["steps"] for phase in ("rollout", "scoring", "update")), r
+        assert r["steps"][-1]["sampler_logprob_gap"] < 1e-4  # the rollouts are the trainer's log π_old
+    md = (tmp_path / "gpu.md").read_text()
+    assert "dynamic (today's loop) tokens/s" in md and "faster steps" in md
+
+
+def test_the_rollouts_alone_interleaved_end_on_their_ratio(tmp_path, gpu):
+    """What the CPU measurement runs: the decodings in one child, taking turns, the fastest call each."""
+    proc, report = run_smoke(tmp_path, "--variants", "rollout", "--rollout-interleave", "--rollout-repeats", "2",
+                             "--name", "rollouts")
+    assert not report["variants"] and set(report["rollouts"]) == set(gpu.ROLLOUTS)
+    for r in report["rollouts"].values():
+        assert r["interleaved"] and r["repeats"] == 2 and r["seconds"] == min(r["seconds_each"]), r
+        assert r["decoding_used"] == r["decoding"] and not r["partial"]
+    assert report["rollouts"]["rollout_compiled"]["agreement"]["identical_rows"] == 4
+    assert (tmp_path / "rollouts.md").exists() and not (tmp_path / "gpu.json").exists()
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("rollout (") and "compiled" in last and "x dynamic (today's loop) tokens/s" in last, last
+
+
+def test_agreement_counts_rows_and_the_log_prob_gap_while_they_agree(gpu):
+    ref = {"check_tokens": [[1, 2, 3], [4, 5, 6]], "check_log_probs": [[-1.0, -2.0, -3.0], [-1.0, -1.0, -1.0]]}
+    same = {"check_tokens": [[1, 2, 3], [4, 5, 6]], "check_log_probs": [[-1.0, -2.001, -3.0], [-1.0, -1.0, -1.0]]}
+    forked = {"check_tokens": [[1, 2, 3], [4, 7, 6]], "check_log_probs": [[-1.0, -2.0, -3.0], [-1.5, -9.0, -9.0]]}
+    a = gpu.agreement(same, ref)
+    assert a["identical_rows"] == 2 and a["mean_common_prefix"] == 3 and a["max_log_prob_gap"] == pytest.approx(1e-3)
+    b = gpu.agreement(forked, ref)  # row 2 forks at its second token: only its first counts
+    assert b["identical_rows"] == 1 and b["mean_common_prefix"] == 2 and b["max_log_prob_gap"] == pytest.approx(0.5)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")

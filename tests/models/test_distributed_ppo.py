@@ -78,9 +78,10 @@ def test_two_ranks_train_what_one_rank_trains_on_the_global_rollout(tiny_llama_d
     assert max((a[k].float() - before[k].float()).abs().max().item() for k in a) > 1e-3  # it did train
 
 
-def synced_sampling(model_dir: str, zero_stage: int) -> dict:
+def synced_sampling(model_dir: str, zero_stage: int, decoding: str = "dynamic") -> dict:
     """On rank 0 a row that ends at its first token, on rank 1 one that runs to ``max_new_tokens``:
-    the synced sampler runs as many forwards on both, and rank 0's answer is the one it gets alone."""
+    the synced sampler runs as many forwards on both, and rank 0's answer is the one it gets alone
+    (with ``decoding`` when synced; alone, dynamic)."""
     from models.chat_format import ChatFormat
     from models.generation import Sampler, SamplingConfig
     from models.loading import load_causal_lm
@@ -90,22 +91,27 @@ def synced_sampling(model_dir: str, zero_stage: int) -> dict:
     model.requires_grad_(False)
     prompt = [fmt.prompt_ids(["how do i make a cake ?", "paris"][distributed.current().rank])]
     config = SamplingConfig(temperature=0.0, max_new_tokens=5)
-    first = Sampler(model, fmt.tokenizer.pad_token_id, fmt.eos_ids).generate(prompt, config).responses[0, 0]
+    first = Sampler(model, fmt.tokenizer.pad_token_id, fmt.eos_ids, decoding="dynamic").generate(prompt, config)
+    first = first.responses[0, 0]
     # rank 0's eos is its first token; rank 1's one it never draws
     eos = [int(first)] if distributed.current().main else [fmt.tokenizer.pad_token_id]
-    alone = Sampler(model, fmt.tokenizer.pad_token_id, eos).generate(prompt, config)
+    alone = Sampler(model, fmt.tokenizer.pad_token_id, eos, decoding="dynamic").generate(prompt, config)
     model = distributed.frozen_model(model, zero_stage)
     forwards = []
     model.register_forward_pre_hook(lambda *_: forwards.append(1))
-    out = Sampler(model, fmt.tokenizer.pad_token_id, eos, synced=True).generate(prompt, config)
+    synced = Sampler(model, fmt.tokenizer.pad_token_id, eos, synced=True, decoding=decoding,
+                     compile_backend="aot_eager")
+    out = synced.generate(prompt, config)
     return {"forwards": len(forwards), "responses": out.responses.tolist(), "mask": out.response_mask.tolist(),
-            "alone": alone.responses.tolist()}
+            "alone": alone.responses.tolist(), "decoding": synced.last_decoding}
 
 
-@pytest.mark.parametrize("zero_stage", [0, 3])
-def test_the_synced_sampler_decodes_until_every_rank_is_done(tiny_llama_dir, tmp_path, zero_stage):
+# ZeRO-3 with compiled decoding asked for: a static cache, uncompiled (the gathering hooks stay eager)
+@pytest.mark.parametrize("zero_stage,decoding", [(0, "dynamic"), (3, "dynamic"), (3, "compiled")])
+def test_the_synced_sampler_decodes_until_every_rank_is_done(tiny_llama_dir, tmp_path, zero_stage, decoding):
     ranks = run_on_ranks(2, f"{__name__}:synced_sampling", {"model_dir": str(tiny_llama_dir),
-                                                            "zero_stage": zero_stage}, tmp_path)
+                                                            "zero_stage": zero_stage, "decoding": decoding}, tmp_path)
+    assert ranks[0]["decoding"] == ranks[1]["decoding"] == ("static" if decoding == "compiled" else decoding)
     assert ranks[0]["forwards"] == ranks[1]["forwards"] == 5  # the prompt, then 4 decode steps on both
     assert ranks[0]["alone"] == [ranks[0]["responses"][0][:1]]  # alone, rank 0 stops after one token;
     assert ranks[0]["mask"] == [[1, 0, 0, 0, 0]]  # synced, the rest of its answer is masked padding

@@ -8,6 +8,7 @@ import torch
 
 from models.chat_format import ChatFormat
 from models.generation import Sampler, SamplingConfig, draw, penalise, response_mask, sampling_log_probs
+from models.jobs import JobCancelled
 from models.loading import load_causal_lm
 from models.ppo_lag import token_log_probs
 from tests.chat_rig import force_first_token
@@ -147,3 +148,168 @@ def test_sampled_answers_do_not_depend_on_the_draw_chunk(tiny_llama_dir, monkeyp
         chunked = sampler.generate(ids, config, seed=4, rows=[5, 1, 8])
         monkeypatch.undo()
         assert torch.equal(whole.sequences, chunked.sequences) and torch.equal(whole.log_probs, chunked.log_probs)
+
+
+# --- decoding modes: a static KV cache and compiled decoding give the dynamic loop's answers -------------
+# On CPU torch.compile runs with the aot_eager backend (seconds, not inductor's minutes of C++ builds):
+# it traces the one-token forward into a graph, with the static cache's in-place writes, as on a GPU.
+
+MODES_PROMPTS = PROMPTS[:2] + ["red", "good safe red green blue", "tell me about one two three four five red apples"]
+MODES_CONFIGS = {  # name: (config, whether rows must end at different steps)
+    "greedy": (SamplingConfig(temperature=0, max_new_tokens=14), False),  # tiny greedy models may repeat one token
+    "greedy+penalty": (SamplingConfig(temperature=0, repetition_penalty=5.0, max_new_tokens=14), True),
+    "sampled": (SamplingConfig(temperature=1.0, max_new_tokens=14), True),
+    "truncated+penalty": (SamplingConfig(temperature=0.7, top_k=8, top_p=0.9, repetition_penalty=1.3,
+                                         max_new_tokens=14), True),
+}
+
+
+def sampler(model, fmt, decoding, eos_ids=None, synced=False) -> Sampler:
+    return Sampler(model, fmt.tokenizer.pad_token_id, fmt.eos_ids if eos_ids is None else eos_ids, synced=synced,
+                   decoding=decoding, compile_backend="aot_eager")
+
+
+def eos_at_different_steps(out, fmt) -> list[int]:
+    """The format's eos ids, and stop ids that end rows of ``out`` (a run that never stopped) at
+    different steps: for each row in turn, its first token after the last chosen step that no row
+    drew before and no other row draws at all."""
+    eos, after, responses = list(fmt.eos_ids), 0, out.responses
+    for row in range(len(responses)):
+        others = torch.cat([responses[:row], responses[row + 1:]])
+        for step in range(after + 1, responses.shape[1]):
+            token = int(responses[row, step])
+            if not (responses[:, :step] == token).any() and not (others == token).any():
+                eos.append(token)
+                after = step
+                break
+    return eos
+
+
+@pytest.mark.parametrize("name", ["word-level", "qwen2", "llama3", "gemma2", "mistral"])
+def test_static_and_compiled_decoding_give_the_dynamic_loops_tokens_and_log_probs(name, request):
+    from tests.conftest import FIXTURES
+
+    model_dir = request.getfixturevalue(FIXTURES[name])
+    fmt = ChatFormat.load(model_dir, padding_side="left")
+    model = load_causal_lm(model_dir, fmt.tokenizer).eval()
+    ids = [fmt.prompt_ids(p) for p in MODES_PROMPTS]
+    assert len({len(i) for i in ids}) >= 3  # rows padded differently
+    kept = sampler(model, fmt, "compiled")  # one compiled sampler for every config: its cache is reused
+    for label, (config, varied) in MODES_CONFIGS.items():
+        free = Sampler(model, fmt.tokenizer.pad_token_id, []).generate(ids, config, seed=7, rows=[3, 1, 4, 1, 5])
+        eos = eos_at_different_steps(free, fmt)
+        expected = sampler(model, fmt, "dynamic", eos).generate(ids, config, seed=7, rows=[3, 1, 4, 1, 5])
+        lengths = expected.response_mask.sum(1).tolist()
+        assert not varied or (len(set(lengths)) >= 3 and min(lengths) < config.max_new_tokens), (label, lengths)
+        kept.eos_ids = tuple(eos)
+        for decoding, s in (("static", sampler(model, fmt, "static", eos)), ("compiled", kept)):
+            got = s.generate(ids, config, seed=7, rows=[3, 1, 4, 1, 5])
+            # sliding-window layers (gemma2) are not compiled: their fill level is a Python int
+            assert s.last_decoding == ("static" if name == "gemma2" else decoding)
+            assert torch.equal(got.sequences, expected.sequences), (name, label, decoding)
+            assert torch.equal(got.response_mask, expected.response_mask)
+            torch.testing.assert_close(got.log_probs, expected.log_probs, rtol=0, atol=1e-5)
+
+
+def test_compiled_decoding_reads_the_weights_of_the_last_update(tiny_qwen_dir):
+    """PPO updates the policy in place between rollouts; the compiled step (and its kept cache) must
+    sample from the updated weights, as the dynamic loop does."""
+    fmt = ChatFormat.load(tiny_qwen_dir, padding_side="left")
+    model = load_causal_lm(tiny_qwen_dir, fmt.tokenizer).eval()
+    ids = [fmt.prompt_ids(p) for p in PROMPTS]
+    config = SamplingConfig(temperature=1.0, max_new_tokens=10)
+    compiled = sampler(model, fmt, "compiled")
+    before = compiled.generate(ids, config, seed=2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    after = compiled.generate(ids, config, seed=2)
+    expected = sampler(model, fmt, "dynamic").generate(ids, config, seed=2)
+    assert (after.log_probs - before.log_probs).abs().max() > 1e-2  # the update moved the log-probs
+    assert torch.equal(after.sequences, expected.sequences)
+    torch.testing.assert_close(after.log_probs, expected.log_probs, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("decoding", ["dynamic", "static", "compiled"])
+def test_a_stop_request_ends_every_decoding_before_the_next_token(decoding, tiny_llama_dir):
+    fmt = ChatFormat.load(tiny_llama_dir, padding_side="left")
+    model = load_causal_lm(tiny_llama_dir, fmt.tokenizer).eval()
+    forwards, checks = [], []
+    model.register_forward_pre_hook(lambda *_: forwards.append(1))  # traced into the compiled step too
+    s = Sampler(model, fmt.tokenizer.pad_token_id, [], decoding=decoding, compile_backend="aot_eager")
+    model.train()
+
+    def should_stop():
+        checks.append(len(forwards))
+        return len(checks) == 4
+
+    with pytest.raises(JobCancelled):
+        s.generate([fmt.prompt_ids(p) for p in PROMPTS], SamplingConfig(max_new_tokens=10_000), seed=0,
+                   should_stop=should_stop)
+    # asked before every token: after the prompt's forward, then after each token's; token 4 never drawn
+    assert checks == [1, 2, 3, 4] and len(forwards) == 4
+    assert model.training  # put back as it was
+
+
+def test_the_static_cache_holds_the_prompt_and_the_new_tokens_and_no_more(tiny_qwen_dir, monkeypatch):
+    """Its size is bounded by the call: P + max_new_tokens − 1 (the last token needs no forward),
+    rounded up to a bucket of 64 when compiled; never the model's context. ``static_cache_bytes``
+    (what ``auto`` weighs against the free memory) is what it allocates."""
+    from models.generation import static_cache_bytes
+
+    fmt = ChatFormat.load(tiny_qwen_dir, padding_side="left")
+    model = load_causal_lm(tiny_qwen_dir, fmt.tokenizer).eval()
+    assert model.config.max_position_embeddings >= 512
+    ids = [fmt.prompt_ids(p) for p in PROMPTS]
+    P = max(len(i) for i in ids)
+    s = sampler(model, fmt, "compiled", eos_ids=[])
+    for new_tokens, length in ((5, -(-(P + 4) // 64) * 64), (70, -(-(P + 69) // 64) * 64)):
+        s.generate(ids, SamplingConfig(max_new_tokens=new_tokens), seed=0)
+        (B, L, _, dtype), cache = s._kept_cache
+        keys = [layer.keys for layer in cache.layers] + [layer.values for layer in cache.layers]
+        assert L == length and all(k.shape[0] == len(ids) and k.shape[2] == length for k in keys)
+        assert sum(k.nbytes for k in keys) == static_cache_bytes(model.config, B, L, dtype)
+
+    # uncompiled: exactly P + max_new_tokens − 1 (the cache lives for the call; seen at its creation)
+    import transformers
+
+    made = []
+    real = transformers.StaticCache
+
+    class Spy(real):
+        def __init__(self, *args, **kwargs):
+            made.append(kwargs["max_cache_len"])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(transformers, "StaticCache", Spy)
+    sampler(model, fmt, "static", eos_ids=[]).generate(ids, SamplingConfig(max_new_tokens=9), seed=0)
+    assert made == [P + 8]
+
+
+def test_auto_decoding_picks_by_device_memory_and_sharding(monkeypatch):
+    from models.generation import DECODING_ENV, resolve_decoding
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    monkeypatch.delenv(DECODING_ENV, raising=False)
+    assert resolve_decoding(None, cpu) == "dynamic"
+    assert resolve_decoding(None, cuda) == "compiled"
+    assert resolve_decoding("auto", cuda, sharded=True) == "static"  # ZeRO-3's gathering hooks
+    assert resolve_decoding("compiled", cuda, sharded=True) == "static"
+    # a static cache for a huge max_new_tokens is not allocated up front: the dynamic cache grows as rows go
+    assert resolve_decoding(None, cuda, cache_bytes=6 << 30, free_bytes=10 << 30) == "dynamic"
+    assert resolve_decoding(None, cuda, cache_bytes=4 << 30, free_bytes=10 << 30) == "compiled"
+    assert resolve_decoding("static", cpu) == "static" and resolve_decoding("compiled", cpu) == "compiled"
+    monkeypatch.setenv(DECODING_ENV, "static")  # the worker's setting, when the caller names none
+    assert resolve_decoding(None, cuda) == "static" and resolve_decoding("dynamic", cuda) == "dynamic"
+    monkeypatch.setenv(DECODING_ENV, "fast")
+    with pytest.raises(ValueError, match="BEAVER_HF_DECODING"):
+        resolve_decoding(None, cpu)
+
+
+def test_the_settings_offer_the_samplers_decodings():
+    import typing
+
+    from api.settings import Settings
+    from models.generation import DECODINGS
+
+    assert typing.get_args(Settings.model_fields["hf_decoding"].annotation) == DECODINGS
