@@ -1208,6 +1208,8 @@ def run_ppo_step(cfg: BenchConfig, decoding: str, deadline: float) -> dict:
         shutil.rmtree(work, ignore_errors=True)
     steps, before = [], {}
     for event in events:  # the job's time/* are totals since its start: one step is a difference
+        if "time/rollout" not in event:  # not a step's event (e.g. the rollout engine's choice)
+            continue
         times = {k.split("/")[1]: event[k] - before.get(k, 0.0)
                  for k in ("time/rollout", "time/scoring", "time/update")}
         before = event
