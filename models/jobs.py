@@ -238,8 +238,8 @@ def _load(spec: str):
     return getattr(importlib.import_module(module), name)
 
 
-_PPO_MODELS = (("model", "causal"), ("reward_model", "score"), ("cost_model", "score"), ("reward_critic", "any"),
-               ("cost_critic", "any"))
+_PPO_MODELS = (("model", "causal"), ("reward_model", "score"), ("cost_model", "score"), ("cost_models", "score"),
+               ("reward_critic", "any"), ("cost_critic", "any"))
 _PPO_DATA = ("prompt", "preference", "sft")  # prompts from prompt/preference records; sft records feed PTX
 
 # Job type -> where it lives. Strings, so importing this module stays cheap.
@@ -303,8 +303,9 @@ def model_refs(job_type: str, config: Any) -> list[tuple[str, str, str]]:
     refs = []
     for name, kind in JOB_TYPES[job_type].models:
         value = getattr(config, name, None)
-        if isinstance(value, list):  # e.g. evaluate's models
-            refs += [(f"{name}[{i}]", ref, kind) for i, ref in enumerate(value)]
+        if isinstance(value, list):  # e.g. evaluate's models, or PPO's cost_models ({model, threshold, name})
+            refs += [(f"{name}[{i}].model", ref.model, kind) if hasattr(ref, "model") else (f"{name}[{i}]", ref, kind)
+                     for i, ref in enumerate(value)]
         elif value:
             refs.append((name, value, kind))
     return refs

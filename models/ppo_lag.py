@@ -36,6 +36,7 @@ import contextlib
 import dataclasses
 import math
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,8 +47,9 @@ import torch
 from models import distributed
 from models.chat_format import AnswerTooLong, ChatFormat, Prompt
 from models.generation import GenerationBackend, Sampler, SamplingConfig, WeightSynced, position_ids
-from models.jobs import BATCH, MODEL_REF, Artifact, Bound, JobCancelled, JobContext, JobResult
-from models.rl import gae, masked_mean, sequence_mean
+from models.jobs import BATCH, MODEL_REF, Artifact, Bound, JobCancelled, JobContext, JobResult, ParamsError
+from models.rl import (Constraint, Constraints, LagrangeMultiplier, combine_advantages, gae, masked_mean,  # noqa: F401
+                       sequence_mean)
 from models.rollout import RolloutParams, choose_engine, open_vllm
 from models.score_model import score_ids
 from models.training import (OptimConfig, Stepper, TrainingConfig, adapters_disabled, autocast, checkpoint_source,
@@ -61,73 +63,51 @@ Scorer = Callable[[Sequence[Prompt], Sequence[str]], "torch.Tensor | Sequence[fl
 
 
 # ---------------------------------------------------------------------------------------------
-# The multiplier and the advantage combination: pure math.
-
-
-class LagrangeMultiplier:
-    """λ = exp(log λ), learned by SGD on log λ (so λ > 0 always) with loss −(J̄_C − d)·λ:
-
-        ∂/∂log λ [−(J̄_C − d)·λ] = −(J̄_C − d)·λ
-        log λ ← log λ + lr·(J̄_C − d)·λ,   then   log λ ≤ log λ_max
-
-    λ rises while the mean episode cost J̄_C exceeds the threshold d and decays while under it.
-    """
-
-    def __init__(self, init: float = 1.0, lr: float = 0.1, max_value: float = 5.0, threshold: float = 0.0):
-        if init <= 0 or max_value <= 0:
-            raise ValueError("λ init and max_value must be > 0 (λ is exp(log λ))")
-        self.lr = lr
-        self.max_value = max_value
-        self.threshold = threshold
-        self.log_value = math.log(min(init, max_value))
-
-    @property
-    def value(self) -> float:
-        return math.exp(self.log_value)
-
-    def update(self, mean_episode_cost: float) -> float:
-        """One SGD step on log λ; returns the new λ."""
-        grad = -(float(mean_episode_cost) - self.threshold) * self.value  # ∂loss/∂log λ
-        self.log_value = min(self.log_value - self.lr * grad, math.log(self.max_value))
-        return self.value
-
-    def state_dict(self) -> dict:
-        return {"log_value": self.log_value}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.log_value = float(state["log_value"])
-
-
-def combine_advantages(reward_advantages: torch.Tensor, cost_advantages: torch.Tensor, lam: float) -> torch.Tensor:
-    """A = (A_r − λ·A_c) / (1 + λ): the Lagrangian's advantage, rescaled so its size stays that of
-    one stream whatever λ is (Safe RLHF eq. 31)."""
-    return (reward_advantages - lam * cost_advantages) / (1.0 + lam)
-
-
-# ---------------------------------------------------------------------------------------------
 # Configuration.
 
 
+COST_NAME = re.compile(r"[a-z0-9_-]{1,40}")
+
+
 @dataclass
-class PPOLagConfig(TrainingConfig, RolloutParams):
-    """One config for ``ppo_lag``, ``ppo`` and ``ppo_shaping``; defaults from Safe RLHF's
-    ``ppo-lag.sh``. ``model`` is the actor's starting point (usually the SFT model) and the frozen
-    reference; model fields take what ``model`` takes. ``RolloutParams``: which engine samples."""
+class CostModelSpec:
+    """One constraint of ``cost_models``: E[C_k] ≤ d_k (or, ``per_prompt``, C_k ≤ d_k for every answer)."""
+
+    model: Annotated[str, MODEL_REF] = ""
+    """The frozen cost model C_k."""
+    threshold: Annotated[float, Bound(ge=-1e6, le=1e6)] = 0.0
+    """d_k of this constraint."""
+    name: Annotated[str, Bound(min_length=1, max_length=40)] = ""
+    """Names its metrics (`lagrange/lambda/<name>`, `train/cost/<name>`): lowercase letters, digits, `_`, `-`."""
+
+    def __post_init__(self):
+        if not self.model:
+            raise ParamsError("model is required", "model")
+        if not COST_NAME.fullmatch(self.name):
+            raise ParamsError(f"name must be 1–40 of a-z, 0-9, _ and -, got {self.name!r}", "name")
+
+
+@dataclass
+class SafeRLConfig(TrainingConfig, RolloutParams):
+    """What every Safe RLHF trainer's params mean alike (``ppo_lag``, ``ppo``, ``ppo_shaping``,
+    ``grpo_lag``, ``grpo``); defaults from Safe RLHF's ``ppo-lag.sh``. ``model`` is the actor's starting
+    point (usually the SFT model) and the frozen reference; model fields take what ``model`` takes.
+    ``RolloutParams``: which engine samples."""
 
     reward_model: Annotated[str, MODEL_REF] | None = None
     """The frozen reward model R (required)."""
     cost_model: Annotated[str, MODEL_REF] | None = None
-    """The frozen cost model C (required by ppo_lag and ppo_shaping; ppo scores it for telemetry)."""
-    reward_critic: Annotated[str, MODEL_REF] | None = None
-    """Reward critic init; default the reward model."""
-    cost_critic: Annotated[str, MODEL_REF] | None = None
-    """Cost critic init; default the cost model."""
-    objective: Literal["lagrangian", "reward", "shaping"] = "lagrangian"
-    """Set by the job type (ppo_lag, ppo, ppo_shaping), not by params."""
-    shaping_lambda: Annotated[float, Bound(ge=0, le=1e6)] = 1.0
-    """The fixed λ of ``ppo_shaping`` (R − λ·C)."""
+    """The frozen cost model C of the one-constraint form J̄_C ≤ `threshold` (required by the Lagrangian and
+    shaping objectives unless `cost_models` is given; reward-only jobs score it for telemetry)."""
+    cost_models: Annotated[list[CostModelSpec], Bound(min_length=1, max_length=8)] | None = None
+    """Several constraints at once, each with its own cost model, threshold and λ_k (instead of `cost_model` and
+    `threshold`): A = (A_r − Σ λ_k·A_c,k) / (1 + Σ λ_k)."""
+    constraint: Literal["expected", "per_prompt"] = "expected"
+    """`expected`: the paper's J̄_C ≤ d on the mean cost. `per_prompt` (RePO, arXiv 2410.19933): every answer's cost
+    signal is its rectified violation [C − d]⁺ and λ follows the mean violation, so safe answers to easy prompts cannot
+    pay for unsafe answers to hard ones (λ then never decays: it stops rising once no answer violates)."""
     steps: Annotated[int, Bound(ge=1, cap="steps")] = 100
-    """PPO iterations, each one rollout batch followed by its updates."""
+    """Iterations, each one rollout batch followed by its updates."""
     rollout_batch_size: Annotated[int, BATCH] = 64
     """Prompts per rollout per rank (the global rollout is `rollout_batch_size × world_size`)."""
     mini_batch_size: Annotated[int, BATCH] | None = None
@@ -137,23 +117,15 @@ class PPOLagConfig(TrainingConfig, RolloutParams):
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     """How rollouts are sampled (repetition_penalty must stay 1: log π_old must be the sampling distribution)."""
     kl_coef: Annotated[float, Bound(ge=0, le=1e6)] = 0.01
-    """β of the per-token KL penalty to the reference."""
+    """β of the KL penalty to the reference."""
     actor_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, warmup_ratio=0.0,
                                                                          scheduler="constant"))
-    critic_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-6, warmup_ratio=0.0,
-                                                                          scheduler="constant"))
     clip_range: Annotated[float, Bound(gt=0, le=1)] = 0.2
     """PPO ε: the ratio is clipped to [1 − ε, 1 + ε]."""
-    value_clip: Annotated[float, Bound(gt=0, le=1e6)] = 5.0
-    """New values are clipped to old ± this in the critic loss."""
-    gamma: Annotated[float, Bound(ge=0, le=1)] = 1.0
-    """Discount of GAE."""
-    gae_lambda: Annotated[float, Bound(ge=0, le=1)] = 0.95
-    """λ of GAE (not the Lagrange multiplier)."""
     score_clip: Annotated[float, Bound(gt=0, le=1e6)] = 50.0
-    """Shaped per-token rewards and costs are clamped to ± this."""
+    """Shaped per-token rewards and costs (scores, in GRPO) are clamped to ± this."""
     lambda_init: Annotated[float, Bound(gt=0, le=1e6)] = 1.0
-    """λ₀; carry the previous round's final λ here."""
+    """λ₀ (every λ_k's); carry the previous round's final λ here."""
     lambda_lr: Annotated[float, Bound(ge=0, le=100)] = 0.1
     """SGD learning rate of log λ."""
     lambda_max: Annotated[float, Bound(gt=0, le=1e6)] = 5.0
@@ -169,15 +141,25 @@ class PPOLagConfig(TrainingConfig, RolloutParams):
     offload_frozen: bool = False
     """Keep the frozen models (reference, reward, cost) in CPU memory while the policy trains (GPU only)."""
 
-    def __post_init__(self):
-        super().__post_init__()
+    def constraints(self) -> list[Constraint]:
+        """The job's constraints: `cost_models`, or the one-constraint form (`cost_model`, `threshold`), named `cost`."""
+        if self.cost_models:
+            return [Constraint(c.name, c.model, c.threshold) for c in self.cost_models]
+        return [Constraint("cost", self.cost_model, self.threshold)]
+
+    def check_safe_rl(self, needs_cost: bool) -> None:
+        """The checks every Safe RLHF config makes (``__post_init__``)."""
         self.check_rollout()
-        if self.objective not in ("lagrangian", "reward", "shaping"):
-            raise ValueError(f"objective must be lagrangian, reward or shaping, got {self.objective!r}")
         if not self.reward_model:
             raise ValueError("reward_model is required")
-        if self.objective in ("lagrangian", "shaping") and not self.cost_model:
-            raise ValueError(f"cost_model is required by the {self.objective} objective")
+        if self.cost_models:
+            if self.cost_model:
+                raise ParamsError("give either cost_model (one constraint) or cost_models, not both", "cost_models")
+            names = [c.name for c in self.cost_models]
+            if len(set(names)) != len(names):
+                raise ParamsError(f"cost_models' names must differ, got {names}", "cost_models")
+        elif needs_cost and not self.cost_model:
+            raise ValueError(f"cost_model (or cost_models) is required by the {self.objective} objective")
         if self.steps < 1 or self.rollout_batch_size < 1 or self.ppo_epochs < 1:
             raise ValueError("steps, rollout_batch_size and ppo_epochs must be ≥ 1")
         if self.mini_batch_size is not None and self.mini_batch_size < 1:
@@ -190,6 +172,38 @@ class PPOLagConfig(TrainingConfig, RolloutParams):
                              "use zero_offload")
         if self.lambda_init <= 0 or self.lambda_max <= 0:
             raise ValueError("lambda_init and lambda_max must be > 0")
+
+
+@dataclass
+class PPOLagConfig(SafeRLConfig):
+    """One config for ``ppo_lag``, ``ppo`` and ``ppo_shaping``: the Safe RLHF params (``SafeRLConfig``)
+    and PPO's critics."""
+
+    reward_critic: Annotated[str, MODEL_REF] | None = None
+    """Reward critic init; default the reward model."""
+    cost_critic: Annotated[str, MODEL_REF] | None = None
+    """Cost critic init; default the cost model (with `cost_models`: each constraint's critic starts from its own
+    cost model unless this is given)."""
+    objective: Literal["lagrangian", "reward", "shaping"] = "lagrangian"
+    """Set by the job type (ppo_lag, ppo, ppo_shaping), not by params."""
+    shaping_lambda: Annotated[float, Bound(ge=0, le=1e6)] = 1.0
+    """The fixed λ of ``ppo_shaping`` (R − λ·C)."""
+    critic_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-6, warmup_ratio=0.0,
+                                                                          scheduler="constant"))
+    value_clip: Annotated[float, Bound(gt=0, le=1e6)] = 5.0
+    """New values are clipped to old ± this in the critic loss."""
+    gamma: Annotated[float, Bound(ge=0, le=1)] = 1.0
+    """Discount of GAE."""
+    gae_lambda: Annotated[float, Bound(ge=0, le=1)] = 0.95
+    """λ of GAE (not the Lagrange multiplier)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.objective not in ("lagrangian", "reward", "shaping"):
+            raise ValueError(f"objective must be lagrangian, reward or shaping, got {self.objective!r}")
+        self.check_safe_rl(needs_cost=self.objective in ("lagrangian", "shaping"))
+        if self.objective == "shaping" and self.cost_models:
+            raise ParamsError("ppo_shaping takes one cost_model (R − shaping_lambda·C), not cost_models", "cost_models")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,6 +357,8 @@ def train(config: PPOLagConfig, policy, ref_policy, fmt: ChatFormat, prompts: Se
     all), ``stop_requested`` (a local check) at every sampled token.
     """
     lagrangian = config.objective == "lagrangian"
+    if config.cost_models or config.constraint != "expected":  # the trainer below has one expected constraint
+        raise ValueError("cost_models and constraint: per_prompt are not supported by this trainer yet")
     if reward_critic is None:
         raise ValueError("PPO needs a reward critic")
     if lagrangian and (cost_fn is None or cost_critic is None):
