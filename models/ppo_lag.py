@@ -721,6 +721,9 @@ def _run(config: PPOLagConfig, ctx: JobContext, reward_fn: Scorer | None, cost_f
     def critic(name: str, ref: str | None):
         # The critic reads the policy's tokens, so it shares the policy's format.
         base = ctx.resolve_model(ref or config.model)
+        if checkpoint and not (Path(checkpoint) / f"{name}_critic").is_dir():  # e.g. other constraints' critics
+            raise ValueError(f"the checkpoint {checkpoint} has no {name}_critic: it is not of this job's constraints "
+                             f"{[c.name for c in constraints]}")
         weights, adapter = checkpoint_source(checkpoint, f"{name}_critic", base)
         return load_trainable(weights, "score", fmt, config, device, adapter=adapter), base
 
