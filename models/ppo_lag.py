@@ -83,7 +83,8 @@ class CostModelSpec:
     threshold: Annotated[float, Bound(ge=-1e6, le=1e6)] = 0.0
     """d_k of this constraint."""
     name: Annotated[str, Bound(min_length=1, max_length=40)] = ""
-    """Names its metrics (`lagrange/lambda/<name>`, `train/cost/<name>`): lowercase letters, digits, `_`, `-`."""
+    """Names its metrics (`lagrange/lambda/<name>`, `train/cost/<name>`, …) and its critic: lowercase letters, digits,
+    `_`, `-`."""
 
     def __post_init__(self):
         if not self.model:
@@ -106,7 +107,7 @@ class SafeRLConfig(TrainingConfig, RolloutParams):
     shaping objectives unless `cost_models` is given; reward-only jobs score it for telemetry)."""
     cost_models: Annotated[list[CostModelSpec], Bound(min_length=1, max_length=8)] | None = None
     """Several constraints at once, each with its own cost model, threshold and λ_k (instead of `cost_model` and
-    `threshold`): A = (A_r − Σ λ_k·A_c,k) / (1 + Σ λ_k)."""
+    `threshold`): A = (A_r − Σ λ_k·A_c,k) / (1 + Σ λ_k). Entries `{model, threshold, name}`, below."""
     constraint: Literal["expected", "per_prompt"] = "expected"
     """`expected`: the paper's J̄_C ≤ d on the mean cost. `per_prompt` (RePO, arXiv 2410.19933): every answer's cost
     signal is its rectified violation [C − d]⁺ and λ follows the mean violation, so safe answers to easy prompts cannot
