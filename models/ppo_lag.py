@@ -354,9 +354,9 @@ def train(config: PPOLagConfig, policy, ref_policy, fmt: ChatFormat, prompts: Se
 
     ``prompts`` are user messages or conversations, rendered by ``fmt`` (the policy's format);
     ``reward_fn`` and ``cost_fn`` score rollouts; with several constraints (``cost_models``) ``cost_fn`` and
-    ``cost_critic`` give one per constraint, a list in their order or a dict by name. The critics are ``*ForSequenceClassification``
-    models over the policy's tokens. ``ref_policy`` None: the reference is the LoRA policy with its
-    adapters off. ``frozen`` lists models to offload between phases. ``resume_from`` is a
+    ``cost_critic`` give one per constraint, a list in their order or a dict by name. The critics are
+    ``*ForSequenceClassification`` models over the policy's tokens. ``ref_policy`` None: the reference is the
+    LoRA policy with its adapters off. ``frozen`` lists models to offload between phases. ``resume_from`` is a
     checkpoint directory written by this function (models already loaded from it by the caller).
     ``generator`` samples the rollouts (default a ``Sampler`` on ``policy``); one that holds weights of
     its own (``WeightSynced``: vLLM) gets the policy's before the first rollout and after every update.
