@@ -188,7 +188,6 @@ def read_parquet(file: BinaryIO, limit: int, column_map: dict[str, str]) -> tupl
     metadata = parquet.metadata
     for group in range(metadata.num_row_groups):
         declared = metadata.row_group(group)
-        budget.spend(0)
         if max(declared.total_byte_size, sum(declared.column(c).total_uncompressed_size
                                              for c in range(declared.num_columns))) > budget.left:
             raise DecodedTooLarge(limit, "the Parquet file")
@@ -204,9 +203,10 @@ def read_parquet(file: BinaryIO, limit: int, column_map: dict[str, str]) -> tupl
 # --- a save_to_disk folder, archived ---------------------------------------------------------------------
 
 
-def _members(file: BinaryIO) -> tuple[dict[str, Any], Any]:
+def _members(file: BinaryIO, limit: int) -> tuple[dict[str, Any], Any]:
     """Name → member of a tar or zip archive (names normalised: no ``./``), and a function reading a
-    member's bytes with a bound. Nothing is written to disk."""
+    member's bytes with a bound. Nothing is written to disk. A tar's members may declare at most
+    ``limit`` bytes in all: walking a gzip tar decompresses every member it passes."""
     file.seek(0)
     head = file.read(4)
     file.seek(0)
@@ -224,7 +224,11 @@ def _members(file: BinaryIO) -> tuple[dict[str, Any], Any]:
         return members, read
     try:
         archive = tarfile.open(fileobj=file, mode="r:*")
-        members = {posixpath.normpath(m.name): m for m in archive.getmembers() if m.isfile()}
+        members, budget = {}, Budget(limit, "the archive")
+        for member in archive:
+            budget.spend(member.size)
+            if member.isfile():
+                members[posixpath.normpath(member.name)] = member
     except (tarfile.TarError, EOFError, OSError) as e:
         raise ApiError(422, f"file is not a readable tar archive: {e}", param="file") from None
 
@@ -239,7 +243,7 @@ def read_saved_dataset(file: BinaryIO, limit: int, column_map: dict[str, str],
     """Records of a ``save_to_disk`` folder sent as a tar or zip: the Arrow files its ``state.json``
     lists, in order. A ``DatasetDict`` (one folder per split) needs ``split``."""
     pa = require_pyarrow()
-    members, read = _members(file)
+    members, read = _members(file, limit)
     folders = sorted(posixpath.dirname(name) for name in members if posixpath.basename(name) == "state.json")
     if not folders:
         raise ApiError(422, "the archive holds no save_to_disk folder (no state.json): archive the folder that "

@@ -122,6 +122,20 @@ def test_decoded_size_is_bounded_like_the_upload(client, keys, monkeypatch):
     assert len(bomb) < 50_000
     r = upload(client, keys["admin"], bomb, kind="prompt")
     assert r.status_code == 413 and "BEAVER_MAX_UPLOAD_MB" in r.json()["error"]["message"]
+    # A gzip tar holding 2 MB of zeros (in a file no state.json names): refused by its members' declared
+    # sizes, before it is walked through.
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        info = tarfile.TarInfo("ds/junk.bin")
+        info.size = 2_000_000
+        tf.addfile(info, io.BytesIO(bytes(info.size)))
+        state = json.dumps({"_data_files": []}).encode()
+        info = tarfile.TarInfo("ds/state.json")
+        info.size = len(state)
+        tf.addfile(info, io.BytesIO(state))
+    assert len(buf.getvalue()) < 50_000
+    r = upload(client, keys["admin"], buf.getvalue(), kind="prompt")
+    assert r.status_code == 413 and "archive" in r.json()["error"]["message"]
     assert count_rows() == (0, 0)
 
 
