@@ -253,7 +253,7 @@ JOB_TYPES: dict[str, JobType] = {
                       (("model", "any"),), ("preference",),
                       multi_rank=True,
                       summary="a reward model on the helpfulness preference (`better_response_id`)."),
-    "cost": JobType("models.score_training:ScoreTrainingConfig", "models.score_training:run_cost", "gpu",
+    "cost": JobType("models.score_training:CostTrainingConfig", "models.score_training:run_cost", "gpu",
                     (("model", "any"),), ("preference",),
                     multi_rank=True,
                     summary="a cost model on the harmlessness preference and the safety labels (cost > 0 ⇔ unsafe)."),
@@ -631,13 +631,17 @@ def params_markdown() -> str:
     for name, spec in JOB_TYPES.items():
         cls = spec.config_class()
         training = issubclass(cls, TrainingConfig)
-        if cls in shown:  # cost shares reward's config, ppo and ppo_shaping ppo_lag's
+        if cls in shown:  # ppo and ppo_shaping share ppo_lag's config
             lines += ["", f"**`{name}`** — {spec.summary} The same params as `{shown[cls]}`."]
             continue
-        lines += ["", f"**`{name}`** — {spec.summary}" + (" Also the training params above." if training else "")]
+        base = next((b for b in cls.__mro__[1:] if b in shown), None)  # cost extends reward's config
+        also = f" The params of `{shown[base]}`, and:" if base else " Also the training params above." if training \
+            else ""
+        lines += ["", f"**`{name}`** — {spec.summary}{also}"]
         shown[cls] = name
         fixed = {k for k, _ in spec.fixed}
-        own = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in fixed
+        inherited = {f.name for f in dataclasses.fields(base)} if base else set()
+        own = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in fixed and f.name not in inherited
                and not (training and f.name in shared) and f.name not in rollout]
         lines += [""] + _table(cls, own)
     for title, cls in (("`optim` / `actor_optim` / `critic_optim` (OptimConfig)", OptimConfig),
