@@ -238,9 +238,10 @@ def _load(spec: str):
     return getattr(importlib.import_module(module), name)
 
 
-_PPO_MODELS = (("model", "causal"), ("reward_model", "score"), ("cost_model", "score"), ("reward_critic", "any"),
-               ("cost_critic", "any"))
+_PPO_MODELS = (("model", "causal"), ("reward_model", "score"), ("cost_model", "score"), ("cost_models", "score"),
+               ("reward_critic", "any"), ("cost_critic", "any"))
 _PPO_DATA = ("prompt", "preference", "sft")  # prompts from prompt/preference records; sft records feed PTX
+_GRPO_MODELS = tuple((name, kind) for name, kind in _PPO_MODELS if not name.endswith("_critic"))  # no critics
 
 # Job type -> where it lives. Strings, so importing this module stays cheap.
 JOB_TYPES: dict[str, JobType] = {
@@ -277,6 +278,13 @@ JOB_TYPES: dict[str, JobType] = {
     "ppo_shaping": JobType("models.ppo_lag:PPOLagConfig", "models.ppo_lag:run_ppo_shaping", "gpu", _PPO_MODELS,
                            _PPO_DATA, (("objective", "shaping"),),
                            multi_rank=True, summary="baseline: PPO on a fixed `R − shaping_lambda·C`."),
+    "grpo_lag": JobType("models.grpo_lag:GRPOLagConfig", "models.grpo_lag:run_grpo_lag", "gpu", _GRPO_MODELS,
+                        _PPO_DATA, (("objective", "lagrangian"),), multi_rank=True,
+                        summary="a critic-free Safe RLHF round: GRPO-Lagrangian, `group_size` answers per prompt, "
+                                "reward and cost normalised within the group, λ learned as in ppo_lag."),
+    "grpo": JobType("models.grpo_lag:GRPOLagConfig", "models.grpo_lag:run_grpo", "gpu", _GRPO_MODELS, _PPO_DATA,
+                    (("objective", "reward"),), multi_rank=True,
+                    summary="baseline: GRPO on the reward alone (the cost is scored for telemetry)."),
 }
 
 
@@ -303,8 +311,9 @@ def model_refs(job_type: str, config: Any) -> list[tuple[str, str, str]]:
     refs = []
     for name, kind in JOB_TYPES[job_type].models:
         value = getattr(config, name, None)
-        if isinstance(value, list):  # e.g. evaluate's models
-            refs += [(f"{name}[{i}]", ref, kind) for i, ref in enumerate(value)]
+        if isinstance(value, list):  # e.g. evaluate's models, or PPO's cost_models ({model, threshold, name})
+            refs += [(f"{name}[{i}].model", ref.model, kind) if hasattr(ref, "model") else (f"{name}[{i}]", ref, kind)
+                     for i, ref in enumerate(value)]
         elif value:
             refs.append((name, value, kind))
     return refs
@@ -622,7 +631,7 @@ def params_markdown() -> str:
     lines = ["Every bound is checked at `POST /v1/jobs` (422 naming the param). `BEAVER_MAX_JOB_*` are caps an admin "
              "sets (see Configuration); token lengths are also bounded by the model's context, and a job's answers "
              "and optimizer steps, counted from its datasets, by the samples and steps caps.", "",
-             "**Every training job** (sft, dpo, reward, cost, ppo_lag, ppo, ppo_shaping) takes:", ""]
+             "**Every training job** (sft, dpo, reward, cost, ppo_lag, ppo, ppo_shaping, grpo_lag, grpo) takes:", ""]
     lines += _table(TrainingConfig, shared)
     lines += ["", f"**Every job that samples** ({', '.join(samplers)}) takes the rollout engine's params (see "
               "[Rollout engines](#rollout-engines)):", ""]
