@@ -276,6 +276,9 @@ def demo(url: Optional[str] = typer.Option(None, help="A running Beaver to drive
          fast: bool = typer.Option(False, "--fast", help="One short round, no baselines (a smoke test)."),
          successors: bool = typer.Option(False, "--successors", help="Also run GRPO-Lag, GRPO, per-prompt PPO-Lag "
                                          "and a two-constraint PPO-Lag after round 1, each against PPO-Lag."),
+         rounds: Optional[int] = typer.Option(None, min=1, max=10, help="Safe RLHF rounds (default 3; the "
+                                              "successors need round 1 only)."),
+         baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Run the PPO baselines."),
          exit_: bool = typer.Option(False, "--exit", help="Stop after printing the table."),
          port: Optional[int] = typer.Option(None, help="Port of the embedded API (default BEAVER_PORT).")) -> None:
     """Three Safe RLHF rounds on the synthetic world, through the REST API; writes $BEAVER_HOME/demo."""
@@ -288,8 +291,9 @@ def demo(url: Optional[str] = typer.Option(None, help="A running Beaver to drive
 
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
-        configs = [DemoConfig.fast(seed=s, eval_split=split, successors=successors) if fast
-                   else DemoConfig(seed=s, eval_split=split, successors=successors) for s in seed_list]
+        chosen = dict(eval_split=split, successors=successors) | ({"rounds": rounds} if rounds else {}) | (
+            {} if baselines else {"baselines": False})
+        configs = [DemoConfig.fast(seed=s, **chosen) if fast else DemoConfig(seed=s, **chosen) for s in seed_list]
     except ValueError as e:
         _fail(f"--seeds {seeds!r} / --split {split!r}: {e}")
     if not configs or len(set(seed_list)) != len(seed_list):
