@@ -326,3 +326,25 @@ def test_rollout_engine_vllm_is_accepted_where_this_host_has_it(client, keys, re
     r = post_job(client, keys, "evaluate", [registry["prompt_data"]], models=[registry["policy"]],
                  reward_model=registry["reward"], cost_model=registry["cost"], rollout_engine="vllm")
     assert r.status_code == 201, r.text
+
+
+def test_a_cost_jobs_harm_categories_must_be_flagged_in_its_datasets(client, keys, registry):
+    """harm_categories is checked against the datasets' upload statistics (a misspelt category would
+    train a model of nothing), and only a cost job takes it."""
+    h = auth(keys["trainer"])
+    flagged = {**PREFERENCE, "is_response_1_safe": False, "response_1_harm_category": {"violence": True, "fraud": False}}
+    r = client.post("/v1/datasets", json={"name": "flagged", "kind": "preference", "records": [flagged]}, headers=h)
+    assert r.status_code == 201, r.text
+    data = [registry["preference_data"], r.json()["id"]]
+    message = assert_422(post_job(client, keys, "cost", data, model="tiny-policy", harm_categories=["violence", "fruad"]),
+                         "params.harm_categories", "'fruad'", "violence")
+    assert "'violence'" not in message  # only the unknown name is named as such
+    assert_422(post_job(client, keys, "cost", [registry["preference_data"]], model="tiny-policy",
+                        harm_categories=["violence"]), "params.harm_categories", "no category at all")
+    assert_422(post_job(client, keys, "reward", data, model="tiny-policy", harm_categories=["violence"]),
+               "params.harm_categories")
+    assert_422(post_job(client, keys, "cost", data, model="tiny-policy", harm_categories=["x"] * 65),
+               "params.harm_categories", "at most 64")
+    r = post_job(client, keys, "cost", data, model="tiny-policy", harm_categories=["violence"])
+    assert r.status_code == 201, r.text
+    assert r.json()["params"]["harm_categories"] == ["violence"]
