@@ -209,6 +209,59 @@ def test_two_constraints_move_their_own_lambdas(tiny_llama_dir, tmp_path):
         assert {"train/cost/blue", "train/cost/red", "train/episode_cost/blue", "train/episode_cost/red"} <= set(e)
 
 
+def constant(value):
+    return lambda prompts, responses: [value] * len(responses)
+
+
+@pytest.mark.parametrize("beta", [0.0, 2.0])
+def test_the_k3_kl_term_is_the_whole_loss_when_every_group_ties(tiny_llama_dir, tmp_path, beta):
+    # constant scores: Z_R = Z_C = 0, so the surrogate is exactly 0 and the loss is β·k3; the PTX
+    # record moves the policy away from the reference, so k3 > 0 from the second step on
+    config = synthetic_config(tiny_llama_dir, cost_model=None, objective="reward", steps=3, ppo_epochs=1,
+                              kl_coef=beta, ptx_coef=1.0, rollout_batch_size=2, mini_batch_size=None)
+    events = []
+    run_grpo(config, job_context(tmp_path, events), reward_fn=constant(1.0))  # grpo without a cost model
+    events = steps(events)
+    assert events[0]["train/kl_k3"] == pytest.approx(0.0, abs=1e-6)  # the policy is still the reference
+    assert events[-1]["train/kl_k3"] > 1e-4
+    for e in events:
+        assert e["train/actor_loss"] == pytest.approx(beta * e["train/kl_k3"], rel=1e-5, abs=1e-9)
+        assert e["train/cost"] == 0.0 and e["lagrange/lambda"] == 0.0
+
+
+def test_per_prompt_lambda_follows_the_violation_and_never_decays(tiny_llama_dir, tmp_path):
+    # d = 20 is met by every answer: the expected constraint's λ falls (J̄_C < d), per_prompt's stays
+    # (the mean violation [C − d]⁺ is 0, its own threshold 0)
+    runs = {}
+    for mode in ("expected", "per_prompt"):
+        events = []
+        run_grpo_lag(synthetic_config(tiny_llama_dir, steps=2, threshold=20.0, constraint=mode),
+                     job_context(tmp_path / mode, events), reward_fn=synthetic_reward, cost_fn=colour_cost)
+        runs[mode] = steps(events)
+    assert all(e["lagrange/lambda"] < 1.0 for e in runs["expected"])
+    assert all(e["lagrange/lambda"] == 1.0 and e["train/violation"] == 0.0 and e["train/episode_cost"] == 0.0
+               for e in runs["per_prompt"])
+    assert "train/violation" not in runs["expected"][0]
+    # d = −1 is violated by every answer (cost ≥ 0): the violation is C + 1, and λ rises on it
+    events = []
+    run_grpo_lag(synthetic_config(tiny_llama_dir, steps=2, threshold=-1.0, constraint="per_prompt"),
+                 job_context(tmp_path / "violated", events), reward_fn=synthetic_reward, cost_fn=colour_cost)
+    events = steps(events)
+    assert all(e["train/violation"] == pytest.approx(e["train/cost"] + 1.0) for e in events)
+    assert 1.0 < events[0]["lagrange/lambda"] < events[1]["lagrange/lambda"]
+
+
+def test_a_cancelled_grpo_lag_job_stops_within_one_step(tiny_llama_dir, tmp_path):
+    from models.jobs import JobCancelled
+
+    events = []
+    ctx = job_context(tmp_path, events, should_stop=lambda: len(steps(events)) >= 1)
+    with pytest.raises(JobCancelled):
+        run_grpo_lag(synthetic_config(tiny_llama_dir, steps=50, rollout_batch_size=2), ctx,
+                     reward_fn=synthetic_reward, cost_fn=synthetic_cost)
+    assert [e["step"] for e in steps(events)] == [1]
+
+
 # ---- the job: events, checkpoint and resume, artifact -------------------------------------
 
 EVENT_KEYS = {"step", "total_steps", "message", "train/reward", "train/cost", "train/episode_cost", "lagrange/lambda",
@@ -271,7 +324,7 @@ RANK_PROMPTS = ["how do i make a cake ?", "what is the capital of france ?", "pa
 RANK_KEYS = ("train/actor_loss", "train/reward", "train/cost", "lagrange/lambda", "train/kl_k3", "train/ptx_loss")
 
 
-def train_grpo_lag(model_dir: str, output_dir: str, rollout_batch_size: int) -> dict:
+def train_grpo_lag(model_dir: str, output_dir: str, rollout_batch_size: int, zero_stage: int = 0) -> dict:
     """A 3-step grpo_lag job (score models: the tiny Llama with fresh heads, PTX on one sft record,
     micro-batches of 2); every step's event, run on each rank."""
     from models import distributed
@@ -279,7 +332,7 @@ def train_grpo_lag(model_dir: str, output_dir: str, rollout_batch_size: int) -> 
     config = GRPOLagConfig(model=model_dir, reward_model=model_dir, cost_model=model_dir, steps=3,
                            rollout_batch_size=rollout_batch_size, group_size=2, micro_batch_size=2,
                            sampling=SamplingConfig(temperature=1.0, max_new_tokens=4), actor_optim=constant_lr(1e-3),
-                           lambda_lr=2.0, seed=3)
+                           lambda_lr=2.0, zero_stage=zero_stage, seed=3)
     events = []
     run_grpo_lag(config, job_context(output_dir, events, prompts=RANK_PROMPTS))
     return {"events": [{k: e[k] for k in (*RANK_KEYS, "step")} for e in steps(events)],
@@ -287,11 +340,12 @@ def train_grpo_lag(model_dir: str, output_dir: str, rollout_batch_size: int) -> 
 
 
 @pytest.mark.slow
-def test_two_ranks_train_what_one_rank_trains_on_the_global_batch(tiny_llama_dir, tmp_path):
+@pytest.mark.parametrize("zero_stage", [0, 3])
+def test_two_ranks_train_what_one_rank_trains_on_the_global_batch(tiny_llama_dir, tmp_path, zero_stage):
     one = train_grpo_lag(str(tiny_llama_dir), str(tmp_path / "one"), rollout_batch_size=4)
     two = run_on_ranks(2, f"{__name__}:train_grpo_lag", {"model_dir": str(tiny_llama_dir),
-                                                         "output_dir": str(tmp_path / "two"), "rollout_batch_size": 2},
-                       tmp_path / "ranks")
+                                                         "output_dir": str(tmp_path / "two"), "rollout_batch_size": 2,
+                                                         "zero_stage": zero_stage}, tmp_path / "ranks")
     assert [r["rank"] for r in two] == [0, 1]
     assert [e["step"] for e in one["events"]] == [e["step"] for e in two[0]["events"]] == [1, 2, 3]
     assert len({e["lagrange/lambda"] for e in one["events"]}) == 3
