@@ -241,8 +241,9 @@ def train(config: GRPOLagConfig, policy, ref_policy, fmt: ChatFormat, prompts: S
                     with amp:
                         log_probs, entropy = token_log_probs(policy, seq, attn, P, sampling.temperature, entropy=True)
                     ratio = torch.exp(log_probs - old_log_probs[idx])  # (b, T) ρ_t = π_θ/π_old
-                    pg_loss = torch.max(-advantages[idx] * ratio,
-                                        -advantages[idx] * ratio.clamp(1.0 - config.clip_range, 1.0 + config.clip_range))
+                    # L^CLIP per token: max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε)), as ppo_lag
+                    clipped = ratio.clamp(1.0 - config.clip_range, 1.0 + config.clip_range)
+                    pg_loss = torch.max(-advantages[idx] * ratio, -advantages[idx] * clipped)  # (b, T)
                     log_ref_ratio = (ref_log_probs[idx] - log_probs) * m  # log π_ref − log π_θ
                     k3 = torch.exp(log_ref_ratio) - log_ref_ratio - 1.0  # (b, T) ≥ 0, 0 off the mask
                     actor_loss = sequence_mean(pg_loss + config.kl_coef * k3, m)
