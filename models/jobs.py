@@ -271,7 +271,8 @@ JOB_TYPES: dict[str, JobType] = {
     "ppo_lag": JobType("models.ppo_lag:PPOLagConfig", "models.ppo_lag:run_ppo_lag", "gpu", _PPO_MODELS, _PPO_DATA,
                        (("objective", "lagrangian"),),
                        multi_rank=True,
-                       summary="a Safe RLHF round: PPO-Lagrangian, reward maximised while J̄_C ≤ `threshold`, λ learned."),
+                       summary="a Safe RLHF round: PPO-Lagrangian, reward maximised while J̄_C ≤ `threshold` (or each "
+                               "constraint of `cost_models`), λ learned."),
     "ppo": JobType("models.ppo_lag:PPOLagConfig", "models.ppo_lag:run_ppo", "gpu", _PPO_MODELS, _PPO_DATA,
                    (("objective", "reward"),), multi_rank=True,
                    summary="baseline: PPO on the reward alone (the cost is scored for telemetry)."),
@@ -628,9 +629,10 @@ def _table(cls: type, names: list[str]) -> list[str]:
 
 def params_markdown() -> str:
     """Every job type's params as Markdown tables: the shared training params once, then each job's own,
-    then the nested objects (``optim``, ``lora``, ``sampling``)."""
+    then the nested objects (``optim``, ``lora``, ``sampling``, ``cost_models``' entries)."""
     from models.evaluate import JudgeConfig
     from models.generation import SamplingConfig
+    from models.ppo_lag import CostModelSpec
     from models.rollout import RolloutParams
     from models.training import LoraConfig, OptimConfig, TrainingConfig
 
@@ -660,7 +662,8 @@ def params_markdown() -> str:
         lines += [""] + _table(cls, own)
     for title, cls in (("`optim` / `actor_optim` / `critic_optim` (OptimConfig)", OptimConfig),
                        ("`lora` (LoraConfig)", LoraConfig), ("`sampling` (SamplingConfig)", SamplingConfig),
-                       ("`judge` (evaluate's JudgeConfig)", JudgeConfig)):
+                       ("`judge` (evaluate's JudgeConfig)", JudgeConfig),
+                       ("`cost_models` entries (CostModelSpec)", CostModelSpec)):
         lines += ["", f"**{title}** — {(cls.__doc__ or '').strip().splitlines()[0].replace('``', '`')}", ""]
         lines += _table(cls, [f.name for f in dataclasses.fields(cls)])
     return "\n".join(lines) + "\n"

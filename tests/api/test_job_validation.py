@@ -143,6 +143,34 @@ def test_local_folders_are_judged_by_their_architectures(client, keys, registry,
     assert r.status_code == 201, r.text
 
 
+
+def test_several_cost_models_are_checked_like_cost_model(client, keys, registry):
+    """``cost_models``: each entry's model is checked as cost_model is (422 naming its index), names are
+    unique, and the list replaces the one-constraint form rather than joining it."""
+    ids, prompts = registry, [registry["prompt_data"]]
+    good = [{"model": ids["cost"], "threshold": 0.0, "name": "violence"},
+            {"model": ids["cost"], "threshold": 0.5, "name": "privacy"}]
+    params = dict(model=ids["policy"], reward_model=ids["reward"], constraint="per_prompt")
+    r = post_job(client, keys, "ppo_lag", prompts, cost_models=good, **params)
+    assert r.status_code == 201, r.text
+    assert [c["name"] for c in r.json()["params"]["cost_models"]] == ["violence", "privacy"]
+    assert r.json()["params"]["constraint"] == "per_prompt"
+    bad_ref = [good[0], {**good[1], "model": "cost-nope"}]
+    assert_422(post_job(client, keys, "ppo_lag", prompts, cost_models=bad_ref, **params),
+               "params.cost_models[1].model", "'cost-nope'", "not a registered model")
+    assert_422(post_job(client, keys, "ppo_lag", prompts, cost_models=[{**good[0], "model": ids["reward"]}], **params),
+               "params.cost_models[0].model", "is a registered reward model, not a cost model")
+    assert_422(post_job(client, keys, "ppo_lag", prompts, cost_models=[good[0], {**good[1], "name": "violence"}],
+                        **params), "params.cost_models", "names must differ")
+    assert_422(post_job(client, keys, "ppo_lag", prompts, cost_models=good, cost_model=ids["cost"], **params),
+               "params.cost_models", "not both")
+    assert_422(post_job(client, keys, "ppo_lag", prompts, cost_models=[{**good[0], "name": "Violence!"}], **params),
+               "params.cost_models[0].name", "a-z")
+    assert_422(post_job(client, keys, "ppo_lag", prompts, cost_models=[good[0]] * 9, **params),
+               "params.cost_models")
+    assert_422(post_job(client, keys, "ppo_shaping", prompts, cost_models=good, **params), "params.cost_models",
+               "one cost_model")
+
 # --- Hugging Face hub ids ------------------------------------------------------------------------
 
 def cache_hub_model(cache, repo_id: str, source, commit: str = "0123456789abcdef0123456789abcdef01234567"):

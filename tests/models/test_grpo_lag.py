@@ -198,7 +198,8 @@ def test_two_constraints_move_their_own_lambdas(tiny_llama_dir, tmp_path):
     config = synthetic_config(tiny_llama_dir, cost_model=None, steps=4, lambda_lr=0.05, cost_models=[
         CostModelSpec(str(tiny_llama_dir), -2.0, "blue"), CostModelSpec(str(tiny_llama_dir), 20.0, "red")])
     events = []
-    run_grpo_lag(config, job_context(tmp_path, events), reward_fn=synthetic_reward, cost_fn=[synthetic_cost, red_cost])
+    result = run_grpo_lag(config, job_context(tmp_path, events), reward_fn=synthetic_reward,
+                          cost_fn={"red": red_cost, "blue": synthetic_cost})  # by name, or a list in their order
     events = steps(events)
     blue = [e["lagrange/lambda/blue"] for e in events]
     red = [e["lagrange/lambda/red"] for e in events]
@@ -208,6 +209,12 @@ def test_two_constraints_move_their_own_lambdas(tiny_llama_dir, tmp_path):
     for e in events:
         assert e["lagrange/lambda"] == pytest.approx(e["lagrange/lambda/blue"] + e["lagrange/lambda/red"])
         assert {"train/cost/blue", "train/cost/red", "train/episode_cost/blue", "train/episode_cost/red"} <= set(e)
+        assert "train/cost" not in e and "train/episode_cost" not in e  # no single cost: ppo_lag's names
+    assert result.metrics["lambda_final/blue"] == blue[-1] and result.metrics["lambda_final"] == pytest.approx(
+        blue[-1] + red[-1])
+    policy, curves = result.artifacts
+    assert policy.metadata["thresholds"] == {"blue": -2.0, "red": 20.0} and "threshold" not in policy.metadata
+    assert curves.kind == "report" and curves.path.endswith("training.png")
 
 
 def constant(value):
