@@ -342,6 +342,8 @@ def check_size(job_type: str, config: Any, records: int, contexts: dict[str, int
       cost models); PPO's prompt and answer share ``max_length`` (``max_new_tokens`` < ``max_length``);
     - answers a generate or evaluate job produces, prompts × ``samples_per_prompt`` × models (``records``:
       the datasets' records, an upper bound of the prompts), ≤ the samples cap;
+    - answers a GRPO rank samples in one step, ``rollout_batch_size`` × ``group_size``, ≤ the batch cap
+      (one rollout batch);
     - optimizer steps of sft, dpo, reward and cost, ``epochs`` × ⌈records / ``batch_size``⌉, ≤ the steps cap
       (PPO's ``steps`` is declared against it directly)."""
     from models.training import TrainingConfig  # torch: an API process has it loaded already
@@ -373,6 +375,13 @@ def check_size(job_type: str, config: Any, records: int, contexts: dict[str, int
                               f"samples_per_prompt × {models} model(s) = {answers:,} answers, more than this server's "
                               f"{cap_setting('samples')} ({caps['samples']:,}): fewer prompts or samples",
                               "params.samples_per_prompt")
+    if hasattr(config, "group_size"):  # GRPO: every prompt of a rank's rollout is answered group_size times
+        answers = config.rollout_batch_size * config.group_size
+        if answers > caps["batch"]:
+            raise ParamsError(f"{job_type} would sample {config.rollout_batch_size:,} rollout_batch_size × "
+                              f"{config.group_size:,} group_size = {answers:,} answers per rank and step, more than "
+                              f"this server's {cap_setting('batch')} ({caps['batch']:,}): fewer prompts or a smaller "
+                              "group", "params.rollout_batch_size")
     if hasattr(config, "epochs") and hasattr(config, "batch_size"):
         steps = config.epochs * -(-records // config.batch_size)
         if steps > caps["steps"]:

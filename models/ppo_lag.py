@@ -789,7 +789,8 @@ def _run(config: PPOLagConfig, ctx: JobContext, reward_fn: Scorer | None, cost_f
     return JobResult(metrics=metrics, artifacts=artifacts)
 
 
-def plot_curves(events: Sequence[dict], constraints: Sequence[Constraint], mode: str, path: Path) -> Path:
+def plot_curves(events: Sequence[dict], constraints: Sequence[Constraint], mode: str, path: Path,
+                trainer: str = "PPO") -> Path:
     """The job's curves as a PNG: reward and KL; one λ line per constraint; per constraint its step's mean
     cost, its windowed J̄_C (per_prompt: the mean violation [C − d]⁺) and its threshold d (dotted)."""
     import matplotlib
@@ -819,7 +820,7 @@ def plot_curves(events: Sequence[dict], constraints: Sequence[Constraint], mode:
     bottom.set_ylabel("cost (dotted: threshold d)")
     bottom.set_xlabel("step")
     bottom.legend(fontsize=8)
-    top.set_title("PPO: reward, multipliers and costs per constraint")
+    top.set_title(f"{trainer}: reward, multipliers and costs per constraint")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

@@ -348,3 +348,31 @@ def test_a_cost_jobs_harm_categories_must_be_flagged_in_its_datasets(client, key
     r = post_job(client, keys, "cost", data, model="tiny-policy", harm_categories=["violence"])
     assert r.status_code == 201, r.text
     assert r.json()["params"]["harm_categories"] == ["violence"]
+
+# --- grpo_lag / grpo: PPO's models without the critics, the group bounded by the batch cap -----------------
+
+def test_grpo_jobs_take_ppo_models_but_no_critics_and_bound_the_group(client, keys, registry, monkeypatch):
+    from api.settings import get_settings
+
+    ids, prompts = registry, [registry["prompt_data"]]
+    r = post_job(client, keys, "grpo_lag", prompts, **ppo_params(ids, group_size=8, model="beaver-v0"))
+    assert r.status_code == 201, r.text
+    assert r.json()["params"]["objective"] == "lagrangian" and r.json()["params"]["group_size"] == 8
+    r = post_job(client, keys, "grpo", prompts, model=ids["policy"], reward_model=ids["reward"])  # no cost model
+    assert r.status_code == 201, r.text
+    assert_422(post_job(client, keys, "grpo_lag", prompts, **ppo_params(ids, cost_model=ids["reward"])),
+               "params.cost_model", "is a registered reward model, not a cost model")
+    assert_422(post_job(client, keys, "grpo_lag", prompts, **ppo_params(ids, reward_critic=ids["reward"])),
+               "params.reward_critic", "unknown field")
+    assert_422(post_job(client, keys, "grpo_lag", prompts, **ppo_params(ids, group_size=1)), "params.group_size")
+    assert_422(post_job(client, keys, "grpo_lag", prompts, model=ids["policy"], reward_model=ids["reward"]),
+               "params", "cost_model")
+    # a rank's rollout is rollout_batch_size × group_size answers: one batch, under the batch cap
+    monkeypatch.setenv("BEAVER_MAX_JOB_BATCH", "32")
+    get_settings.cache_clear()
+    message = assert_422(post_job(client, keys, "grpo_lag", prompts, **ppo_params(ids, rollout_batch_size=16,
+                                                                                  group_size=4)),
+                         "params.rollout_batch_size", "16 rollout_batch_size × 4 group_size = 64 answers")
+    assert "BEAVER_MAX_JOB_BATCH" in message
+    r = post_job(client, keys, "grpo_lag", prompts, **ppo_params(ids, rollout_batch_size=8, group_size=4))
+    assert r.status_code == 201, r.text
