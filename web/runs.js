@@ -8,6 +8,7 @@ import {$, api, blobUrl, el, key} from "./api.js";
 const POLL_MS = 2000;
 const STAFF = ["admin", "trainer"];  // the roles that may cancel (and that see server paths)
 const TERMINAL = ["succeeded", "failed", "cancelled"];
+const STEP_INCREMENTS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000];  // whole steps
 const COLORS = ["#2f5bd3", "#b42318", "#18794e", "#b54708", "#6941c6", "#0e7090", "#c11574", "#475467"];
 
 // The curves of a job's page: which event metrics each chart draws. A chart with no data is not shown.
@@ -88,6 +89,7 @@ function every(poll) {
       again = await poll();
     } catch (e) {
       note(e.message, true);
+      again = !(e.code >= 400 && e.code < 500 && e.code !== 429);  // a bad key or no such job: asking again won't help
     }
     if (again !== false && generation === state.generation) state.timer = setTimeout(tick, POLL_MS);
   };
@@ -290,7 +292,7 @@ function renderHead(job) {
     title.append(cancel);
   }
   head.replaceChildren(title,
-    el("dl", {class: "facts"}, ...facts.flatMap(([k, v]) => [el("dt", {text: k}), el("dd", {}, v)])));
+    el("dl", {class: "facts"}, ...facts.map(([k, v]) => el("div", {}, el("dt", {text: k}), el("dd", {}, v)))));
   if (job.error) {
     head.append(el("p", {class: "job-error", role: "alert"}, el("strong", {text: job.error.code}), ": " + job.error.message));
   }
@@ -353,7 +355,7 @@ function renderCharts(job) {
       const plot = new uPlot({
         title: chart.title, width: Math.max(card.clientWidth - 8, 260), height: 200,
         scales: {x: {time: false}},
-        axes: [{label: "step"}, {}],
+        axes: [{label: "step", incrs: STEP_INCREMENTS}, {}],
         series: [{label: "step"}, ...lines.map((name, i) => ({
           label: name, stroke: COLORS[i % COLORS.length], width: 1.5, spanGaps: true,
           dash: name.startsWith("d") && chart.thresholds && i >= names.length ? [6, 4] : undefined,
