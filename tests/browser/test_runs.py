@@ -1,7 +1,8 @@
 """The runs view (issue 21) in headless Chromium against a real ``beaver api`` and ``beaver worker``: a
 reward job on a tiny model runs while the page follows it — the jobs list with its progress, the job's
 loss curve gaining points without a reload — a viewer sees the same job with no Cancel button and no
-server path, and a trainer's Cancel cancels it.
+server path, and a trainer's Cancel cancels it; a finished job's plots show as images, a failed job's
+error with its code (its server path hidden from a viewer).
 
 ``BEAVER_RUNS_SCREENSHOT=docs/runs.png`` also runs a PPO-Lag job on tiny models, checks that its page
 draws every Safe RLHF curve (reward, cost, J̄_C against d, λ, KL, response length, losses) and saves
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 
 import pytest
 
@@ -62,6 +64,9 @@ def runs(tmp_path_factory, tiny_llama_dir):
         r = c.post("/v1/datasets", json={"name": "runs-pairs", "kind": "preference", "records": preference_records(16)})
         assert r.status_code == 201, r.text
         ids["pairs"] = r.json()["id"]
+        r = c.post("/v1/models", json={"name": "runs-policy", "kind": "policy", "path": str(tiny_llama_dir)})
+        assert r.status_code == 201, r.text
+        ids["policy"] = r.json()["id"]
         platform.ids, platform.root = ids, str(root)
         yield platform
     finally:
@@ -158,6 +163,36 @@ def test_a_trainers_cancel_cancels(open_runs, job, runs):
     assert runs.client.get(f"/v1/jobs/{job['id']}").json()["status"] == "cancelled"
     assert page.get_by_role("button", name="Cancel").count() == 0  # a finished job has none
 
+
+
+def test_a_finished_jobs_plots_and_a_failed_jobs_error(open_runs, runs, tiny_llama_dir, tmp_path):
+    ok = submit(runs, "reward", {"model": runs.ids["policy"], "epochs": 1, "batch_size": 8, "eval_split": 0.25},
+                runs.ids["pairs"])
+    broken = tmp_path / "no-weights"  # a model folder without its weights: the worker fails on it
+    shutil.copytree(tiny_llama_dir, broken)
+    for weights in broken.glob("*.safetensors"):
+        weights.unlink()
+    bad = submit(runs, "reward", {"model": str(broken)}, runs.ids["pairs"])
+    for job in (ok, bad):
+        runs.wait_job(job["id"])
+    plots = [f["name"] for f in runs.client.get(f"/v1/jobs/{ok['id']}/files").json()["data"]
+             if f["content_type"] == "image/png"]
+    assert plots, "the reward job wrote no plot"
+
+    page = open_runs("viewer", f"#runs/{ok['id']}").page
+    expect()(page.locator("#job-head .status")).to_have_text("succeeded")
+    image = page.get_by_role("img", name=plots[0])
+    expect()(image).to_be_visible()
+    page.wait_for_function("(img) => img.complete && img.naturalWidth > 0", arg=image.element_handle())
+    expect()(page.locator("#job-head .progress")).to_contain_text("100 %")
+
+    page.goto(f"/#runs/{bad['id']}")
+    expect()(page.locator("#job-head .status")).to_have_text("failed")
+    expect()(page.locator(".job-error")).to_contain_text("model_not_found: ")
+    expect()(page.locator(".job-error")).to_contain_text("[server path]")  # the folder, hidden from a viewer
+    assert str(broken) not in page.evaluate("() => document.documentElement.outerHTML")
+    trainer = open_runs("trainer", f"#runs/{bad['id']}").page
+    expect()(trainer.locator(".job-error")).to_contain_text(str(broken))
 
 
 @pytest.mark.skipif(not os.environ.get("BEAVER_RUNS_SCREENSHOT"), reason="makes the README's screenshot: set "
