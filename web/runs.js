@@ -367,7 +367,7 @@ function renderCharts(job) {
     } else {
       entry.plot.setData(data);
     }
-    entry.card.dataset.points = String(steps.length);  // how many steps the curve has (read by the tests)
+    entry.card.dataset.points = String(entry.plot.data[0].length);  // the steps the chart draws (read by the tests)
   }
   $("charts-empty").hidden = shown > 0;
 }
