@@ -5,6 +5,7 @@ battles, from the transcript: tests/api/test_arena.py."""
 from __future__ import annotations
 
 import os
+import re
 import threading
 import uuid
 
@@ -164,5 +165,7 @@ def test_the_root_serves_the_arena_page(client):
     for needle in ('id="composer"', 'id="message"', "/v1/arena/battles", "/v1/leaderboard", "/v1/rounds",
                    'rel="icon"'):
         assert needle in page, needle
-    # Self-contained: nothing external may load.
-    assert "http://" not in page and "https://" not in page and "<script src" not in page
+    # Self-contained: nothing external may load (scripts and styles by src come from this server's /static).
+    assert "http://" not in page and "https://" not in page
+    assert all(src.startswith("/static/") for src in re.findall(r"""<(?:script|link)[^>]* (?:src|href)=["']([^"']+)""",
+                                                               page) if not src.startswith("/favicon"))
