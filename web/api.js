@@ -1,6 +1,6 @@
 // The page's plumbing for its module views (runs.js): the API key from the header's form, requests
-// with it, errors in plain words, and a small element builder. The arena (inline in index.html)
-// still has its own copies of these.
+// with it, errors in plain words, and a small element builder. The arena (arena.js, a classic script
+// older than these modules) still has its own copies of them.
 "use strict";
 
 export const $ = (id) => document.getElementById(id);
