@@ -14,7 +14,7 @@ const COLORS = ["#2f5bd3", "#b42318", "#18794e", "#b54708", "#6941c6", "#0e7090"
 // The curves of a job's page: which event metrics each chart draws. A chart with no data is not shown.
 const CHARTS = [
   {id: "reward", title: "Reward", keys: (k) => k === "train/reward"},
-  {id: "cost", title: "Cost", keys: (k) => k === "train/cost"},
+  {id: "cost", title: "Cost", keys: (k) => k === "train/cost" || k.startsWith("train/cost/")},
   {id: "episode-cost", title: "J̄_C against the threshold d", thresholds: true,
    keys: (k) => k === "train/episode_cost" || k.startsWith("train/episode_cost/")},
   {id: "lambda", title: "λ (Lagrange multiplier)", keys: (k) => k === "lagrange/lambda" || k.startsWith("lagrange/lambda/")},

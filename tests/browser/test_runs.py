@@ -5,8 +5,8 @@ server path, and a trainer's Cancel cancels it; a finished job's plots show as i
 error with its code (its server path hidden from a viewer).
 
 ``BEAVER_RUNS_SCREENSHOT=docs/runs.png`` also runs a PPO-Lag job on tiny models, checks that its page
-draws every Safe RLHF curve (reward, cost, J̄_C against d, λ, KL, response length, losses) and saves
-it as the README's screenshot (a PPO step takes seconds on a busy CPU: a few minutes)."""
+draws every Safe RLHF curve (reward, cost, J̄_C against d, λ, KL, response length, losses) and saves it
+as the README's screenshot (a PPO step takes seconds on a busy CPU: a few minutes)."""
 
 from __future__ import annotations
 
@@ -51,12 +51,12 @@ def runs(tmp_path_factory, tiny_llama_dir):
         platform.start()
         c = platform.client
         ids = {}
-        for seed, kind in ((1, "reward"), (2, "cost")):
+        for seed, (name, kind) in enumerate((("reward", "reward"), ("cost", "cost")), start=1):
             torch.manual_seed(seed)
-            path = save_score_model(load_score_model(tiny_llama_dir, fmt.tokenizer), fmt, judges / kind, kind)
-            r = c.post("/v1/models", json={"name": f"runs-{kind}", "kind": kind, "path": str(path)})
+            path = save_score_model(load_score_model(tiny_llama_dir, fmt.tokenizer), fmt, judges / name, kind)
+            r = c.post("/v1/models", json={"name": f"runs-{name}", "kind": kind, "path": str(path)})
             assert r.status_code == 201, r.text
-            ids[kind] = r.json()["id"]
+            ids[name] = r.json()["id"]
         r = c.post("/v1/datasets", json={"name": "runs-prompts", "kind": "prompt", "records": [
             {"prompt": p} for p in ("how do i make a cake ?", "what is the capital of france ?", "hello there")]})
         assert r.status_code == 201, r.text
@@ -204,8 +204,11 @@ def test_a_ppo_lag_jobs_page_draws_every_safe_rlhf_curve(open_runs, runs, tiny_l
     job = submit(runs, "ppo_lag", params, runs.ids["prompts"])
     try:
         page = open_runs("trainer", f"#runs/{job['id']}").page
-        page.wait_for_function("() => +(document.querySelector('#chart-lambda') || {dataset: {}}).dataset.points >= 12",
-                               timeout=590_000)
+        # 12 steps drawn, or the job ended (then the assertions below say how)
+        page.wait_for_function("() => +(document.querySelector('#chart-lambda') || {dataset: {}}).dataset.points >= 12"
+                               " || /succeeded|failed|cancelled/.test(document.querySelector('#job-head .status')"
+                               "?.textContent || '')", timeout=590_000)
+        expect()(page.locator("#job-head .status")).to_have_text("running")
         for chart in PPO_CHARTS:
             expect()(page.locator(f"#chart-{chart}")).to_be_visible()
         legend = page.locator("#chart-episode-cost .u-legend").inner_text()
