@@ -526,3 +526,54 @@ class LeaderboardResponse(BaseModel):
     votes: dict[str, int] = Field(description="{blind, total}: side-by-side votes are not counted in the ratings.")
     evaluations: list[Evaluation] = Field(default_factory=list, description="The newest evaluate jobs' model-judged "
                                           "results, by model name.")
+
+
+# --- jobs ----------------------------------------------------------------------------------------
+
+class JobProgress(BaseModel):
+    """Where a job is, from its newest event that named ``step`` and ``total_steps`` (every job type
+    reports them: training steps, generated answers, scored models, datasets read)."""
+
+    step: int = Field(description="Steps done.")
+    total_steps: int = Field(description="Steps the job runs in all.")
+    percent: float = Field(ge=0, le=100, description="100 · step / total_steps.")
+    eta_seconds: int | None = Field(description="Seconds left while the job runs: the attempt's running time so "
+                                    "far per step done, times the steps left; null before its first step and once "
+                                    "it has ended.")
+
+
+class JobError(BaseModel):
+    code: str = Field(description="One of the job error codes (see the README's list).")
+    message: str
+
+
+class JobObject(BaseModel):
+    """A job as the API shows it. Viewers and annotators get ``params``, ``metrics`` and ``error``
+    without server paths."""
+
+    model_config = ConfigDict(extra="allow")
+    id: str
+    object: Literal["job"] = "job"
+    type: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    params: dict
+    datasets: list[str]
+    queue: str
+    world_size: int
+    metrics: dict = Field(description="The newest value of every number the job reported, then its final metrics.")
+    error: JobError | None
+    result_models: list[str]
+    result_datasets: list[str]
+    attempt: int = Field(description="The attempt that runs (or ran) the job: 1 for its first run, 0 while it has "
+                         "never started; a job re-queued after its worker died runs again as the next attempt.")
+    progress: JobProgress | None = Field(description="null until the job reports its first step.")
+    created_by: str | None
+    created_at: int
+    started_at: int | None
+    finished_at: int | None
+
+
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobObject]
+    has_more: bool

@@ -24,6 +24,7 @@ from api.deps import STAFF_ROLES, Reader, SessionDep, Trainer
 from api.errors import ApiError, not_found, responses
 from api.job_bounds import check_job_size, job_create_schema
 from api.pagination import MAX_INT_ID, IdCursor, IndexCursor, Limit, listing, page
+from api.protocol import JobList, JobObject
 from api.queue import BrokerUnavailable, job_queue, send_job
 from api.registry import ModelNotFound, WrongModelKind, add_event, check_model, reference_round
 from api.settings import get_settings
@@ -49,15 +50,31 @@ class JobCreate(BaseModel):
 
 
 def job_public(job: Job, staff: bool = True) -> dict:
-    """A job as its API object; for viewers and annotators without server paths (a model given as a
-    local folder, checkpoint folders in metrics, paths in an error message)."""
-    data = public(job, "job")
+    """A job as its API object (``api.protocol.JobObject``); for viewers and annotators without server
+    paths (a model given as a local folder, checkpoint folders in metrics, paths in an error message)."""
+    data = public(job, "job", attempt=job.attempts, progress=job_progress(job))
     for internal in ("cancel_requested", "heartbeat_at", "idempotency_key", "attempts", "worker"):
         data.pop(internal, None)
     if not staff:
         for field in ("params", "metrics", "error"):
             data[field] = without_paths(data.get(field))
     return data
+
+
+def job_progress(job: Job, clock: float | None = None) -> dict | None:
+    """``{step, total_steps, percent, eta_seconds}`` from the newest ``step`` and ``total_steps`` the job
+    reported (``workers.attempt.record_event`` keeps the newest of every number in ``metrics``), or None
+    before any. The ETA assumes the steps left take as long as the steps done: the attempt's running
+    time per step done × the steps left; None before the first step is done and once the job is over."""
+    step, total = job.metrics.get("step"), job.metrics.get("total_steps")
+    if not isinstance(step, int) or not isinstance(total, int) or isinstance(step, bool) or total <= 0:
+        return None
+    step = min(max(step, 0), total)
+    eta = None
+    if job.status == "running" and job.started_at is not None and step > 0:
+        elapsed = max((clock if clock is not None else time.time()) - job.started_at, 0.0)
+        eta = round(elapsed / step * (total - step))
+    return {"step": step, "total_steps": total, "percent": round(100 * step / total, 1), "eta_seconds": eta}
 
 
 SERVER_PATH = re.compile(r"(?<![\w.:/])/(?:[\w.@+-]+/)*[\w.@+-]+")  # an absolute POSIX path inside a text
@@ -74,7 +91,7 @@ def without_paths(value):
     return value
 
 
-@router.post("", status_code=201, responses=responses(403, 404, 409, 503))
+@router.post("", status_code=201, response_model=JobObject, responses=responses(403, 404, 409, 503))
 def create_job(body: JobCreate, response: Response, session: SessionDep, key: Trainer,
                idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> dict:
     """Create a job. Its params, datasets and every model it names are checked before anything is
@@ -242,7 +259,7 @@ def check_datasets(session: Session, job_type: str, dataset_ids: list[str]) -> N
                            f"read {' or '.join(kinds)} datasets", param=f"datasets[{i}]")
 
 
-@router.get("")
+@router.get("", response_model=JobList)
 def list_jobs(session: SessionDep, key: Reader, after: IdCursor = None, limit: Limit = 20,
               status: str | None = None, type: str | None = None) -> dict:
     """List jobs, newest first; filter by ``status`` or ``type``."""
@@ -262,13 +279,13 @@ def _get_job(session: Session, job_id: str) -> Job:
     return job
 
 
-@router.get("/{job_id}", responses=responses(404))
+@router.get("/{job_id}", response_model=JobObject, responses=responses(404))
 def get_job(job_id: str, session: SessionDep, key: Reader) -> dict:
     """One job with its status, metrics and error."""
     return job_public(_get_job(session, job_id), key.role in STAFF_ROLES)
 
 
-@router.post("/{job_id}/cancel", responses=responses(403, 404, 409))
+@router.post("/{job_id}/cancel", response_model=JobObject, responses=responses(403, 404, 409))
 def cancel_job(job_id: str, session: SessionDep, _: Trainer) -> dict:
     """Cancel a job: a queued one at once, a running one within seconds (its process is killed if it
     does not stop by itself)."""

@@ -1,4 +1,4 @@
-"""API keys (admin only). A key is shown once, at creation; only its hash is stored."""
+"""API keys (admin only, but for ``/me``). A key is shown once, at creation; only its hash is stored."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field
 from sqlmodel import select
 
-from api.deps import Admin, SessionDep, create_key, revoke_key
+from api.deps import Admin, Reader, SessionDep, create_key, revoke_key
 from api.errors import responses
 from api.tables import ApiKey, public
 
@@ -27,6 +27,13 @@ def create(body: KeyCreate, session: SessionDep, _: Admin) -> dict:
     """Create a key; the response is the only time the key is shown."""
     row, key = create_key(session, body.name, body.role)
     return public(row, "api_key", key=key)
+
+
+@router.get("/me")
+def who_am_i(key: Reader) -> dict:
+    """The key this request is made with, for any role: its id, name and role (a page shows the
+    controls that role may use)."""
+    return public(key, "api_key")
 
 
 @router.get("")

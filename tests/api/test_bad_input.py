@@ -5,8 +5,6 @@ runs here)."""
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import re
 
@@ -334,12 +332,10 @@ def test_the_page_has_a_csp_that_allows_its_own_script_and_no_framing(client):
     assert r.headers["X-Frame-Options"] == "DENY"
     csp = r.headers["Content-Security-Policy"]
     assert "default-src 'none'" in csp and "frame-ancestors 'none'" in csp and "connect-src 'self'" in csp
-    scripts = re.findall(r"<script(?:\s[^>]*)?>(.+?)</script>", r.text, flags=re.S)
-    assert scripts
-    for script in scripts:
-        digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
-        assert f"'sha256-{digest}'" in csp
-    assert "'unsafe-inline'" not in csp.split("script-src")[1].split(";")[0]
+    # Every script is a file of this server (one per view, the vendored uPlot): no inline script runs.
+    scripts = re.findall(r"<script(\s[^>]*)?>(.*?)</script>", r.text, flags=re.S)
+    assert scripts and all('src="/static/' in attributes and not body for attributes, body in scripts)
+    assert csp.split("script-src")[1].split(";")[0].strip() == "'self'"
 
 
 def test_viewers_see_no_server_paths(client, keys, tiny_llama_dir):

@@ -5,6 +5,7 @@ battles, from the transcript: tests/api/test_arena.py."""
 from __future__ import annotations
 
 import os
+import re
 import threading
 import uuid
 
@@ -161,8 +162,13 @@ def test_the_root_serves_the_arena_page(client):
     r = client.get("/")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     page = r.text
-    for needle in ('id="composer"', 'id="message"', "/v1/arena/battles", "/v1/leaderboard", "/v1/rounds",
-                   'rel="icon"'):
+    script = client.get("/static/arena.js")  # the arena view's script
+    assert script.status_code == 200 and script.headers["content-type"].startswith("text/javascript")
+    for needle in ('id="composer"', 'id="message"', 'src="/static/arena.js"', 'rel="icon"'):
         assert needle in page, needle
-    # Self-contained: nothing external may load.
-    assert "http://" not in page and "https://" not in page and "<script src" not in page
+    for needle in ("/v1/arena/battles", "/v1/leaderboard", "/v1/rounds"):
+        assert needle in script.text, needle
+    # Self-contained: nothing external may load (scripts and styles by src come from this server's /static).
+    assert "http://" not in page and "https://" not in page
+    assert all(src.startswith("/static/") for src in re.findall(r"""<(?:script|link)[^>]* (?:src|href)=["']([^"']+)""",
+                                                               page) if not src.startswith("/favicon"))

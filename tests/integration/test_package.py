@@ -168,6 +168,12 @@ def test_the_installed_wheel_upgrades_the_database_and_runs_beaver_up(venv, env,
         page = httpx.get(f"{url}/", timeout=10)
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
         assert page.text == (REPO / "web" / "index.html").read_text(), "/ must serve the packaged arena page"
+        # The page's modules, the vendored uPlot and Swagger UI (/docs offline) come from the wheel.
+        docs = httpx.get(f"{url}/docs", timeout=10).text
+        assets = re.findall(r"""(?:src|href)=["'](/static/[^"']+)["']""", page.text + docs)
+        assert "/static/runs.js" in assets and any("swagger-ui-bundle.js" in a for a in assets), assets
+        for asset in assets:
+            assert httpx.get(f"{url}{asset}", timeout=10).status_code == 200, asset
 
         up.send_signal(signal.SIGTERM)
         assert up.wait(timeout=60) in (0, 128 + signal.SIGTERM, -signal.SIGTERM), log.read_text()[-3000:]

@@ -43,9 +43,12 @@ def base_model(platform, tiny_llama_dir) -> str:
 def test_dataset_stats_job_goes_queued_running_succeeded(platform):
     ds = upload(platform, preference_records(50))
     job = platform.client.post("/v1/jobs", json={"type": "dataset_stats", "datasets": [ds]}).json()
-    assert job["status"] == "queued"
+    assert job["status"] == "queued" and job["progress"] is None and job["attempt"] == 0
     done = platform.wait_job(job["id"])
     assert done["status"] == "succeeded", done
+    # one dataset read: step 1 of 1 (issue 21's progress), no ETA once over
+    assert done["progress"] == {"step": 1, "total_steps": 1, "percent": 100.0, "eta_seconds": None}
+    assert done["attempt"] == 1
     stats = done["metrics"][ds]
     assert stats["records"] == 50 and stats["better_is_safer"] == 1.0 and stats["safe_ratio"] == 0.5
     assert done["started_at"] >= done["created_at"] and done["finished_at"] >= done["started_at"]
@@ -115,6 +118,9 @@ def _slow_reward_job(platform, base_model, epochs: int) -> dict:
 def test_cancel_running_job_stops_it(platform, base_model):
     job = _slow_reward_job(platform, base_model, epochs=200)
     platform.wait_event(job["id"], lambda e: "step" in e["data"] and e["data"]["step"] >= 2)
+    progress = platform.client.get(f"/v1/jobs/{job['id']}").json()["progress"]
+    assert progress["step"] >= 2 and progress["total_steps"] > progress["step"]  # 200 epochs: far from done
+    assert 0 <= progress["percent"] < 100 and progress["eta_seconds"] >= 0
     assert platform.client.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] == "running"
     done = platform.wait_job(job["id"], timeout=60)
     assert done["status"] == "cancelled"
@@ -144,6 +150,7 @@ def test_reward_and_cost_jobs_register_their_models(platform, base_model):
     for score_type, job in jobs.items():
         done = platform.wait_job(job["id"])
         assert done["status"] == "succeeded", done
+        assert done["progress"]["percent"] == 100.0 and done["progress"]["step"] == done["metrics"]["train/steps"]
         model = platform.client.get(f"/v1/models/{done['result_models'][0]}").json()
         assert model["kind"] == score_type and model["job_id"] == job["id"]
         assert model["metrics"]["eval/accuracy"] >= 0.9
