@@ -40,6 +40,7 @@ import json
 import os
 import platform
 import random
+import shlex
 import statistics
 import sys
 import tempfile
@@ -218,7 +219,13 @@ def run_beaver(job: str, args, models: dict[str, str], prompts: list[str], turns
     ctx = JobContext(output_dir=workdir, datasets=["prompts"], load_dataset=lambda _: records, report=report,
                      should_stop=should_stop, stop_requested=lambda: False)
     JOB_TYPES[job].entry_point()(config, ctx)
-    return {"rewards": rewards, "events": events}
+    # the job's time/* metrics add up over the steps: each step's own is the difference
+    phases, before = [], {}
+    for event in events:
+        now = {k: v for k, v in event.items() if k.startswith("time/")}
+        phases.append({k: v - before.get(k, 0.0) for k, v in now.items()})
+        before = now
+    return {"rewards": rewards, "events": events, "phases": phases}
 
 
 def run_trl(args, models: dict[str, str], prompts: list[str], turns: Turns, workdir: Path) -> dict:
@@ -255,12 +262,32 @@ def run_trl(args, models: dict[str, str], prompts: list[str], turns: Turns, work
         rewards.append(sum(scores) / len(scores))
         return scores
 
+    # TRL times its own phases (``profiling_context``) but only reports them to experiment trackers: keep them,
+    # to split its step as Beaver's ``time/*`` metrics split Beaver's.
+    from trl.extras import profiling
+
+    timed: dict[str, float] = {}
+    phases: list[dict[str, float]] = []
+    log_metrics = profiling.ProfilingContext._log_metrics
+
+    def keep(self, duration: float) -> None:
+        timed[self.name.split(".", 1)[-1]] = timed.get(self.name.split(".", 1)[-1], 0.0) + duration
+        log_metrics(self, duration)
+
+    profiling.ProfilingContext._log_metrics = keep
+
     class TakeTurns(TrainerCallback):
         def on_step_begin(self, args_, state, control, **kwargs):
             turns.begin("trl")
+            timed.clear()
 
         def on_step_end(self, args_, state, control, **kwargs):
+            step = turns.steps["trl"]
             turns.end("trl", last=state.global_step == state.max_steps)
+            # rollout: generate; scoring: the rest of _prepare_inputs (reward, reference forward); update: the rest
+            prepare, generate = timed.get("_prepare_inputs", 0.0), timed.get("transformers.generate", 0.0)
+            phases.append({"time/rollout": generate, "time/scoring": prepare - generate,
+                           "time/update": step[-1] - prepare, **{f"trl/{k}": v for k, v in timed.items()}})
 
     torch.manual_seed(args.seed)
     model = AutoModelForCausalLM.from_pretrained(models["policy"], dtype=torch.float32)
@@ -269,9 +296,12 @@ def run_trl(args, models: dict[str, str], prompts: list[str], turns: Turns, work
     trainer.remove_callback(PrinterCallback)  # its log lines, not the measurement, would fill the output
     if set(trainer.eos_token_ids) != set(fmt.eos_ids):
         raise SystemExit(f"TRL stops at {trainer.eos_token_ids}, Beaver at {fmt.eos_ids}")
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        profiling.ProfilingContext._log_metrics = log_metrics
     logs = [h for h in trainer.state.log_history if "reward" in h]
-    return {"rewards": rewards, "events": logs}
+    return {"rewards": rewards, "events": logs, "phases": phases}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,15 +337,18 @@ def run_all(args, models: dict[str, str], prompts: list[str], workdir: Path, tra
         raise errors[0]
     for name in trainers:
         results[name]["step_seconds"] = turns.steps[name]
-    return results
+    return {name: results[name] for name in trainers}
 
 
 def summarise(args, results: dict) -> dict:
     out = {}
     for name, r in results.items():
         timed = r["step_seconds"][args.warmup:]
+        phases = r["phases"][args.warmup:]
         out[name] = {"median_step_s": statistics.median(timed), "mean_step_s": statistics.mean(timed),
                      "min_step_s": min(timed), "max_step_s": max(timed),
+                     **{f"median_{k.split('/')[1]}_s": statistics.median(p.get(k, 0.0) for p in phases)
+                        for k in ("time/rollout", "time/scoring", "time/update")},
                      "reward_first_step": r["rewards"][0],
                      "reward_last": statistics.mean(r["rewards"][-args.last:])}
     if "trl" in out:
@@ -327,8 +360,10 @@ def summarise(args, results: dict) -> dict:
 
 DIFFERENCES = [
     "**π_old.** With one update per rollout TRL skips the forward for log π_old (the ratio's denominator is the "
-    "policy's own log-probs, detached); Beaver computes log π_old in a forward of its own before the update, as "
-    "its PPO does (it also serves `ppo_epochs` > 1 and the sampler/trainer log-prob gap metric).",
+    "policy's own log-probs in the update's forward, detached: the same values, as nothing has changed the policy "
+    "yet); Beaver computes log π_old in a forward of its own in its scoring phase, as its PPO does (needed for "
+    "`ppo_epochs` > 1 or several mini-batches; it also feeds `train/kl` and the sampler/trainer log-prob gap). "
+    "That forward is the difference between the two scoring phases.",
     "**Group std.** TRL divides by the Bessel-corrected std + 1e-4, Beaver by the population std + 1e-6 "
     "(`models.rl.group_normalize`): with G = 4 TRL's advantages are √(3/4) ≈ 0.87 of Beaver's — a constant factor "
     "that Adam's normalisation all but removes.",
@@ -355,21 +390,30 @@ def markdown(result: dict) -> str:
         f"parameters, word-level vocabulary of {result['model']['vocab']}), random init; reward (and, for "
         f"`grpo_lag`, cost) model: its backbone with a fresh head. {s['steps']} steps of {s['prompts']} prompts × "
         f"G = {s['group_size']} answers × ≤ {s['new_tokens']} new tokens, lr {s['lr']}, β = {s['kl_coef']}, "
-        f"ε = {s['clip_range']}, seed {s['seed']}, float32, {m['torch_threads']} torch threads. The trainers take "
+        f"ε = {s['clip_range']}, seed {s['seed']}, float32, {m['torch_threads']} torch thread(s). The trainers take "
         f"turns one step at a time in one process; *s/step* is the median over steps {s['warmup'] + 1}–{s['steps']}; "
         f"*reward* the mean reward model score of the rollouts of the last {s['last']} steps (first step in "
         f"brackets). Load average at the end {', '.join(f'{x:.1f}' for x in m['load_average_1_5_15min_at_end'])} "
         f"({m['note']}).", "",
-        "| trainer | s/step (median) | min–max | vs TRL (time) | reward, last steps (first step) |",
-        "|---|---:|---:|---:|---:|",
+        "| trainer | s/step (median) | min–max | vs TRL (time) | rollout / scoring / update s (medians) "
+        "| reward, last steps (first step) |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for name, x in summary.items():
         label = {"trl": "TRL GRPOTrainer", "grpo": "Beaver grpo", "grpo_lag": "Beaver grpo_lag"}[name]
         lines.append(f"| {label} | {x['median_step_s']:.2f} | {x['min_step_s']:.2f}–{x['max_step_s']:.2f} "
-                     f"| {x.get('step_time_vs_trl', 1.0):.2f}x | {x['reward_last']:+.3f} ({x['reward_first_step']:+.3f}) |")
-    lines += ["", "*vs TRL (time)*: the trainer's median seconds per step over TRL's (below 1: faster than TRL).", "",
+                     f"| {x.get('step_time_vs_trl', 1.0):.2f}x | {x['median_rollout_s']:.2f} / "
+                     f"{x['median_scoring_s']:.2f} / {x['median_update_s']:.2f} "
+                     f"| {x['reward_last']:+.3f} ({x['reward_first_step']:+.3f}) |")
+    lines += ["", "*vs TRL (time)*: the trainer's median seconds per step over TRL's (below 1: faster than TRL). "
+              "*rollout / scoring / update*: Beaver's `time/*` metrics per step; TRL's own profiling timers: "
+              "`transformers.generate`, the rest of `_prepare_inputs` (reward, reference forward), the rest of the "
+              "step (the policy's forward and backward, the optimizer step, logging).", "",
               "Goals: Beaver `grpo` no slower than TRL (≤ 1.00x); `grpo_lag`, with its cost model, within 10 % of "
-              "TRL's reward-only step (≤ 1.10x).", "",
+              "TRL's reward-only step (≤ 1.10x)." + (" This run: " + ", ".join(
+                  f"`{n}` {summary[n]['step_time_vs_trl']:.2f}x ({'met' if summary[n]['step_time_vs_trl'] <= goal else 'missed'})"
+                  for n, goal in (("grpo", 1.0), ("grpo_lag", 1.1)) if n in summary) + "." if "trl" in summary else ""),
+              "",
               "What still differs between the steps:", ""] + [f"- {d}" for d in DIFFERENCES]
     lines += ["", f"Versions: torch {m['torch']}, transformers {m['transformers']}, trl {m['trl']}. Command: "
               f"`{result['command']}`."]
@@ -421,7 +465,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = summarise(args, results)
     result = {
         "benchmark": "GRPO step: Beaver grpo / grpo_lag vs TRL GRPOTrainer, side by side",
-        "command": "bench/grpo_trl.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": shlex.join(["bench/grpo_trl.py", *(argv if argv is not None else sys.argv[1:])]),
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "note")},
         "trl_config": trl_kwargs(args, "<tmp>"),
         "beaver_params": {job: beaver_params(args, job, {"policy": "<policy>", "reward": "<reward>", "cost": "<cost>"})
@@ -431,7 +475,8 @@ def main(argv: list[str] | None = None) -> dict:
                     "platform": platform.platform(), "load_average_1_5_15min_at_end": list(os.getloadavg()),
                     "note": args.note or "shared machine", "torch": torch.__version__,
                     "transformers": transformers.__version__, "trl": trl.__version__},
-        "per_step": {name: {"seconds": r["step_seconds"], "reward": r["rewards"]} for name, r in results.items()},
+        "per_step": {name: {"seconds": r["step_seconds"], "reward": r["rewards"], "phases": r["phases"]}
+                     for name, r in results.items()},
         "events": {name: r["events"] for name, r in results.items()},
         "summary": summary, "differences": DIFFERENCES, "wall_seconds": time.time() - started,
     }
@@ -440,9 +485,11 @@ def main(argv: list[str] | None = None) -> dict:
     out.write_text(json.dumps(result, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(result))
 
-    print(f"\n{'trainer':<10}{'s/step':>9}{'vs TRL':>9}{'reward (last)':>15}{'(first)':>10}")
+    print(f"\n{'trainer':<10}{'s/step':>9}{'vs TRL':>9}{'rollout':>9}{'scoring':>9}{'update':>9}"
+          f"{'reward (last)':>15}{'(first)':>10}")
     for name, x in summary.items():
         print(f"{name:<10}{x['median_step_s']:>9.2f}{x.get('step_time_vs_trl', 1.0):>8.2f}x"
+              f"{x['median_rollout_s']:>9.2f}{x['median_scoring_s']:>9.2f}{x['median_update_s']:>9.2f}"
               f"{x['reward_last']:>15.3f}{x['reward_first_step']:>10.3f}")
     if "trl" in summary:
         for name in (n for n in ("grpo", "grpo_lag") if n in summary):
