@@ -53,7 +53,8 @@ class Settings(BaseSettings):
     max_job_steps: int = Field(100_000, ge=1, description="PPO steps, and the optimizer steps of sft, dpo, reward "
                                "and cost jobs (epochs × ⌈records / batch_size⌉).")
     max_job_batch: int = Field(1024, ge=1, description="Sequences in one batch of a job (batch_size, "
-                               "rollout_batch_size, mini_batch_size, micro_batch_size).")
+                               "rollout_batch_size, mini_batch_size, micro_batch_size; a grpo job's rollout_batch_size × "
+                               "group_size).")
     host: str = Field("127.0.0.1", description="API bind address.")
     port: int = Field(8000, description="API port.")
     worker_pool: str = Field("solo", description="Celery pool for `beaver worker` (solo: one job at a time).")

@@ -56,8 +56,8 @@ from models import distributed
 from models.chat_format import ChatFormat, Prompt
 from models.generation import GenerationBackend, Sampler, WeightSynced
 from models.jobs import Artifact, Bound, JobCancelled, JobContext, JobResult
-from models.ppo_lag import (Rollout, SafeRLConfig, ScoreModelScorer, Scorer, Updater, _score, on_device, ptx_sample,
-                            split_records, token_log_probs)
+from models.ppo_lag import (Rollout, SafeRLConfig, ScoreModelScorer, Scorer, Updater, _score, lagrange_metrics,
+                            on_device, per_constraint, plot_curves, ptx_sample, split_records, token_log_probs)
 from models.rl import Constraints, combine_advantages, group_normalize, masked_mean, sequence_mean
 from models.rollout import choose_engine, open_vllm
 from models.training import (adapters_disabled, autocast, check_conversations, collate_labelled, compute_dtype,
@@ -109,23 +109,23 @@ def unshard_groups(values: Sequence[float], world: int, group_size: int) -> list
 
 
 def train(config: GRPOLagConfig, policy, ref_policy, fmt: ChatFormat, prompts: Sequence[Prompt], reward_fn: Scorer,
-          cost_fns: Sequence[Scorer | None] = (), *, generator: GenerationBackend | None = None,
+          cost_fn: Scorer | Sequence[Scorer] | dict[str, Scorer] | None = None, *,
+          generator: GenerationBackend | None = None,
           ptx_records: Sequence[dict] = (), frozen: Sequence = (), output_dir: str | Path | None = None,
           resume_from: str | Path | None = None, report: Callable[[dict], None] = lambda event: None,
           should_stop: Callable[[], bool] = lambda: False, stop_requested: Callable[[], bool] | None = None) -> dict:
     """Run ``config.steps`` GRPO steps on ``policy`` in place; returns the last step's metrics.
 
-    ``cost_fns``: one scorer per constraint of ``config.constraints()`` (in that order); none (or
-    None) for a reward-only job without a cost model. Everything else as ``ppo_lag.train``:
+    ``cost_fn``: one scorer per constraint of ``config.constraints()`` (a list in their order or a dict by
+    name; one scorer for one constraint); None for a reward-only job without a cost model (its costs are
+    0). Everything else as ``ppo_lag.train``:
     ``ref_policy`` None means the LoRA policy with its adapters off, ``generator`` the rollout engine
     (default a ``Sampler`` on ``policy``), ``resume_from`` a checkpoint written by this function."""
     lagrangian = config.objective == "lagrangian"
     specs = config.constraints()
-    cost_fns = list(cost_fns or ())
-    scored = bool(cost_fns) and all(fn is not None for fn in cost_fns)
-    if cost_fns and len(cost_fns) != len(specs):
-        raise ValueError(f"{len(cost_fns)} cost scorers for {len(specs)} constraints")
-    if lagrangian and not scored:
+    names, several, per_prompt = [c.name for c in specs], len(specs) > 1, config.constraint == "per_prompt"
+    cost_fns = per_constraint(cost_fn, names, "cost_fn")
+    if lagrangian and any(fn is None for fn in cost_fns):
         raise ValueError("the lagrangian objective needs a cost model for every constraint")
     device = next(policy.parameters()).device
     dtype = compute_dtype(config.dtype, device)
@@ -197,8 +197,8 @@ def train(config: GRPOLagConfig, policy, ref_policy, fmt: ChatFormat, prompts: S
         clip = config.score_clip
         with on_device(frozen, device, config.offload_frozen), torch.no_grad(), amp:
             reward = _score(reward_fn, batch).to(device).clamp(-clip, clip)  # (N,) R
-            costs = [_score(fn, batch).to(device).clamp(-clip, clip) for fn in cost_fns] if scored \
-                else [torch.zeros_like(reward) for _ in specs]  # K × (N,) C_k
+            costs = [_score(fn, batch).to(device).clamp(-clip, clip) if fn is not None else torch.zeros_like(reward)
+                     for fn in cost_fns]  # K × (N,) C_k
             old_log_probs, ref_log_probs = torch.zeros_like(mask), torch.zeros_like(mask)  # (N, T)
             for idx in micro_batches(range(N), config.micro_batch_size):
                 seq, attn = sequences[idx], attention_mask[idx]
@@ -219,7 +219,9 @@ def train(config: GRPOLagConfig, policy, ref_policy, fmt: ChatFormat, prompts: S
 
         # --- 4. group-normalised advantage: A = (Z_R − Σ λ_k·Z_C,k) / (1 + Σ λ_k) ----------------
         z_reward = group_normalize(reward, G)  # (N,) Z_R
-        z_costs = [group_normalize(constraints.signal(k, c), G) for k, c in enumerate(costs)]  # K × (N,) Z_C,k
+        # the cost signal of each answer: C_k (expected), or its violation [C_k − d_k]⁺ (per_prompt)
+        signals = [constraints.signal(k, c) for k, c in enumerate(costs)]  # K × (N,)
+        z_costs = [group_normalize(v, G) for v in signals]  # K × (N,) Z_C,k
         advantage = combine_advantages(z_reward, z_costs, lams) if lagrangian else z_reward  # (N,)
         advantages = advantage.unsqueeze(1) * mask  # (N, T): every token of an answer gets its A
 
@@ -241,8 +243,9 @@ def train(config: GRPOLagConfig, policy, ref_policy, fmt: ChatFormat, prompts: S
                     with amp:
                         log_probs, entropy = token_log_probs(policy, seq, attn, P, sampling.temperature, entropy=True)
                     ratio = torch.exp(log_probs - old_log_probs[idx])  # (b, T) ρ_t = π_θ/π_old
-                    pg_loss = torch.max(-advantages[idx] * ratio,
-                                        -advantages[idx] * ratio.clamp(1.0 - config.clip_range, 1.0 + config.clip_range))
+                    # L^CLIP per token: max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε)), as ppo_lag
+                    clipped = ratio.clamp(1.0 - config.clip_range, 1.0 + config.clip_range)
+                    pg_loss = torch.max(-advantages[idx] * ratio, -advantages[idx] * clipped)  # (b, T)
                     log_ref_ratio = (ref_log_probs[idx] - log_probs) * m  # log π_ref − log π_θ
                     k3 = torch.exp(log_ref_ratio) - log_ref_ratio - 1.0  # (b, T) ≥ 0, 0 off the mask
                     actor_loss = sequence_mean(pg_loss + config.kl_coef * k3, m)
@@ -273,28 +276,21 @@ def train(config: GRPOLagConfig, policy, ref_policy, fmt: ChatFormat, prompts: S
         # --- 6. events (ppo_lag's names) -------------------------------------------------------
         kl = (old_log_probs - ref_log_probs) * mask
         metrics = {key: sum(v) / len(v) for key, v in logs.items()}
+        metrics["train/reward"] = float(reward.mean())
+        for key, values in (("train/cost", costs), *((("train/violation", signals),) if per_prompt else ())):
+            if several:  # train/cost/<name>: the step's mean C_k (per_prompt: train/violation/<name>)
+                metrics.update({f"{key}/{name}": float(v.mean()) for name, v in zip(names, values)})
+            else:
+                metrics[key] = float(values[0].mean())
         metrics.update({
-            "train/reward": float(reward.mean()),
-            # several constraints: the sum of the costs (as lagrange/lambda is Σ λ_k); each one by name below
-            "train/cost": float(sum(c.mean() for c in costs)),
             "train/kl": float(kl.sum(-1).mean()),  # per-sequence KL to the reference (log π_old − log π_ref)
             "train/response_length": float(mask.sum(-1).mean()),
             "train/reward_std": float(reward.view(-1, G).std(-1, unbiased=False).mean()),  # within-group spread
         })
-        several = len(specs) > 1
-        for spec, c in zip(specs, costs):
-            if several:
-                metrics[f"train/cost/{spec.name}"] = float(c.mean())
-            if config.constraint == "per_prompt":
-                key = f"train/violation/{spec.name}" if several else "train/violation"
-                metrics[key] = float((c - spec.threshold).clamp(min=0).mean())
         metrics = distributed.all_mean(metrics)
-        metrics.update(constraints.metrics())
-        if not lagrangian:  # the reward-only baseline prices nothing
-            metrics = {k: v for k, v in metrics.items() if not k.startswith("lagrange/lambda/")}
-            metrics["lagrange/lambda"] = 0.0
-        metrics.update({**seconds, "rollout/weights_version": weights_version,
-                        "rollout/stale_updates": step - weights_version})
+        # λ = Σ_k λ_k (reward only: 0) and J̄_C, per constraint by name when there are several
+        metrics.update({**lagrange_metrics(constraints, lagrangian, sum(lams)), **seconds,
+                        "rollout/weights_version": weights_version, "rollout/stale_updates": step - weights_version})
         if rollout.log_probs is not None:
             gap = (rollout.log_probs.to(device) * mask - old_log_probs).abs().max()
             metrics["train/sampler_logprob_gap"] = max(distributed.all_gather([float(gap)]))
@@ -310,10 +306,15 @@ def train(config: GRPOLagConfig, policy, ref_policy, fmt: ChatFormat, prompts: S
                 "constraints": constraints.state_dict(), "optimizers": {"actor": actor.state_dict()}}))
         report(event)
 
+    # λ (Σ_k λ_k) and J̄_C at the end, and with several constraints each λ_k and J̄_C,k by name (as ppo_lag)
     metrics["lambda_final"] = sum(constraints.values) if lagrangian else 0.0
-    metrics["episode_cost_final"] = sum(constraints.means())
-    if len(specs) > 1 and lagrangian:
-        metrics.update({f"lambda_final/{n}": v for n, v in zip(constraints.names, constraints.values)})
+    if several:
+        for name, value, mean in zip(names, constraints.values, constraints.means()):
+            if lagrangian:
+                metrics[f"lambda_final/{name}"] = value
+            metrics[f"episode_cost_final/{name}"] = mean
+    else:
+        metrics["episode_cost_final"] = constraints.means()[0]
     return metrics
 
 
@@ -364,28 +365,36 @@ def _run(config: GRPOLagConfig, ctx: JobContext, reward_fn: Scorer | None,
     torch.manual_seed(config.seed)
     reward_fn = reward_fn or scorer(config.reward_model)
     specs = config.constraints()
-    if cost_fn is None:
-        cost_fns = [scorer(c.model) for c in specs]
-    else:
-        cost_fns = list(cost_fn) if isinstance(cost_fn, (list, tuple)) else [cost_fn]
-    if not any(cost_fns):
-        cost_fns = []  # grpo without a cost model: nothing to score
+    if cost_fn is None:  # every constraint's cost model (grpo scores them for telemetry; none given: 0)
+        cost_fn = [scorer(c.model) for c in specs]
     if config.offload_frozen and device.type == "cuda":
         for model in frozen:
             if model is not None:
                 model.to("cpu")
 
+    events = []  # the step events, for the curves' plot
+
+    def report(event: dict) -> None:
+        if "step" in event:
+            events.append(event)
+        ctx.report(event)
+
     with open_vllm(engine, ctx, policy_path, fmt, dtype, config.max_length, device) if engine.engine == "vllm" \
             else contextlib.nullcontext() as generator:
-        metrics = train(config, policy, ref_policy, fmt, prompts, reward_fn, cost_fns, generator=generator,
+        metrics = train(config, policy, ref_policy, fmt, prompts, reward_fn, cost_fn, generator=generator,
                         ptx_records=ptx_records, frozen=frozen, output_dir=ctx.output_dir,
-                        resume_from=ctx.resume_from, report=ctx.report, should_stop=ctx.should_stop,
+                        resume_from=ctx.resume_from, report=report, should_stop=ctx.should_stop,
                         stop_requested=ctx.stop_requested)
 
-    thresholds = {c.name: c.threshold for c in specs}
     out = save_artifact(policy, fmt, Path(ctx.output_dir) / "policy", dtype)
-    return JobResult(metrics=metrics, artifacts=[Artifact(
-        kind="policy", path=str(out),
-        metadata={"trainer": "grpo_lag" if config.objective == "lagrangian" else "grpo",
-                  **({} if config.cost_models else {"threshold": config.threshold}), "thresholds": thresholds,
-                  "constraint": config.constraint, "group_size": config.group_size, **metrics, **fmt.info()})])
+    trainer = "grpo_lag" if config.objective == "lagrangian" else "grpo"
+    thresholds = {"threshold": config.threshold} if len(specs) == 1 else {
+        "thresholds": {c.name: c.threshold for c in specs}}  # d, or d_k by name (as ppo_lag)
+    artifacts = [Artifact(kind="policy", path=str(out), metadata={
+        "trainer": trainer, **thresholds, "constraint": config.constraint, "group_size": config.group_size,
+        **metrics, **fmt.info()})]
+    if distributed.current().main and events:
+        curves = plot_curves(events, specs, config.constraint, Path(ctx.output_dir) / "training.png",
+                             trainer="GRPO-Lag" if trainer == "grpo_lag" else "GRPO")
+        artifacts.append(Artifact(kind="report", path=str(curves), name="training curves"))
+    return JobResult(metrics=metrics, artifacts=artifacts)

@@ -271,7 +271,8 @@ JOB_TYPES: dict[str, JobType] = {
     "ppo_lag": JobType("models.ppo_lag:PPOLagConfig", "models.ppo_lag:run_ppo_lag", "gpu", _PPO_MODELS, _PPO_DATA,
                        (("objective", "lagrangian"),),
                        multi_rank=True,
-                       summary="a Safe RLHF round: PPO-Lagrangian, reward maximised while J̄_C ≤ `threshold`, λ learned."),
+                       summary="a Safe RLHF round: PPO-Lagrangian, reward maximised while J̄_C ≤ `threshold` (or each "
+                               "constraint of `cost_models`), λ learned."),
     "ppo": JobType("models.ppo_lag:PPOLagConfig", "models.ppo_lag:run_ppo", "gpu", _PPO_MODELS, _PPO_DATA,
                    (("objective", "reward"),), multi_rank=True,
                    summary="baseline: PPO on the reward alone (the cost is scored for telemetry)."),
@@ -341,6 +342,8 @@ def check_size(job_type: str, config: Any, records: int, contexts: dict[str, int
       cost models); PPO's prompt and answer share ``max_length`` (``max_new_tokens`` < ``max_length``);
     - answers a generate or evaluate job produces, prompts × ``samples_per_prompt`` × models (``records``:
       the datasets' records, an upper bound of the prompts), ≤ the samples cap;
+    - answers a GRPO rank samples in one step, ``rollout_batch_size`` × ``group_size``, ≤ the batch cap
+      (one rollout batch);
     - optimizer steps of sft, dpo, reward and cost, ``epochs`` × ⌈records / ``batch_size``⌉, ≤ the steps cap
       (PPO's ``steps`` is declared against it directly)."""
     from models.training import TrainingConfig  # torch: an API process has it loaded already
@@ -372,6 +375,13 @@ def check_size(job_type: str, config: Any, records: int, contexts: dict[str, int
                               f"samples_per_prompt × {models} model(s) = {answers:,} answers, more than this server's "
                               f"{cap_setting('samples')} ({caps['samples']:,}): fewer prompts or samples",
                               "params.samples_per_prompt")
+    if hasattr(config, "group_size"):  # GRPO: every prompt of a rank's rollout is answered group_size times
+        answers = config.rollout_batch_size * config.group_size
+        if answers > caps["batch"]:
+            raise ParamsError(f"{job_type} would sample {config.rollout_batch_size:,} rollout_batch_size × "
+                              f"{config.group_size:,} group_size = {answers:,} answers per rank and step, more than "
+                              f"this server's {cap_setting('batch')} ({caps['batch']:,}): fewer prompts or a smaller "
+                              "group", "params.rollout_batch_size")
     if hasattr(config, "epochs") and hasattr(config, "batch_size"):
         steps = config.epochs * -(-records // config.batch_size)
         if steps > caps["steps"]:
@@ -619,9 +629,10 @@ def _table(cls: type, names: list[str]) -> list[str]:
 
 def params_markdown() -> str:
     """Every job type's params as Markdown tables: the shared training params once, then each job's own,
-    then the nested objects (``optim``, ``lora``, ``sampling``)."""
+    then the nested objects (``optim``, ``lora``, ``sampling``, ``cost_models``' entries)."""
     from models.evaluate import JudgeConfig
     from models.generation import SamplingConfig
+    from models.ppo_lag import CostModelSpec
     from models.rollout import RolloutParams
     from models.training import LoraConfig, OptimConfig, TrainingConfig
 
@@ -651,7 +662,8 @@ def params_markdown() -> str:
         lines += [""] + _table(cls, own)
     for title, cls in (("`optim` / `actor_optim` / `critic_optim` (OptimConfig)", OptimConfig),
                        ("`lora` (LoraConfig)", LoraConfig), ("`sampling` (SamplingConfig)", SamplingConfig),
-                       ("`judge` (evaluate's JudgeConfig)", JudgeConfig)):
+                       ("`judge` (evaluate's JudgeConfig)", JudgeConfig),
+                       ("`cost_models` entries (CostModelSpec)", CostModelSpec)):
         lines += ["", f"**{title}** — {(cls.__doc__ or '').strip().splitlines()[0].replace('``', '`')}", ""]
         lines += _table(cls, [f.name for f in dataclasses.fields(cls)])
     return "\n".join(lines) + "\n"

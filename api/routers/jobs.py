@@ -36,7 +36,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=responses(400, 40
 
 class JobCreate(BaseModel):
     type: str = Field(max_length=100, description="One of the registered job types, e.g. dataset_stats, reward, "
-                      "cost, ppo_lag.")
+                      "cost, ppo_lag, grpo_lag.")
     params: dict[str, Any] = Field(default_factory=dict, description="The job type's config dataclass fields.")
     datasets: list[Annotated[str, Field(max_length=100)]] = Field(default_factory=list, max_length=100,
                                                                   description="Dataset ids the job reads.")

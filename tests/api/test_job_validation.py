@@ -143,6 +143,34 @@ def test_local_folders_are_judged_by_their_architectures(client, keys, registry,
     assert r.status_code == 201, r.text
 
 
+
+def test_several_cost_models_are_checked_like_cost_model(client, keys, registry):
+    """``cost_models``: each entry's model is checked as cost_model is (422 naming its index), names are
+    unique, and the list replaces the one-constraint form rather than joining it."""
+    ids, prompts = registry, [registry["prompt_data"]]
+    good = [{"model": ids["cost"], "threshold": 0.0, "name": "violence"},
+            {"model": ids["cost"], "threshold": 0.5, "name": "privacy"}]
+    params = dict(model=ids["policy"], reward_model=ids["reward"], constraint="per_prompt")
+    r = post_job(client, keys, "ppo_lag", prompts, cost_models=good, **params)
+    assert r.status_code == 201, r.text
+    assert [c["name"] for c in r.json()["params"]["cost_models"]] == ["violence", "privacy"]
+    assert r.json()["params"]["constraint"] == "per_prompt"
+    bad_ref = [good[0], {**good[1], "model": "cost-nope"}]
+    assert_422(post_job(client, keys, "ppo_lag", prompts, cost_models=bad_ref, **params),
+               "params.cost_models[1].model", "'cost-nope'", "not a registered model")
+    assert_422(post_job(client, keys, "ppo_lag", prompts, cost_models=[{**good[0], "model": ids["reward"]}], **params),
+               "params.cost_models[0].model", "is a registered reward model, not a cost model")
+    assert_422(post_job(client, keys, "ppo_lag", prompts, cost_models=[good[0], {**good[1], "name": "violence"}],
+                        **params), "params.cost_models", "names must differ")
+    assert_422(post_job(client, keys, "ppo_lag", prompts, cost_models=good, cost_model=ids["cost"], **params),
+               "params.cost_models", "not both")
+    assert_422(post_job(client, keys, "ppo_lag", prompts, cost_models=[{**good[0], "name": "Violence!"}], **params),
+               "params.cost_models[0].name", "a-z")
+    assert_422(post_job(client, keys, "ppo_lag", prompts, cost_models=[good[0]] * 9, **params),
+               "params.cost_models")
+    assert_422(post_job(client, keys, "ppo_shaping", prompts, cost_models=good, **params), "params.cost_models",
+               "one cost_model")
+
 # --- Hugging Face hub ids ------------------------------------------------------------------------
 
 def cache_hub_model(cache, repo_id: str, source, commit: str = "0123456789abcdef0123456789abcdef01234567"):
@@ -297,4 +325,33 @@ def test_rollout_engine_vllm_is_accepted_where_this_host_has_it(client, keys, re
     _VLLM_PROBES.clear()
     r = post_job(client, keys, "evaluate", [registry["prompt_data"]], models=[registry["policy"]],
                  reward_model=registry["reward"], cost_model=registry["cost"], rollout_engine="vllm")
+    assert r.status_code == 201, r.text
+
+
+# --- grpo_lag / grpo: PPO's models without the critics, the group bounded by the batch cap -----------------
+
+def test_grpo_jobs_take_ppo_models_but_no_critics_and_bound_the_group(client, keys, registry, monkeypatch):
+    from api.settings import get_settings
+
+    ids, prompts = registry, [registry["prompt_data"]]
+    r = post_job(client, keys, "grpo_lag", prompts, **ppo_params(ids, group_size=8, model="beaver-v0"))
+    assert r.status_code == 201, r.text
+    assert r.json()["params"]["objective"] == "lagrangian" and r.json()["params"]["group_size"] == 8
+    r = post_job(client, keys, "grpo", prompts, model=ids["policy"], reward_model=ids["reward"])  # no cost model
+    assert r.status_code == 201, r.text
+    assert_422(post_job(client, keys, "grpo_lag", prompts, **ppo_params(ids, cost_model=ids["reward"])),
+               "params.cost_model", "is a registered reward model, not a cost model")
+    assert_422(post_job(client, keys, "grpo_lag", prompts, **ppo_params(ids, reward_critic=ids["reward"])),
+               "params.reward_critic", "unknown field")
+    assert_422(post_job(client, keys, "grpo_lag", prompts, **ppo_params(ids, group_size=1)), "params.group_size")
+    assert_422(post_job(client, keys, "grpo_lag", prompts, model=ids["policy"], reward_model=ids["reward"]),
+               "params", "cost_model")
+    # a rank's rollout is rollout_batch_size × group_size answers: one batch, under the batch cap
+    monkeypatch.setenv("BEAVER_MAX_JOB_BATCH", "32")
+    get_settings.cache_clear()
+    message = assert_422(post_job(client, keys, "grpo_lag", prompts, **ppo_params(ids, rollout_batch_size=16,
+                                                                                  group_size=4)),
+                         "params.rollout_batch_size", "16 rollout_batch_size × 4 group_size = 64 answers")
+    assert "BEAVER_MAX_JOB_BATCH" in message
+    r = post_job(client, keys, "grpo_lag", prompts, **ppo_params(ids, rollout_batch_size=8, group_size=4))
     assert r.status_code == 201, r.text

@@ -156,3 +156,27 @@ def test_generate_samples_through_vllm_what_hf_samples_and_a_cancel_stops_its_en
     assert platform.client.post(f"/v1/jobs/{job}/cancel").status_code == 200
     assert platform.wait_job(job, timeout=120)["status"] == "cancelled"
     assert not engine_processes(job)
+
+
+def test_a_grpo_lag_round_samples_its_groups_through_vllm_on_policy(platform, setup):
+    """grpo_lag through the same engine: G = 4 answers per prompt, each drawn from its row's seed (the
+    group's answers differ, so the group-normalised advantage is not 0), the engine given the policy's
+    weights after every update (vLLM's log-prob of every sampled token is the trainer's to 1e-3)."""
+    r = platform.client.post("/v1/jobs", json={"type": "grpo_lag", "datasets": [setup["prompts"]], "params": {
+        "model": setup["policy"], "reward_model": setup["reward"], "cost_model": setup["cost"], "steps": 3,
+        "rollout_batch_size": 2, "group_size": 4, "max_length": 128, "seed": 0, "lambda_lr": 1.0,
+        "actor_optim": {"lr": 1e-3}, "rollout_engine": "vllm", "sampling": {"temperature": 1.0, "max_new_tokens": 8}}})
+    assert r.status_code == 201, r.text
+    job = r.json()["id"]
+    done = platform.wait_job(job, timeout=600)
+    assert done["status"] == "succeeded", done
+    own = [e for e in events(platform, job) if e["message"].startswith("rollout engine")]
+    assert own[0]["data"]["rollout_engine"] == "vllm"
+    b = steps(platform, job)
+    assert [s["step"] for s in b] == [1, 2, 3]
+    for s in b:
+        assert s["train/sampler_logprob_gap"] < 1e-3
+        assert s["rollout/weights_version"] == s["step"] - 1 and s["rollout/stale_updates"] == 0
+        assert s["train/reward_std"] > 0  # the group's answers are not copies of one
+    assert len({s["lagrange/lambda"] for s in b}) == 3
+    assert not engine_processes(job)

@@ -4,6 +4,7 @@ synthetic task (λ rises while J̄_C > d and the cost falls; two constraints mov
 contract (events, checkpoint/resume, artifact), LoRA on the Qwen2-style model, and two ranks."""
 
 import math
+import random
 
 import pytest
 import torch
@@ -62,7 +63,8 @@ def test_vector_lambda_update_expected_and_per_prompt_and_state_round_trip():
     assert lams[1] == pytest.approx(math.exp(0.1 * -0.5))  # the other falls, independently
     metrics = expected.metrics()
     assert metrics["lagrange/lambda"] == pytest.approx(sum(lams))
-    assert metrics["lagrange/lambda/privacy"] == pytest.approx(lams[1]) and metrics["train/episode_cost/violence"] == 1.5
+    assert metrics["lagrange/lambda/privacy"] == pytest.approx(lams[1])
+    assert metrics["train/episode_cost/violence"] == 1.5
     # the window keeps the last 3 episodes: violence (1, 2, 4) → 7/3
     assert expected.record([[4.0], [1.0]])[0] == pytest.approx(7 / 3)
 
@@ -128,6 +130,11 @@ def synthetic_cost(prompts, responses):
     return [b - 1.0 for b in count("blue", responses)]
 
 
+def colour_cost(prompts, responses):
+    """Every rewarded word costs: the reward and the cost pull against each other."""
+    return [float(a + b) for a, b in zip(count("red", responses), count("blue", responses))]
+
+
 def red_cost(prompts, responses):
     return [float(r) for r in count("red", responses)]
 
@@ -159,43 +166,108 @@ def synthetic_config(path, **overrides):
 
 @pytest.mark.slow
 def test_grpo_lag_lambda_rises_while_the_cost_is_over_the_threshold_and_the_cost_falls(tiny_llama_dir, tmp_path):
+    # λ starts small, so the reward first pulls the cost over d = 0.5; λ must then rise and bring it down
+    config = synthetic_config(tiny_llama_dir, threshold=0.5, lambda_init=0.1, lambda_lr=2.0)
     lag, grpo = [], []
-    run_grpo_lag(synthetic_config(tiny_llama_dir), job_context(tmp_path / "lag", lag),
-                 reward_fn=synthetic_reward, cost_fn=synthetic_cost)
-    run_grpo(synthetic_config(tiny_llama_dir), job_context(tmp_path / "grpo", grpo),
-             reward_fn=synthetic_reward, cost_fn=synthetic_cost)
+    run_grpo_lag(config, job_context(tmp_path / "lag", lag), reward_fn=synthetic_reward, cost_fn=colour_cost)
+    run_grpo(config, job_context(tmp_path / "grpo", grpo), reward_fn=synthetic_reward, cost_fn=colour_cost)
     lag, grpo = steps(lag), steps(grpo)
     mean = lambda events, key: sum(e[key] for e in events) / len(events)
-    # λ rises at every step whose J̄_C (including that step's episodes) is over d = 0, falls below
-    lambdas = [1.0] + [e["lagrange/lambda"] for e in lag]
+    # λ rises at every step whose J̄_C (including that step's episodes) is over d, falls when under it
+    lambdas = [0.1] + [e["lagrange/lambda"] for e in lag]
     for before, e, after in zip(lambdas, lag, lambdas[1:]):
-        if e["train/episode_cost"] > 0 and before < 5.0 - 1e-9:
-            assert after > before
-        elif e["train/episode_cost"] < 0:
-            assert after < before
+        if e["train/episode_cost"] > 0.5 and before < 5.0 - 1e-9:
+            assert after > before, e["step"]
+        elif e["train/episode_cost"] < 0.5:
+            assert after < before, e["step"]
     assert max(lambdas) > 1.0 and all(0.0 < v <= 5.0 for v in lambdas)
-    # the cost falls under GRPO-Lag, while reward-only GRPO drives it up for the reward
-    assert mean(lag[-3:], "train/cost") < mean(lag[:3], "train/cost")
-    assert mean(grpo[-3:], "train/cost") > mean(lag[-3:], "train/cost") + 0.5
-    assert mean(grpo[-3:], "train/reward") > mean(grpo[:3], "train/reward")
+    # the cost rose over d, then fell back under it once λ priced it
+    peak = max(range(len(lag)), key=lambda i: lag[i]["train/cost"])
+    assert lag[peak]["train/cost"] > 2.0 and peak < len(lag) - 3
+    assert mean(lag[-3:], "train/cost") < 1.0
+    # reward-only GRPO, on the same rollouts' seeds, keeps buying reward with cost
+    assert mean(grpo[-3:], "train/cost") > mean(lag[-3:], "train/cost") + 2.0
+    assert mean(grpo[-3:], "train/reward") > mean(grpo[:3], "train/reward") + 2.0
     assert all(e["lagrange/lambda"] == 0.0 for e in grpo)
 
 
 @pytest.mark.slow
 def test_two_constraints_move_their_own_lambdas(tiny_llama_dir, tmp_path):
-    # "blue" (d = −5: violated by every answer) and "red" (d = 50: met by every answer of 8 tokens)
-    config = synthetic_config(tiny_llama_dir, cost_model=None, steps=4, cost_models=[
-        CostModelSpec(str(tiny_llama_dir), -5.0, "blue"), CostModelSpec(str(tiny_llama_dir), 50.0, "red")])
+    # "blue" (d = −2: violated by every answer, whose cost is at least −1) and "red" (d = 20: met by every
+    # answer of 8 tokens)
+    config = synthetic_config(tiny_llama_dir, cost_model=None, steps=4, lambda_lr=0.05, cost_models=[
+        CostModelSpec(str(tiny_llama_dir), -2.0, "blue"), CostModelSpec(str(tiny_llama_dir), 20.0, "red")])
     events = []
-    run_grpo_lag(config, job_context(tmp_path, events), reward_fn=synthetic_reward, cost_fn=[synthetic_cost, red_cost])
+    result = run_grpo_lag(config, job_context(tmp_path, events), reward_fn=synthetic_reward,
+                          cost_fn={"red": red_cost, "blue": synthetic_cost})  # by name, or a list in their order
     events = steps(events)
     blue = [e["lagrange/lambda/blue"] for e in events]
     red = [e["lagrange/lambda/red"] for e in events]
     assert all(b > a for a, b in zip([1.0] + blue, blue))  # violated: rises every step
     assert all(b < a for a, b in zip([1.0] + red, red))  # met: falls every step
+    assert blue[-1] < 5.0  # below λ_max: the rise is the update's, not the clamp's
     for e in events:
         assert e["lagrange/lambda"] == pytest.approx(e["lagrange/lambda/blue"] + e["lagrange/lambda/red"])
         assert {"train/cost/blue", "train/cost/red", "train/episode_cost/blue", "train/episode_cost/red"} <= set(e)
+        assert "train/cost" not in e and "train/episode_cost" not in e  # no single cost: ppo_lag's names
+    assert result.metrics["lambda_final/blue"] == blue[-1] and result.metrics["lambda_final"] == pytest.approx(
+        blue[-1] + red[-1])
+    policy, curves = result.artifacts
+    assert policy.metadata["thresholds"] == {"blue": -2.0, "red": 20.0} and "threshold" not in policy.metadata
+    assert curves.kind == "report" and curves.path.endswith("training.png")
+
+
+def constant(value):
+    return lambda prompts, responses: [value] * len(responses)
+
+
+@pytest.mark.parametrize("beta", [0.0, 2.0])
+def test_the_k3_kl_term_is_the_whole_loss_when_every_group_ties(tiny_llama_dir, tmp_path, beta):
+    # constant scores: Z_R = Z_C = 0, so the surrogate is exactly 0 and the loss is β·k3; the PTX
+    # record moves the policy away from the reference, so k3 > 0 from the second step on
+    config = synthetic_config(tiny_llama_dir, cost_model=None, objective="reward", steps=3, ppo_epochs=1,
+                              kl_coef=beta, ptx_coef=1.0, rollout_batch_size=2, mini_batch_size=None)
+    events = []
+    run_grpo(config, job_context(tmp_path, events), reward_fn=constant(1.0))  # grpo without a cost model
+    events = steps(events)
+    assert events[0]["train/kl_k3"] == pytest.approx(0.0, abs=1e-6)  # the policy is still the reference
+    assert events[-1]["train/kl_k3"] > 1e-4
+    for e in events:
+        assert e["train/actor_loss"] == pytest.approx(beta * e["train/kl_k3"], rel=1e-5, abs=1e-9)
+        assert e["train/cost"] == 0.0 and e["lagrange/lambda"] == 0.0
+
+
+def test_per_prompt_lambda_follows_the_violation_and_never_decays(tiny_llama_dir, tmp_path):
+    # d = 20 is met by every answer: the expected constraint's λ falls (J̄_C < d), per_prompt's stays
+    # (the mean violation [C − d]⁺ is 0, its own threshold 0)
+    runs = {}
+    for mode in ("expected", "per_prompt"):
+        events = []
+        run_grpo_lag(synthetic_config(tiny_llama_dir, steps=2, threshold=20.0, constraint=mode),
+                     job_context(tmp_path / mode, events), reward_fn=synthetic_reward, cost_fn=colour_cost)
+        runs[mode] = steps(events)
+    assert all(e["lagrange/lambda"] < 1.0 for e in runs["expected"])
+    assert all(e["lagrange/lambda"] == 1.0 and e["train/violation"] == 0.0 and e["train/episode_cost"] == 0.0
+               for e in runs["per_prompt"])
+    assert "train/violation" not in runs["expected"][0]
+    # d = −1 is violated by every answer (cost ≥ 0): the violation is C + 1, and λ rises on it
+    events = []
+    run_grpo_lag(synthetic_config(tiny_llama_dir, steps=2, threshold=-1.0, constraint="per_prompt"),
+                 job_context(tmp_path / "violated", events), reward_fn=synthetic_reward, cost_fn=colour_cost)
+    events = steps(events)
+    assert all(e["train/violation"] == pytest.approx(e["train/cost"] + 1.0) for e in events)
+    assert 1.0 < events[0]["lagrange/lambda"] < events[1]["lagrange/lambda"]
+
+
+def test_a_cancelled_grpo_lag_job_stops_within_one_step(tiny_llama_dir, tmp_path):
+    from models.jobs import JobCancelled
+
+    events = []
+    ctx = job_context(tmp_path, events, should_stop=lambda: len(steps(events)) >= 1)
+    with pytest.raises(JobCancelled):
+        run_grpo_lag(synthetic_config(tiny_llama_dir, steps=50, rollout_batch_size=2), ctx,
+                     reward_fn=synthetic_reward, cost_fn=synthetic_cost)
+    assert [e["step"] for e in steps(events)] == [1]
 
 
 # ---- the job: events, checkpoint and resume, artifact -------------------------------------
@@ -237,9 +309,9 @@ def test_grpo_lag_job_with_score_models_checkpoints_and_resumes(tiny_llama_dir, 
 
 
 def test_grpo_lag_with_lora_on_the_qwen2_style_model(tiny_qwen_dir, tmp_path):
-    from models import world
+    from models.world import sample_prompts
 
-    prompts = [p for p, *_ in world.prompts()][:4] if hasattr(world, "prompts") else PROMPTS
+    prompts = [r["prompt"] for r in sample_prompts(random.Random(0), 4)]  # the world's, in byte-level BPE
     config = GRPOLagConfig(model=str(tiny_qwen_dir), reward_model=str(tiny_qwen_dir), cost_model=str(tiny_qwen_dir),
                            steps=2, rollout_batch_size=2, group_size=2, lora=LoraConfig(r=4),
                            sampling=SamplingConfig(max_new_tokens=4), actor_optim=constant_lr(1e-2), seed=0)
@@ -260,7 +332,7 @@ RANK_PROMPTS = ["how do i make a cake ?", "what is the capital of france ?", "pa
 RANK_KEYS = ("train/actor_loss", "train/reward", "train/cost", "lagrange/lambda", "train/kl_k3", "train/ptx_loss")
 
 
-def train_grpo_lag(model_dir: str, output_dir: str, rollout_batch_size: int) -> dict:
+def train_grpo_lag(model_dir: str, output_dir: str, rollout_batch_size: int, zero_stage: int = 0) -> dict:
     """A 3-step grpo_lag job (score models: the tiny Llama with fresh heads, PTX on one sft record,
     micro-batches of 2); every step's event, run on each rank."""
     from models import distributed
@@ -268,7 +340,7 @@ def train_grpo_lag(model_dir: str, output_dir: str, rollout_batch_size: int) -> 
     config = GRPOLagConfig(model=model_dir, reward_model=model_dir, cost_model=model_dir, steps=3,
                            rollout_batch_size=rollout_batch_size, group_size=2, micro_batch_size=2,
                            sampling=SamplingConfig(temperature=1.0, max_new_tokens=4), actor_optim=constant_lr(1e-3),
-                           lambda_lr=2.0, seed=3)
+                           lambda_lr=2.0, zero_stage=zero_stage, seed=3)
     events = []
     run_grpo_lag(config, job_context(output_dir, events, prompts=RANK_PROMPTS))
     return {"events": [{k: e[k] for k in (*RANK_KEYS, "step")} for e in steps(events)],
@@ -276,11 +348,12 @@ def train_grpo_lag(model_dir: str, output_dir: str, rollout_batch_size: int) -> 
 
 
 @pytest.mark.slow
-def test_two_ranks_train_what_one_rank_trains_on_the_global_batch(tiny_llama_dir, tmp_path):
+@pytest.mark.parametrize("zero_stage", [0, 3])
+def test_two_ranks_train_what_one_rank_trains_on_the_global_batch(tiny_llama_dir, tmp_path, zero_stage):
     one = train_grpo_lag(str(tiny_llama_dir), str(tmp_path / "one"), rollout_batch_size=4)
     two = run_on_ranks(2, f"{__name__}:train_grpo_lag", {"model_dir": str(tiny_llama_dir),
-                                                         "output_dir": str(tmp_path / "two"), "rollout_batch_size": 2},
-                       tmp_path / "ranks")
+                                                         "output_dir": str(tmp_path / "two"), "rollout_batch_size": 2,
+                                                         "zero_stage": zero_stage}, tmp_path / "ranks")
     assert [r["rank"] for r in two] == [0, 1]
     assert [e["step"] for e in one["events"]] == [e["step"] for e in two[0]["events"]] == [1, 2, 3]
     assert len({e["lagrange/lambda"] for e in one["events"]}) == 3
