@@ -233,7 +233,11 @@ def run_job(models_dir: Path, name: str, args) -> dict:
 
     def train(*args, **kwargs):  # the same train, with RSS read before it
         bound = inspect.signature(original_train).bind(*args, **kwargs).arguments
-        trained = [bound.get(k) for k in ("policy", "reward_critic", "cost_critic")]  # GRPO: no critics
+        # cost_critic: one model, or one per constraint (a list or a dict by name); GRPO: no critics
+        critics = bound.get("cost_critic")
+        critics = list(critics.values()) if isinstance(critics, dict) else list(critics) \
+            if isinstance(critics, (list, tuple)) else [critics]
+        trained = [bound.get("policy"), bound.get("reward_critic"), *critics]
         models = [*trained, bound.get("ref_policy"), *bound.get("frozen", ())]  # frozen: + reward, cost
         with torch.no_grad():  # fault in every weight page (safetensors loads are mmapped lazily)
             for p in {id(p): p for m in models if m is not None for p in m.parameters()}.values():
