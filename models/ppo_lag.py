@@ -801,7 +801,7 @@ def plot_curves(events: Sequence[dict], constraints: Sequence[Constraint], mode:
     several = len(constraints) > 1
     steps = [e["step"] for e in events]
     series = lambda key: [e.get(key, float("nan")) for e in events]
-    fig, (top, mid, bottom) = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
+    fig, (top, mid, bottom) = plt.subplots(3, 1, figsize=(6, 7), sharex=True)
     top.plot(steps, series("train/reward"), color="tab:green", label="reward")
     top.plot(steps, series("train/kl"), color="tab:gray", label="KL to the reference")
     top.legend(fontsize=8)
@@ -815,12 +815,13 @@ def plot_curves(events: Sequence[dict], constraints: Sequence[Constraint], mode:
                     label=f"J̄ {c.name} (mean violation)" if mode == "per_prompt" else f"J̄_C {c.name}")
         bottom.axhline(c.threshold, color=color, linestyle="dotted")
     mid.set_ylabel("λ")
-    mid.legend(fontsize=8)
+    if mid.lines:  # none for a reward-only job with several cost models (no λ_k is learned)
+        mid.legend(fontsize=8)
     bottom.set_ylabel("cost (dotted: threshold d)")
     bottom.set_xlabel("step")
     bottom.legend(fontsize=8)
     top.set_title(f"{trainer}: reward, multipliers and costs per constraint")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
     return path

@@ -221,3 +221,23 @@ def _policy(result):
 
     weights = load_file(f"{result.artifacts[0].path}/model.safetensors")
     return [weights[k].float() for k in sorted(weights)]
+
+
+@pytest.mark.parametrize("constraint", ["expected", "per_prompt"])
+def test_reward_only_ppo_scores_every_cost_model_for_telemetry(tiny_llama_dir, tmp_path, constraint):
+    from models.ppo_lag import run_ppo
+
+    a, b = RecordingCost(words), RecordingCost(lambda p, r: -1.0)
+    cfg = config(tiny_llama_dir, [("a", 0.0), ("b", 0.0)], constraint=constraint, steps=2)
+    events = []
+    records = [{"prompt": p} for p in PROMPTS]
+    result = run_ppo(cfg, JobContext(output_dir=tmp_path, datasets=["d"], load_dataset=lambda d: records,
+                                     report=events.append), reward_fn=synthetic_reward, cost_fn={"a": a, "b": b})
+    events = steps(events)
+    assert len(a.steps) == len(b.steps) == 2
+    for e, scores in zip(events, a.steps):
+        assert e["train/cost/a"] == pytest.approx(sum(scores) / len(scores)) and e["train/cost/b"] == -1.0
+        assert e["lagrange/lambda"] == 0.0 and not any(k.startswith("lagrange/lambda/") for k in e)
+        assert "train/reward_critic_loss" in e and not any(k.startswith("train/cost_") for k in e)
+    assert ("train/violation/b" in events[0]) == (constraint == "per_prompt")
+    assert result.metrics["lambda_final"] == 0.0 and "episode_cost_final/a" in result.metrics
