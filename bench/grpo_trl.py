@@ -26,11 +26,11 @@ saving are not timed. Measured: median seconds per step over the steps after ``-
 mean reward of the rollouts of the last ``--last`` steps (same reward model, same prompts).
 
     .venv/bin/pip install -c <(echo torch==2.13.0) 'trl==1.16.0' 'datasets>=4.7'   # bench-only dependencies
-    .venv/bin/python bench/grpo_trl.py                   # ≈ 6 min on 2 idle CPU cores
+    .venv/bin/python bench/grpo_trl.py                   # ≈ 3 min on a lightly loaded 2-core machine
     .venv/bin/python bench/grpo_trl.py --steps 4 --warmup 1 --prompts 4   # a quick look
 
-Prints a table and the ratios (TRL's seconds per step over each Beaver trainer's: > 1 means Beaver is
-faster); writes ``bench/results/grpo_trl.{json,md}``.
+Prints a table (each trainer's median step, split into rollout / scoring / update, and its ratio to
+TRL's: below 1 means faster than TRL) and the ratios both ways; writes ``bench/results/grpo_trl.{json,md}``.
 """
 
 from __future__ import annotations
