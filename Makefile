@@ -39,6 +39,7 @@ test: install browser
 bench: install
 	$(PIP) install -q --disable-pip-version-check $(TORCH) -e '.[bench]'
 	$(PY) bench/score_training.py
+	$(PY) bench/grpo_trl.py
 	$(PY) bench/serving.py
 	$(PY) bench/memory.py
 	$(PY) bench/load.py

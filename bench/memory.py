@@ -15,6 +15,12 @@ a subprocess of its own:
     lora                    lora={"r": 16}: adapters on every linear layer; the reference, reward and
                             cost models are the policy/critics with adapters off (no copies)
     all                     all four together
+    grpo_lag                the baseline's settings, the ``grpo_lag`` job instead (``parse_params`` +
+                            ``run_grpo_lag``): the same answers per step, 32/G prompts × G = 4 answers;
+                            four models (policy trainable; reference, reward, cost frozen), no critics
+    grpo_lag_all            the same, with all four savings (the reference is the policy with its
+                            adapters off; the reward and cost models stay frozen copies: no critic
+                            has them as its base)
 
 Memory is the subprocess's peak resident set (``getrusage(RUSAGE_SELF).ru_maxrss``) minus its
 resident set right after the imports, before any model is loaded. glibc is told to serve every
@@ -28,13 +34,17 @@ actor's log-prob/entropy computation on the same policy, with the entropy comput
 (the code before the change) against ``models.ppo_lag.token_log_probs(..., entropy=True)``.
 
 Last, pure arithmetic (no measurement): the memory of PPO-Lag's six models for Qwen2.5-0.5B and
-Llama-3-8B, full fine-tuning against LoRA r=16, on one 80 GB GPU.
+Llama-3-8B, full fine-tuning against LoRA r=16, on one 80 GB GPU, and of GRPO-Lag's four.
 
     .venv/bin/python bench/memory.py          # ≈ 7 min on 2 idle CPU cores (up to 15 on a busy machine), 24 GiB RAM
     .venv/bin/python bench/memory.py --rollout 8 --new-tokens 32 --configs baseline,lora   # a quick look
+    .venv/bin/python bench/memory.py --configs baseline,grpo_lag,all,grpo_lag_all --no-entropy --out memory_grpo
+                                              # GRPO-Lag vs PPO-Lag only (≈ 5 min), to memory_grpo.*
 
-Prints a table of MiB and ratios to the baseline; the last line gives the all-together saving as
-the ratio baseline/all. Writes bench/results/memory.{json,md,png} (the .md also holds notes on what
+Prints a table of MiB and ratios to the baseline; then GRPO-Lag/PPO-Lag ratios of peak memory and
+of the step's time (rollout + scoring + update, from the job's own ``time/*`` metrics), at the
+baseline's settings and with all savings; the last line gives the all-together saving as the
+ratio baseline/all. Writes bench/results/memory.{json,md,png} (the .md also holds notes on what
 the numbers say and the arithmetic table, with its explanation).
 """
 
@@ -67,7 +77,14 @@ CONFIGS = {
     "gradient_checkpointing": {"dtype": "float32", "gradient_checkpointing": True},
     "lora": {"dtype": "float32", "lora": {"r": 16}},
     "all": {"dtype": "bfloat16", "micro_batch_size": 4, "gradient_checkpointing": True, "lora": {"r": 16}},
+    # GRPO-Lag beside PPO-Lag: same model, same answers per step (--rollout / GROUP_SIZE prompts × GROUP_SIZE)
+    "grpo_lag": {"job": "grpo_lag", "dtype": "float32"},
+    "grpo_lag_all": {"job": "grpo_lag", "dtype": "bfloat16", "micro_batch_size": 4, "gradient_checkpointing": True,
+                     "lora": {"r": 16}},
 }
+GROUP_SIZE = 4
+# each GRPO-Lag configuration and the PPO-Lag one with the same settings
+GRPO_PAIRS = {"grpo_lag": "baseline", "grpo_lag_all": "all"}
 # peak MiB of "all" in an earlier run of this benchmark, before models/loading.py gave the LM head a
 # contiguous input: as shipped then, and with the same hook added by the benchmark (for the notes)
 EARLIER_ALL_MIB = {"without hook": 1693, "with hook": 598}
@@ -108,6 +125,7 @@ def child_imports(threads: int) -> float:
     import torch
     import transformers.models.qwen2.modeling_qwen2  # noqa: F401
 
+    import models.grpo_lag  # noqa: F401
     import models.ppo_lag  # noqa: F401
     import models.score_model  # noqa: F401
 
@@ -176,11 +194,28 @@ def build_models(out: Path, vocab: int, hidden: int, layers: int, intermediate: 
 
 
 # ---------------------------------------------------------------------------------------------
-# Child: one PPO-Lag job.
+# Child: one PPO-Lag (or GRPO-Lag) job.
+
+
+def job_params(models_dir: Path, name: str, rollout: int, new_tokens: int) -> tuple[str, dict]:
+    """The job type and params of a configuration: ``rollout`` answers per step either way (PPO-Lag:
+    ``rollout`` prompts; GRPO-Lag: ``rollout / GROUP_SIZE`` prompts × ``GROUP_SIZE`` answers)."""
+    settings = dict(CONFIGS[name])
+    job = settings.pop("job", "ppo_lag")
+    params = {"model": str(models_dir / "policy"), "reward_model": str(models_dir / "reward"),
+              "cost_model": str(models_dir / "cost"), "steps": 1, "rollout_batch_size": rollout,
+              "sampling": {"max_new_tokens": new_tokens}, "seed": 0, **settings}
+    if job == "grpo_lag":
+        if rollout % GROUP_SIZE:
+            raise SystemExit(f"--rollout {rollout} is not a multiple of the group size {GROUP_SIZE}")
+        params.update({"rollout_batch_size": rollout // GROUP_SIZE, "group_size": GROUP_SIZE})
+    return job, params
 
 
 def run_job(models_dir: Path, name: str, args) -> dict:
     base = child_imports(args.threads)
+    import importlib
+
     import torch
 
     import models.ppo_lag as ppo_lag
@@ -189,17 +224,20 @@ def run_job(models_dir: Path, name: str, args) -> dict:
     from models.training import unwrap
     from models.world import all_prompts
 
-    params = {"model": str(models_dir / "policy"), "reward_model": str(models_dir / "reward"),
-              "cost_model": str(models_dir / "cost"), "steps": 1, "rollout_batch_size": args.rollout,
-              "sampling": {"max_new_tokens": args.new_tokens}, "seed": 0, **CONFIGS[name]}
-    config = parse_params("ppo_lag", params)
+    job, params = job_params(models_dir, name, args.rollout, args.new_tokens)
+    config = parse_params(job, params)
+    trainer = importlib.import_module(JOB_TYPES[job].entry.split(":")[0])  # the module whose train() the job runs
     records = [{"prompt": r["prompt"]} for r in all_prompts("train")]
     events, marks = [], {}
-    original_train, original_step = ppo_lag.train, ppo_lag.Updater.step
+    original_train, original_step = trainer.train, ppo_lag.Updater.step  # grpo_lag steps ppo_lag's Updater too
 
     def train(*args, **kwargs):  # the same train, with RSS read before it
         bound = inspect.signature(original_train).bind(*args, **kwargs).arguments
-        trained = [bound.get(k) for k in ("policy", "reward_critic", "cost_critic")]
+        # cost_critic: one model, or one per constraint (a list or a dict by name); GRPO: no critics
+        critics = bound.get("cost_critic")
+        critics = list(critics.values()) if isinstance(critics, dict) else list(critics) \
+            if isinstance(critics, (list, tuple)) else [critics]
+        trained = [bound.get("policy"), bound.get("reward_critic"), *critics]
         models = [*trained, bound.get("ref_policy"), *bound.get("frozen", ())]  # frozen: + reward, cost
         with torch.no_grad():  # fault in every weight page (safetensors loads are mmapped lazily)
             for p in {id(p): p for m in models if m is not None for p in m.parameters()}.values():
@@ -216,16 +254,18 @@ def run_job(models_dir: Path, name: str, args) -> dict:
         marks.setdefault("before_optimizer", peak_mib() - base)
         return original_step(self)
 
-    ppo_lag.train, ppo_lag.Updater.step = train, step
+    trainer.train, ppo_lag.Updater.step = train, step
     t = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="beaver-bench-memory-") as out:
         ctx = JobContext(output_dir=Path(out), datasets=["p"], load_dataset=lambda _: records, report=events.append)
-        JOB_TYPES["ppo_lag"].entry_point()(config, ctx)
+        JOB_TYPES[job].entry_point()(config, ctx)
     seconds = time.perf_counter() - t
     last = events[-1]
-    return {"config": name, "params": CONFIGS[name], "peak_mib": peak_mib() - base, "vm_hwm_mib": hwm_mib() - base,
-            "base_rss_mib": base, "seconds": seconds, "response_length": last["train/response_length"], **marks,
-            "torch_threads": torch.get_num_threads()}
+    phases = {k: v for k, v in last.items() if k.startswith("time/")}  # the step's own clock, per phase
+    return {"config": name, "job": job, "params": CONFIGS[name], "rollout_batch_size": params["rollout_batch_size"],
+            "group_size": params.get("group_size", 1), "peak_mib": peak_mib() - base, "vm_hwm_mib": hwm_mib() - base,
+            "base_rss_mib": base, "seconds": seconds, "step_seconds": sum(phases.values()), "phases": phases,
+            "response_length": last["train/response_length"], **marks, "torch_threads": torch.get_num_threads()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,7 +362,8 @@ def arithmetic(gpu_gb: float = 80.0) -> list[dict]:
     """Bytes of weights and optimizer state: trainable 16/param (fp32 weight, grad, Adam m and v),
     frozen bf16 2/param, LoRA-wrapped 2/param of the base + 16/adapter param (a critic's head is
     trained too). Full: policy, reference, reward, cost, two critics. LoRA: the reference is the
-    policy with adapters off, reward/cost the critics with adapters off."""
+    policy with adapters off, reward/cost the critics with adapters off. Each row also gives
+    GRPO-Lag's four networks (policy, reference, reward, cost; no critics)."""
     rows = []
     for name, m in REAL_MODELS.items():
         n = parameter_counts(m)
@@ -333,10 +374,16 @@ def arithmetic(gpu_gb: float = 80.0) -> list[dict]:
                 "cost critic": 2 * n["score"] + 16 * (n["adapters"] + n["head"])}
         for mode, parts in (("full fine-tuning", full), ("LoRA r=16", lora)):
             total = sum(parts.values())
+            # GRPO-Lag's four networks: the same policy and reference; no critics, so under LoRA the reward
+            # and cost models have no critic to be the base of and stay frozen bf16 copies of their own.
+            four = {k: parts[k] for k in ("policy", "reference")} | {"reward": 2 * n["score"], "cost": 2 * n["score"]}
+            grpo_total = sum(four.values())
             rows.append({"model": name, "mode": mode, "params_causal": n["causal"], "params_score": n["score"],
                          "adapter_params": n["adapters"] if mode.startswith("LoRA") else None,
                          "parts_gb": {k: v / 1e9 for k, v in parts.items()}, "total_gb": total / 1e9,
-                         "fits_80gb": total / 1e9 < gpu_gb, "left_for_activations_gb": gpu_gb - total / 1e9})
+                         "fits_80gb": total / 1e9 < gpu_gb, "left_for_activations_gb": gpu_gb - total / 1e9,
+                         "grpo_lag_parts_gb": {k: v / 1e9 for k, v in four.items()},
+                         "grpo_lag_total_gb": grpo_total / 1e9, "grpo_lag_fits_80gb": grpo_total / 1e9 < gpu_gb})
     return rows
 
 
@@ -418,6 +465,17 @@ def notes(result: dict) -> list[str]:
                    f"configuration) "
                    f"measured *all* at {EARLIER_ALL_MIB['without hook']} MiB without the hook and "
                    f"{EARLIER_ALL_MIB['with hook']} MiB with it; the *all* row above runs with the hook.")
+    for grpo, ppo in GRPO_PAIRS.items():
+        g, p = j.get(grpo), j.get(ppo)
+        if g and p:
+            out.append(f"- **GRPO-Lag vs PPO-Lag, {'at the baseline' if ppo == 'baseline' else 'with all four savings'}** "
+                       f"(`{grpo}` vs `{ppo}`, {s['rollout']} answers each: {g['rollout_batch_size']} prompts × "
+                       f"{g['group_size']}): peak {g['peak_mib']:.0f} vs {p['peak_mib']:.0f} MiB "
+                       f"(**{g['peak_mib'] / p['peak_mib']:.2f}x**), models {g['loaded']:.0f} vs {p['loaded']:.0f} MiB, "
+                       f"trainable {g['trainable_params'] / 1e6:.1f}M vs {p['trainable_params'] / 1e6:.1f}M parameters; "
+                       f"the step (rollout + scoring + update) {g['step_seconds']:.1f} vs {p['step_seconds']:.1f} s "
+                       f"(**{g['step_seconds'] / p['step_seconds']:.2f}x**; update {g['phases'].get('time/update', 0):.1f} "
+                       f"vs {p['phases'].get('time/update', 0):.1f} s).")
     if {"old", "new", "none"} <= set(e):
         out.append(f"- **Entropy without gradient.** With gradient, the entropy cost "
                    f"{e['old']['peak_over_loaded_mib'] - e['none']['peak_over_loaded_mib']:.0f} MiB more peak than no "
@@ -433,36 +491,41 @@ def markdown(result: dict) -> str:
     s, jobs, ent = result["settings"], result["jobs"], result["entropy"]
     m = result["model"]
     lines = [
-        "# Memory: one PPO-Lag job, baseline vs each saving (measured on CPU)", "",
+        "# Memory: one PPO-Lag job, baseline vs each saving, and GRPO-Lag beside it (measured on CPU)", "",
         f"Policy: Qwen2-style, {m['layers']} layers, hidden {m['hidden']}, intermediate {m['intermediate']}, "
         f"{m['heads']} heads / {m['kv_heads']} kv heads, vocabulary {m['vocab']} (byte-level BPE), tied embeddings: "
         f"{m['policy_params'] / 1e6:.1f}M parameters; reward and cost models of the same backbone "
-        f"({m['score_params'] / 1e6:.1f}M). One `ppo_lag` job per configuration, each in its own process: "
-        f"{s['rollout']} prompts × {s['new_tokens']} new tokens, 1 PPO step (actor and both critics), "
+        f"({m['score_params'] / 1e6:.1f}M). One `ppo_lag` (or `grpo_lag`) job per configuration, each in its own "
+        f"process: {s['rollout']} answers × {s['new_tokens']} new tokens (PPO-Lag: {s['rollout']} prompts; GRPO-Lag: "
+        f"{s['rollout'] // s['group_size']} prompts × G = {s['group_size']}), 1 step (PPO: actor and both critics; "
+        f"GRPO: the actor), "
         f"{s['threads']} torch thread(s) per process, {s['parallel']} processes at a time (each measures only "
         f"itself). Peak = `ru_maxrss` − RSS after imports; *models* = RSS when every model is loaded and its "
         f"weights paged in (before the rollout); *peak before the optimizer steps* = the peak of the rollout, "
         f"scoring and every forward/backward (activations), read when the first `Updater.step` starts; "
-        f"*s* = wall seconds of the job on a shared machine.", "",
-        "| configuration | peak MiB | ratio to baseline | models MiB | peak before the optimizer steps MiB "
-        "| trainable params | s |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        f"*step s* = the step's rollout + scoring + update (the job's `time/*` metrics); *s* = wall seconds of the "
+        f"whole job (loading and saving too), on a shared machine.", "",
+        "| configuration | job | peak MiB | ratio to baseline | models MiB | peak before the optimizer steps MiB "
+        "| trainable params | step s | s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for j in jobs:
-        lines.append(f"| {j['config']} | {j['peak_mib']:.0f} | {j['ratio']:.2f}x | {j['loaded']:.0f} "
-                     f"| {j['before_optimizer']:.0f} | {j['trainable_params'] / 1e6:.1f}M | {j['seconds']:.0f} |")
-    lines += ["",
-              *notes(result), "",
-              f"Entropy micro-measurement: one forward + backward of the actor's log-probs on the same policy "
+        lines.append(f"| {j['config']} | {j['job']} | {j['peak_mib']:.0f} | {j['ratio']:.2f}x | {j['loaded']:.0f} "
+                     f"| {j['before_optimizer']:.0f} | {j['trainable_params'] / 1e6:.1f}M | {j['step_seconds']:.1f} "
+                     f"| {j['seconds']:.0f} |")
+    lines += ["", *notes(result), ""]
+    if ent:
+        lines += [f"Entropy micro-measurement: one forward + backward of the actor's log-probs on the same policy "
               f"(float32, B={ent[0]['B']}, prompt {ent[0]['P']} + {ent[0]['T']} tokens, V={ent[0]['V']}; "
               f"one B×T×V float32 tensor = {ent[0]['btv_mib']:.0f} MiB), measured over the RSS with the model "
               f"and its gradients resident. *Held* = what stays resident after the backward while `entropy` is "
               f"alive: in the trainer, through both critics' forward and backward.", "",
               "| computation | peak MiB | held after backward MiB | peak ratio |", "|---|---:|---:|---:|"]
-    for e in ent:
-        lines.append(f"| {e['name']} | {e['peak_over_loaded_mib']:.0f} | {e['held_after_backward_mib']:.0f} "
-                     f"| {e['ratio']:.2f}x |")
-    lines += ["", "# Arithmetic: PPO-Lag's six models on one 80 GB GPU (weights and optimizer state, no activations)",
+        for e in ent:
+            lines.append(f"| {e['name']} | {e['peak_over_loaded_mib']:.0f} | {e['held_after_backward_mib']:.0f} "
+                         f"| {e['ratio']:.2f}x |")
+        lines.append("")
+    lines += ["# Arithmetic: PPO-Lag's six models on one 80 GB GPU (weights and optimizer state, no activations)",
               "", "Bytes per parameter: trainable (full fine-tuning) 16 = float32 weight 4 + gradient 4 + Adam's two "
               "moments 8; frozen bfloat16 2; LoRA-wrapped 2 for the bf16 base + 16 per adapter parameter. Full "
               "fine-tuning holds six models: policy (trainable), reference (frozen), reward and cost (frozen), two "
@@ -474,13 +537,17 @@ def markdown(result: dict) -> str:
               "GB = 10⁹ bytes. Activations, autocast's bf16 copies of fp32 weights (full fine-tuning, +2 B/param "
               "per model in use) and the CUDA context come on top.", "",
               "| model | mode | policy | reference | reward | cost | reward critic | cost critic | total GB "
-              "| fits 80 GB |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+              "| fits 80 GB | GRPO-Lag: four networks, GB |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for r in result["arithmetic"]:
         p = r["parts_gb"]
         fits = f"yes, {r['left_for_activations_gb']:.0f} GB left for activations" if r["fits_80gb"] else "no"
+        grpo = f"{r['grpo_lag_total_gb']:.1f} ({'fits' if r['grpo_lag_fits_80gb'] else 'does not fit'})"
         lines.append(f"| {r['model']} | {r['mode']} | " + " | ".join(fmt_gb(p[k]) for k in p)
-                     + f" | {r['total_gb']:.1f} | {fits} |")
+                     + f" | {r['total_gb']:.1f} | {fits} | {grpo} |")
+    lines += ["", "GRPO-Lag (`grpo_lag`) holds four networks: the policy and reference as above, the reward and cost "
+              "models frozen in bf16, no critics. Under LoRA it saves the critics' adapters and Adam state but has no "
+              "critic whose base could be the reward or cost model, so those two stay copies of their own."]
     counts = {r["model"]: r for r in result["arithmetic"] if r["adapter_params"]}
     lines += [""] + [f"{k}: {r['params_causal'] / 1e6:.1f}M parameters (score model {r['params_score'] / 1e6:.1f}M), "
                      f"LoRA r=16 adapters {r['adapter_params'] / 1e6:.2f}M "
@@ -495,7 +562,10 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     jobs, ent = result["jobs"], result["entropy"]
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(15, 5.2), gridspec_kw={"width_ratios": [3, 1.4]})
+    if ent:
+        fig, (ax, bx) = plt.subplots(1, 2, figsize=(15, 5.2), gridspec_kw={"width_ratios": [3, 1.4]})
+    else:  # --no-entropy: the jobs alone
+        fig, ax = plt.subplots(figsize=(10, 5.2))
     names = [j["config"].replace("_", "\n") for j in jobs]
     loaded = [j["loaded"] for j in jobs]
     extra = [j["peak_mib"] - j["loaded"] for j in jobs]
@@ -509,10 +579,14 @@ def plot(result: dict, path: Path) -> None:
     ax.set_ylabel("peak RSS over post-import RSS (MiB)")
     ax.set_ylim(0, max(j["peak_mib"] for j in jobs) * 1.18)
     m, s = result["model"], result["settings"]
-    ax.set_title(f"One PPO-Lag step, {m['policy_params'] / 1e6:.0f}M policy + 5 models, V={m['vocab']}, "
-                 f"{s['rollout']}×{s['new_tokens']} tokens (CPU)", fontsize=10)
+    ax.set_title(f"One PPO-Lag (or GRPO-Lag) step, {m['policy_params'] / 1e6:.0f}M policy, V={m['vocab']}, "
+                 f"{s['rollout']} answers × {s['new_tokens']} tokens (CPU)", fontsize=10)
     ax.legend(fontsize=8, loc="upper right")
     ax.tick_params(axis="x", labelsize=7)
+    if not ent:
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        return
     xs = range(len(ent))
     peaks = [e["peak_over_loaded_mib"] for e in ent]
     held = [e["held_after_backward_mib"] for e in ent]
@@ -546,6 +620,8 @@ def main() -> None:
     for name, default in SHAPE.items():
         parser.add_argument(f"--{name}", type=int, default=default)
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ",".join(CONFIGS))
+    parser.add_argument("--no-entropy", action="store_true", help="leave out the entropy micro-measurement")
+    parser.add_argument("--out", default="memory", help="results to bench/results/OUT.{json,md,png}")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     if args.role != "driver":
@@ -574,8 +650,11 @@ def main() -> None:
             return out
 
         names = args.configs.split(",")
+        unknown = set(names) - set(CONFIGS)
+        if unknown:
+            raise SystemExit(f"unknown configurations {sorted(unknown)}; known: {', '.join(CONFIGS)}")
         tasks = ([("job", models_dir, n) for n in names]
-                 + [("entropy", models_dir, v) for v in ENTROPY_VARIANTS.values()])
+                 + [("entropy", models_dir, v) for v in ([] if args.no_entropy else ENTROPY_VARIANTS.values())])
         with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
             outs = list(pool.map(run, tasks))
         jobs = outs[:len(names)]
@@ -591,8 +670,8 @@ def main() -> None:
     for e in entropy:
         e["ratio"] = e["peak_over_loaded_mib"] / entropy[0]["peak_over_loaded_mib"]
     result = {
-        "benchmark": "PPO-Lag peak memory: baseline vs each memory saving (CPU RSS)",
-        "settings": {"rollout": args.rollout, "new_tokens": args.new_tokens,
+        "benchmark": "PPO-Lag peak memory: baseline vs each memory saving, and GRPO-Lag beside it (CPU RSS)",
+        "settings": {"rollout": args.rollout, "new_tokens": args.new_tokens, "group_size": GROUP_SIZE,
                      "prompt_tokens_entropy": args.prompt_tokens,
                      "threads": args.threads, "parallel": args.parallel, "steps": 1, "ppo_epochs": 1,
                      "malloc_mmap_threshold": 256 * 1024, "configs": CONFIGS},
@@ -604,23 +683,31 @@ def main() -> None:
         "models_source_changed_during_run": models_source_digest() != source,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "memory.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / "memory.md").write_text(markdown(result))
-    plot(result, RESULTS / "memory.png")
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{args.out}.md").write_text(markdown(result))
+    plot(result, RESULTS / f"{args.out}.png")
 
-    print(f"\n{'configuration':<24}{'peak MiB':>10}{'ratio':>8}{'models MiB':>12}{'before optimizer MiB':>22}")
+    print(f"\n{'configuration':<24}{'peak MiB':>10}{'ratio':>8}{'models MiB':>12}{'before optimizer MiB':>22}"
+          f"{'step s':>8}")
     for j in jobs:
         print(f"{j['config']:<24}{j['peak_mib']:>10.0f}{j['ratio']:>7.2f}x{j['loaded']:>12.0f}"
-              f"{j['before_optimizer']:>22.0f}")
-    print(f"\n{'entropy computation':<42}{'peak MiB':>10}{'ratio':>8}{'held MiB':>10}")
+              f"{j['before_optimizer']:>22.0f}{j['step_seconds']:>8.1f}")
+    by_name = {j["config"]: j for j in jobs}
+    for grpo, ppo in GRPO_PAIRS.items():
+        if grpo in by_name and ppo in by_name:
+            g, p = by_name[grpo], by_name[ppo]
+            print(f"{grpo}/{ppo}: peak memory {g['peak_mib'] / p['peak_mib']:.2f}x, "
+                  f"step time {g['step_seconds'] / p['step_seconds']:.2f}x")
+    if entropy:
+        print(f"\n{'entropy computation':<42}{'peak MiB':>10}{'ratio':>8}{'held MiB':>10}")
     for e in entropy:
         print(f"{e['name']:<42}{e['peak_over_loaded_mib']:>10.0f}{e['ratio']:>7.2f}x"
               f"{e['held_after_backward_mib']:>10.0f}")
-    print(f"\n{'arithmetic (80 GB GPU)':<34}{'total GB':>9}  fits")
+    print(f"\n{'arithmetic (80 GB GPU)':<34}{'total GB':>9}  fits  {'GRPO-Lag GB':>11}  fits")
     for r in result["arithmetic"]:
-        print(f"{r['model'] + ', ' + r['mode']:<34}{r['total_gb']:>9.1f}  {'yes' if r['fits_80gb'] else 'no'}")
-    print(f"\nresults: bench/results/memory.{{json,md,png}} ({result['wall_seconds']:.0f}s)")
-    by_name = {j["config"]: j for j in jobs}
+        print(f"{r['model'] + ', ' + r['mode']:<34}{r['total_gb']:>9.1f}  {'yes' if r['fits_80gb'] else 'no ':<4}"
+              f"{r['grpo_lag_total_gb']:>11.1f}  {'yes' if r['grpo_lag_fits_80gb'] else 'no'}")
+    print(f"\nresults: bench/results/{args.out}.{{json,md,png}} ({result['wall_seconds']:.0f}s)")
     if "all" in by_name:
         print(f"peak memory, baseline/all together: {base['peak_mib'] / by_name['all']['peak_mib']:.1f}x")
 
