@@ -145,6 +145,9 @@ def train(config: GRPOLagConfig, policy, ref_policy, fmt: ChatFormat, prompts: S
     B = config.rollout_batch_size  # this rank's prompts per step
     N = B * G  # this rank's answers per step
     mini = config.mini_batch_size or N
+    # One update per rollout (one epoch, one mini-batch): the policy that samples is the one the update's
+    # forward runs, so log π_old is that forward's own, detached (as TRL does), not a scoring forward more.
+    single_update = config.ppo_epochs == 1 and mini >= N
     total_updates = config.steps * config.ppo_epochs * math.ceil(N / mini)
     actor = Updater(policy, config.actor_optim, total_updates, config, dtype, device)
     constraints = Constraints(specs, config.constraint, config.lambda_init, config.lambda_lr, config.lambda_max,
@@ -193,7 +196,7 @@ def train(config: GRPOLagConfig, policy, ref_policy, fmt: ChatFormat, prompts: S
         seconds["time/rollout"] += time.perf_counter() - clock
         clock = time.perf_counter()
 
-        # --- 2. scoring: R(x, y), every C_k(x, y), log π_old and log π_ref ----------------------
+        # --- 2. scoring: R(x, y), every C_k(x, y), log π_ref (and log π_old, unless single_update) ---
         clip = config.score_clip
         with on_device(frozen, device, config.offload_frozen), torch.no_grad(), amp:
             reward = _score(reward_fn, batch).to(device).clamp(-clip, clip)  # (N,) R
@@ -202,7 +205,8 @@ def train(config: GRPOLagConfig, policy, ref_policy, fmt: ChatFormat, prompts: S
             old_log_probs, ref_log_probs = torch.zeros_like(mask), torch.zeros_like(mask)  # (N, T)
             for idx in micro_batches(range(N), config.micro_batch_size):
                 seq, attn = sequences[idx], attention_mask[idx]
-                old_log_probs[idx] = token_log_probs(policy, seq, attn, P, sampling.temperature)[0]
+                if not single_update:
+                    old_log_probs[idx] = token_log_probs(policy, seq, attn, P, sampling.temperature)[0]
                 with adapters_disabled(policy) if ref_policy is None else contextlib.nullcontext():
                     ref_log_probs[idx] = token_log_probs(ref_policy or policy, seq, attn, P, sampling.temperature)[0]
         old_log_probs, ref_log_probs = old_log_probs * mask, ref_log_probs * mask
@@ -242,6 +246,8 @@ def train(config: GRPOLagConfig, policy, ref_policy, fmt: ChatFormat, prompts: S
                     seq, attn, m = sequences[idx], attention_mask[idx], mask[idx]
                     with amp:
                         log_probs, entropy = token_log_probs(policy, seq, attn, P, sampling.temperature, entropy=True)
+                    if single_update:  # π_old is the policy this forward runs: ρ = 1, with its gradient
+                        old_log_probs[idx] = log_probs.detach() * m
                     ratio = torch.exp(log_probs - old_log_probs[idx])  # (b, T) ρ_t = π_θ/π_old
                     # L^CLIP per token: max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε)), as ppo_lag
                     clipped = ratio.clamp(1.0 - config.clip_range, 1.0 + config.clip_range)
