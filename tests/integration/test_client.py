@@ -184,3 +184,30 @@ def test_cli_exit_codes_for_refusals_and_an_unreachable_api(platform, base, tmp_
     nowhere = beaver_cli(platform, "--url", f"http://127.0.0.1:{_free_port()}", "rounds", "list")
     assert nowhere.returncode == 4 and "cannot reach" in nowhere.stderr
     assert json.loads(beaver_cli(platform, "rounds", "list", "--json").stdout) == []
+
+
+def readme_block(after: str, fence: str) -> str:
+    readme = (REPO / "README.md").read_text()
+    return readme.split(after, 1)[1].split(f"```{fence}\n", 1)[1].split("```\n", 1)[0]
+
+
+def test_the_readmes_worked_example_runs_as_written(platform, base, tmp_path, monkeypatch):
+    """The README's CLI example and its notebook lines, word for word but for the hub model (none here)."""
+    from transformers import AutoModelForCausalLM
+
+    script = readme_block("A worked example", "bash").replace("Qwen/Qwen2.5-0.5B-Instruct", base)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "BEAVER_URL": platform.url,
+           "BEAVER_API_KEY": platform.keys["trainer"], "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    out = subprocess.run(["bash", "-euo", "pipefail", "-c", script], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "succeeded; models: model-" in out.stdout
+    AutoModelForCausalLM.from_pretrained(tmp_path / "my-model")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BEAVER_URL", platform.url)
+    monkeypatch.setenv("BEAVER_API_KEY", platform.keys["trainer"])
+    dataset_id = Client().list_datasets(limit=1)[0]["id"]  # the example's; its sft.yaml names the base
+    scope = {"dataset_id": dataset_id}
+    exec(readme_block("The same from Python", "python"), scope)  # noqa: S102 — the README's own lines
+    assert scope["job"]["status"] == "succeeded" and scope["job"]["params"]["optim"]["lr"] == 1e-5
