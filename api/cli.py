@@ -280,20 +280,26 @@ def demo(url: Optional[str] = typer.Option(None, help="A running Beaver to drive
          split: str = typer.Option("report", help="Evaluate on the world's report prompts, or on tune ones while "
                                                   "choosing settings."),
          fast: bool = typer.Option(False, "--fast", help="One short round, no baselines (a smoke test)."),
+         successors: bool = typer.Option(False, "--successors", help="Also run GRPO-Lag, GRPO, per-prompt PPO-Lag "
+                                         "and a two-constraint PPO-Lag after round 1, each against PPO-Lag."),
+         rounds: Optional[int] = typer.Option(None, min=1, max=10, help="Safe RLHF rounds (default 3; the "
+                                              "successors need round 1 only)."),
+         baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Run the PPO baselines."),
          exit_: bool = typer.Option(False, "--exit", help="Stop after printing the table."),
          port: Optional[int] = typer.Option(None, help="Port of the embedded API (default BEAVER_PORT).")) -> None:
     """Three Safe RLHF rounds on the synthetic world, through the REST API; writes $BEAVER_HOME/demo."""
     import json
     import shutil
 
-    from api.demo import (Client, DemoConfig, EmbeddedPlatform, markdown_table, plot_seeds, run_demo, summarize,
-                          summary_markdown)
+    from api.demo import (Client, DemoConfig, EmbeddedPlatform, markdown_table, plot_seeds, plot_successors,
+                          run_demo, successors_markdown, successors_summary, summarize, summary_markdown)
     from api.settings import get_settings
 
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
-        configs = [DemoConfig.fast(seed=s, eval_split=split) if fast else DemoConfig(seed=s, eval_split=split)
-                   for s in seed_list]
+        chosen = dict(eval_split=split, successors=successors) | ({"rounds": rounds} if rounds else {}) | (
+            {} if baselines else {"baselines": False})
+        configs = [DemoConfig.fast(seed=s, **chosen) if fast else DemoConfig(seed=s, **chosen) for s in seed_list]
     except ValueError as e:
         _fail(f"--seeds {seeds!r} / --split {split!r}: {e}")
     if not configs or len(set(seed_list)) != len(seed_list):
@@ -339,6 +345,13 @@ def demo(url: Optional[str] = typer.Option(None, help="A running Beaver to drive
         plot_seeds(summary, out_dir / "seeds.png")
         if len(runs) > 1:
             typer.echo("\n" + summary_markdown(summary))
+        if successors:
+            versus = successors_summary(runs)
+            (out_dir / "successors.json").write_text(json.dumps(versus, indent=2))
+            (out_dir / "successors.md").write_text(successors_markdown(versus) + "\n")
+            plot_successors(versus, out_dir / "successors.png")
+            typer.echo(f"\nSuccessors of PPO-Lag, median [min – max] over seeds {', '.join(map(str, seed_list))}; "
+                       "Δ: the method minus ppo_lag on the same seed:\n\n" + successors_markdown(versus))
         typer.echo(f"\nresults: {out_dir}/seed-*/results.json, {out_dir}/summary.md · plots: {out_dir}/**/*.png")
         if not exit_ and platform is not None:
             typer.echo(f"\nBeaver is running at http://127.0.0.1:{port} with seed {configs[-1].seed}'s rounds "

@@ -10,6 +10,9 @@ the truth. The pipeline is the paper's:
             v(k-1), simulated annotators label helpfulness and safety separately, train reward and
             cost models on all pairs so far, PPO-Lagrangian from v(k-1) → beaver-vk.
   baselines from v0 with round 1's models and budget: reward-only PPO, and fixed R − λ·C.
+  successors (``--successors``), from v0 with round 1's models, threshold, prompts and steps: grpo_lag
+            and grpo at PPO's generated-token budget, ppo_lag with the per-prompt constraint, and a
+            two-constraint ppo_lag with a cost model per family of harm categories.
   evaluate  one ``evaluate`` job: every round and baseline answers the same held-out prompts, scored
             by the newest round's reward and cost models; the oracle judges the same answers.
 
@@ -27,6 +30,7 @@ import json
 import os
 import random
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -88,10 +92,29 @@ class DemoConfig:
     baselines: bool = True
     shaping_lambdas: tuple[float, ...] = (1.0, 3.0, 10.0)
     """Fixed λ of the reward-shaping baselines: weak, the adaptive λ's cap, strong."""
+    successors: bool = False
+    """Also run issue 20's successors of PPO-Lag after round 1, each as the baselines are (from beaver-v0 with
+    round 1's reward and cost models, threshold, PPO prompts and steps): ``grpo_lag`` and ``grpo`` at PPO's
+    generated-token budget (``ppo_rollout // group_size`` prompts × ``group_size`` answers a step), ``ppo_lag``
+    with ``constraint: per_prompt``, and a two-constraint ``ppo_lag`` with a cost model per ``harm_families``."""
+    group_size: int = 4
+    """G of the GRPO successors."""
+    harm_families: tuple[tuple[str, tuple[str, ...]], ...] = (
+        ("physical", ("weapons", "chemical_weapons", "violence", "drugs")),
+        ("nonphysical", ("fraud", "cybercrime", "privacy", "crime")))
+    """The two-constraint round's families of the world's harm categories (world.json keeps PKU names): harm to
+    bodies (weapons, poison gas, bombs, drugs) and harm to money, data and property. Each gets a cost model
+    (``harm_categories``) trained on round 1's preference pairs, its own threshold and its own λ_k."""
+    family_margins: tuple[float, ...] = (-0.05, 0.3)
+    """Each family's threshold margin (as ``threshold_margin``, on its own cost model's scale): strict for the
+    first family (round 1's margin), loose for the second — above 0 it tolerates that share of the cost gap in
+    unsafe answers, so the second family's harm may stay. Chosen on the tune split."""
 
     def __post_init__(self):
         if self.eval_split not in ("report", "tune"):
             raise ValueError(f"eval_split must be report or tune, got {self.eval_split!r}")
+        if len(self.family_margins) != len(self.harm_families):
+            raise ValueError("family_margins needs one margin per harm family")
 
     @classmethod
     def fast(cls, **overrides) -> "DemoConfig":
@@ -181,7 +204,8 @@ def run_demo(client: Client, config: DemoConfig, out_dir: Path) -> dict:
     start = time.perf_counter()
     rng = random.Random(config.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stages = tqdm(total=2 + config.rounds + (1 + len(config.shaping_lambdas) if config.baselines else 0),
+    stages = tqdm(total=2 + config.rounds + (1 + len(config.shaping_lambdas) if config.baselines else 0)
+                  + (len(config.harm_families) + len(SUCCESSORS) if config.successors else 0),
                   desc=f"demo seed {config.seed}", unit="stage", dynamic_ncols=True)
     prompt_splits: dict[str, list] = {}  # dataset name → the world splits its prompts come from
 
@@ -245,7 +269,8 @@ def run_demo(client: Client, config: DemoConfig, out_dir: Path) -> dict:
         ppo_traces.append({"round": k, "threshold": threshold, "events": _trace(ppo["events"])})
         if k == 1:
             round_models = {"reward": reward["result_models"][0], "cost": cost["result_models"][0],
-                            "threshold": threshold, "prompts": ppo_set}
+                            "threshold": threshold, "prompts": ppo_set, "preferences": list(preference_sets),
+                            "cost_params": {"model": policy, **score_params}, "pairs": pairs, "samples": samples}
         policy = ppo["result_models"][0]
         name = f"beaver-v{k}"
         training = {"reward_model_accuracy": reward["metrics"].get("eval/accuracy"),
@@ -277,21 +302,25 @@ def run_demo(client: Client, config: DemoConfig, out_dir: Path) -> dict:
             baselines.append({"name": name, "model": name})
             stages.update()
 
+    successors, successor_traces = [], []
+    if config.successors:
+        successors, successor_traces = _successors(client, config, rounds[0]["model"], round_models, stages)
+
     # Every round and baseline answers the same held-out prompts in one evaluate job, judged by the
     # newest round's reward and cost models (the API's default) — and by the world's oracle here.
     eval_prompts = world.sample_prompts(random.Random(EVAL_PROMPTS_SEED), config.eval_prompts, red_team_fraction=0.5,
                                         split=config.eval_split)
     eval_set = upload(f"demo-{config.eval_split}-prompts", "prompt", eval_prompts)
     evaluation = client.run_job("evaluate", {
-        "models": [m["model"] for m in rounds + baselines], "seed": config.seed + 7, "batch_size": 128,
+        "models": [m["model"] for m in rounds + baselines + successors], "seed": config.seed + 7, "batch_size": 128,
         "sampling": {"temperature": 1.0, "max_new_tokens": config.max_new_tokens}, "bootstrap": 200,
         "name": "demo-evaluation"}, [eval_set], "evaluate every round and baseline", "evaluation")
     files = [f["name"] for f in client.get(f"/v1/jobs/{evaluation['id']}/files")["data"]]  # per attempt: the last
     report = client.get(f"/v1/jobs/{evaluation['id']}/files/{[f for f in files if f.endswith('evaluation.json')][-1]}")
     samples = client.records(evaluation["result_datasets"][0])
-    for row in rounds + baselines:
+    for row in rounds + baselines + successors:
         mine = [s for s in samples if s["policy"] == row["model"]]
-        row.update(judged(mine, report["models"][row["model"]]))
+        row.update(judged(mine, report["models"][row["model"]], dict(config.harm_families)))
     stages.update()
     stages.close()
 
@@ -305,20 +334,85 @@ def run_demo(client: Client, config: DemoConfig, out_dir: Path) -> dict:
                               "reward_model": report["config"]["reward_model"],
                               "cost_model": report["config"]["cost_model"]},
                "prompt_splits": prompt_splits, "thresholds": [t["threshold"] for t in ppo_traces],
-               "rounds": rounds, "baselines": baselines}
+               "rounds": rounds, "baselines": baselines, "successors": successors}
     results["targets"] = targets(results)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     (out_dir / "ppo_traces.json").write_text(json.dumps(ppo_traces))
     plot_results(results, ppo_traces, out_dir)
+    if successors:
+        (out_dir / "successor_traces.json").write_text(json.dumps(successor_traces))
+        plot_family_lambdas(successors, successor_traces, out_dir / "families_lagrange.png")
     return results
 
 
-def judged(samples: list[dict], model_report: dict) -> dict:
+# name, job type, what it is (the table's words)
+SUCCESSORS = (("grpo-lag", "grpo_lag", "GRPO-Lagrangian (critic-free)"), ("grpo", "grpo", "GRPO, reward only"),
+              ("ppo-lag-per-prompt", "ppo_lag", "PPO-Lag, per-prompt constraint"),
+              ("ppo-lag-families", "ppo_lag", "PPO-Lag, one constraint per harm family"))
+
+
+def successor_runs(config: DemoConfig, policy: str, reward: str, cost: str, threshold: float,
+                   families: list[tuple[str, str, float]]) -> list[tuple[str, str, dict]]:
+    """(name, job type, params) of each successor, from ``policy`` with round 1's models, threshold and
+    budget; ``families``: (name, cost model, threshold) of each harm family's constraint.
+
+    The GRPO runs generate what PPO generates: ``ppo_rollout // group_size`` prompts × ``group_size``
+    answers a step (PPO: ``ppo_rollout`` prompts × 1), the same steps and ``max_new_tokens``; they have no
+    critic, so no ``critic_optim``."""
+    ppo = _ppo_params(config, policy, reward, cost) | {"threshold": threshold}
+    grpo = {k: v for k, v in ppo.items() if k != "critic_optim"} | {
+        "group_size": config.group_size, "rollout_batch_size": config.ppo_rollout // config.group_size}
+    two = {k: v for k, v in ppo.items() if k not in ("cost_model", "threshold")} | {
+        "cost_models": [{"model": model, "threshold": d, "name": name} for name, model, d in families]}
+    params = {"grpo-lag": grpo, "grpo": grpo, "ppo-lag-per-prompt": ppo | {"constraint": "per_prompt"},
+              "ppo-lag-families": two}
+    return [(name, job_type, params[name]) for name, job_type, _ in SUCCESSORS]
+
+
+def _successors(client: Client, config: DemoConfig, policy: str, round_models: dict, stages) -> tuple[list, list]:
+    """A cost model per harm family (on round 1's preference sets), then every successor run, each
+    registered under its name; returns their rows and λ traces."""
+    # A family's cost model learns the categories round 1's pairs flag (a tiny --fast round may flag none:
+    # then there is no two-constraint run).
+    flagged = {c for dataset in round_models["preferences"]
+               for c in client.get(f"/v1/datasets/{dataset}")["stats"].get("harm_categories", {})}
+    families = []
+    for (name, categories), margin in zip(config.harm_families, config.family_margins):
+        categories = [c for c in categories if c in flagged]
+        if categories:
+            job = client.run_job("cost", round_models["cost_params"] | {"harm_categories": categories},
+                                 round_models["preferences"], f"successors: {name} cost model", "successors")
+            d = _threshold(client, job, round_models["pairs"], round_models["samples"], config, margin)
+            families.append((name, job["result_models"][0], d))
+        stages.update()
+    rows, traces = [], []
+    runs = successor_runs(config, policy, round_models["reward"], round_models["cost"], round_models["threshold"],
+                          families)
+    for name, job_type, params in runs:
+        if name == "ppo-lag-families" and len(families) < len(config.harm_families):
+            stages.update()
+            continue
+        job = client.run_job(job_type, params, [round_models["prompts"]], f"successor {name}", "successors")
+        path = client.get(f"/v1/models/{job['result_models'][0]}")["path"]
+        client.post("/v1/models", {"name": name, "kind": "policy", "path": path})
+        m = job["metrics"]
+        constraints = {f: d for f, _, d in families} if "cost_models" in params else {"cost": params["threshold"]}
+        rows.append({"name": name, "model": name, "job_type": job_type, "lambda_final": m.get("lagrange/lambda"),
+                     "lambda_final_by_name": {k: m.get(f"lagrange/lambda/{k}") for k in constraints}
+                     if len(constraints) > 1 else {}, "thresholds": constraints,
+                     "episode_cost_final": m.get("train/episode_cost"),
+                     "family_cost_models": {f: model for f, model, _ in families} if "cost_models" in params else {}})
+        traces.append({"name": name, "thresholds": constraints, "events": _trace(job["events"])})
+        stages.update()
+    return rows, traces
+
+
+def judged(samples: list[dict], model_report: dict, families: dict | None = None) -> dict:
     """One model's answers to the evaluation prompts, judged by the oracle (the truth of this world)
     and by the reference cost model (cost > 0 is harmful), so the table shows how well the cost
     model tracks the truth. Red-team answers split three ways: harmful, refusal, other (junk or
     off-topic: neither a refusal nor any harmful step)."""
-    oracle = world.evaluate_responses(samples, [s["response"] for s in samples])
+    oracle = world.evaluate_responses(samples, [s["response"] for s in samples], families)
     harmful = [world.is_harmful(s["response"]) for s in samples]
     return {"harmful_ratio": oracle["harmful_ratio"], "refusal_red_team": oracle["refusal_red_team"],
             "other_red_team": max(0.0, 1.0 - oracle["harmful_ratio"] - oracle["refusal_red_team"]),
@@ -329,7 +423,8 @@ def judged(samples: list[dict], model_report: dict) -> dict:
             "cost_model_harmful_ratio": model_report["red_team"]["harmful_ratio"]["mean"],
             "cost_model_harmful_ci": model_report["red_team"]["harmful_ratio"]["ci"],
             "cost_model_agreement": sum((s["cost"] > 0) == h for s, h in zip(samples, harmful)) / len(samples),
-            "mean_reward_benign": model_report["benign"]["reward"]["mean"]}
+            "mean_reward_benign": model_report["benign"]["reward"]["mean"],
+            **({"harmful_ratio_by_family": oracle["harmful_ratio_by_family"]} if families else {})}
 
 
 def targets(results: dict) -> list[dict]:
@@ -355,7 +450,8 @@ def _ppo_params(config: DemoConfig, policy: str, reward: str, cost: str) -> dict
             "lambda_lr": config.lambda_lr, "lambda_max": config.lambda_max, "seed": config.seed, "episode_cost_window": config.ppo_rollout}
 
 
-def _threshold(client: Client, cost_job: dict, pairs: list[dict], samples: list[dict], config: DemoConfig) -> float:
+def _threshold(client: Client, cost_job: dict, pairs: list[dict], samples: list[dict], config: DemoConfig,
+               margin: float | None = None) -> float:
     """d for this round, from the new cost model's scale and the PPO prompt mix:
 
         d = ρ·c̄(safe answer | red-team) + (1 − ρ)·c̄(safe answer | benign) + margin·(c̄_unsafe − c̄_safe)
@@ -366,6 +462,7 @@ def _threshold(client: Client, cost_job: dict, pairs: list[dict], samples: list[
     answers score ≈ −3). Safe answers are the annotators' labels on this round's pairs, scored via
     ``POST /v1/score``.
     """
+    margin = config.threshold_margin if margin is None else margin
     metrics = cost_job["metrics"]
     cost_model = cost_job["result_models"][0]
     red_team = {s["prompt"]: bool(s.get("red_team")) for s in samples}
@@ -381,14 +478,18 @@ def _threshold(client: Client, cost_job: dict, pairs: list[dict], samples: list[
             means[is_red] = sum(s["cost"] for s in scores) / len(scores)
     safe, unsafe = metrics.get("eval/cost_safe_mean"), metrics.get("eval/cost_unsafe_mean")
     if safe is None or unsafe is None or len(means) < 2:
-        return 0.0 if safe is None or unsafe is None else round(safe + config.threshold_margin * (unsafe - safe), 4)
+        return 0.0 if safe is None or unsafe is None else round(safe + margin * (unsafe - safe), 4)
     rho = config.ppo_red_team_fraction
-    return round(rho * means[True] + (1 - rho) * means[False] + config.threshold_margin * (unsafe - safe), 4)
+    return round(rho * means[True] + (1 - rho) * means[False] + margin * (unsafe - safe), 4)
 
 
 def _trace(events: list[dict]) -> list[dict]:
-    keys = ("step", "lagrange/lambda", "train/episode_cost", "train/reward", "train/cost", "train/kl")
-    return [{k: e[k] for k in keys if k in e} for e in events if "lagrange/lambda" in e]
+    """Each step's λ, J̄_C, reward, cost and KL (and, with several constraints, λ_k, J̄_C,k and C_k by name)."""
+    keys = ("step", "lagrange/lambda", "train/episode_cost", "train/reward", "train/cost", "train/kl",
+            "train/violation")
+    per_name = ("lagrange/lambda/", "train/episode_cost/", "train/cost/", "train/violation/")
+    return [{k: v for k, v in e.items() if k in keys or k.startswith(per_name)} for e in events
+            if "lagrange/lambda" in e]
 
 
 def _harmful_red_team(client: Client, policy: str, config: DemoConfig, rng, upload) -> list[dict]:
@@ -469,6 +570,144 @@ def summary_markdown(summary: dict) -> str:
         values = ", ".join(_num(v) if "helpfulness" in t["target"] else _pct(v) for v in t["values"])
         lines.append(f"| {t['target']} | {'yes' if t['met_on_every_seed'] else '**no**'} | {values} |")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# The successors over seeds: each against ppo_lag (beaver-v1: the same start, models, prompts and steps).
+
+SUCCESSOR_REFERENCE = "beaver-v1"
+SUCCESSOR_METRICS = ("harmful_ratio", "helpfulness_benign", "over_refusal")
+
+
+def _spread(values: list[float]) -> dict:
+    return {"seeds": values, "median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def successors_summary(runs: list[dict]) -> dict:
+    """Per method (ppo_lag = round 1, reward-only PPO when the baselines ran, each successor): every metric's
+    seeds, median and range, its paired difference from ppo_lag on the same seed (``delta``), the harmful
+    ratio per harm family, and λ's final value (λ_k by name for the two-constraint run) and thresholds."""
+    def row(run: dict, name: str) -> dict:
+        return next(r for r in run["rounds"] + run["baselines"] + run["successors"] if r["name"] == name)
+
+    names = [SUCCESSOR_REFERENCE] + [b["name"] for b in runs[0]["baselines"] if b["name"] == "ppo-reward-only"]
+    names += [r["name"] for r in runs[0]["successors"]]
+    families = list(runs[0]["successors"][0].get("harmful_ratio_by_family", {})) if runs[0]["successors"] else []
+    methods = {}
+    for name in names:
+        rows, refs = [row(run, name) for run in runs], [row(run, SUCCESSOR_REFERENCE) for run in runs]
+        entry = {m: _spread([r[m] for r in rows]) for m in SUCCESSOR_METRICS}
+        entry["delta"] = {m: _spread([r[m] - ref[m] for r, ref in zip(rows, refs)]) for m in SUCCESSOR_METRICS}
+        entry["harmful_by_family"] = {f: _spread([r["harmful_ratio_by_family"][f] for r in rows]) for f in families
+                                      if all(r.get("harmful_ratio_by_family", {}).get(f) is not None for r in rows)}
+        if all(r.get("lambda_final") is not None for r in rows):
+            entry["lambda_final"] = _spread([r["lambda_final"] for r in rows])
+        by_name = rows[0].get("lambda_final_by_name") or {}
+        entry["lambda_final_by_name"] = {k: _spread([r["lambda_final_by_name"][k] for r in rows]) for k in by_name}
+        entry["thresholds"] = {k: [r["thresholds"][k] for r in rows] for k in rows[0].get("thresholds", {})}
+        methods[name] = entry
+    return {"seeds": [run["seed"] for run in runs], "split": runs[0]["evaluation"]["split"],
+            "prompts": runs[0]["evaluation"]["prompts"], "reference": SUCCESSOR_REFERENCE, "families": families,
+            "methods": methods}
+
+
+def successors_markdown(summary: dict) -> str:
+    """Median [min – max] over seeds of each method and of its difference from ppo_lag on the same seed."""
+    def span(v: dict, fmt) -> str:
+        return fmt(v["median"]) if v["min"] == v["max"] else f"{fmt(v['median'])} [{fmt(v['min'])} – {fmt(v['max'])}]"
+
+    def pts(x) -> str:  # a difference of two shares, in percentage points
+        return f"{100 * x:+.1f} pt"
+
+    families = summary["families"]
+    lines = ["| method | harmful | Δ harmful | helpfulness (benign) | Δ helpfulness | over-refusal | Δ over-refusal | "
+             + " | ".join(f"harmful: {f}" for f in families) + " | λ final |",
+             "|---|---|---|---|---|---|---|" + "---|" * len(families) + "---|"]
+    for name, m in summary["methods"].items():
+        label = "ppo_lag (beaver-v1)" if name == summary["reference"] else name
+        delta = m["delta"]
+        reference = name == summary["reference"]
+        cells = [span(m["harmful_ratio"], _pct), "—" if reference else span(delta["harmful_ratio"], pts),
+                 span(m["helpfulness_benign"], _num), "—" if reference else span(delta["helpfulness_benign"],
+                                                                                   lambda x: f"{x:+.3f}"),
+                 span(m["over_refusal"], _pct), "—" if reference else span(delta["over_refusal"], pts)]
+        cells += [span(m["harmful_by_family"][f], _pct) if f in m["harmful_by_family"] else "—" for f in families]
+        if m["lambda_final_by_name"]:
+            lam = ", ".join(f"{k} {span(v, lambda x: f'{x:.2f}')} (d {', '.join(f'{d:.2f}' for d in m['thresholds'][k])})"
+                            for k, v in m["lambda_final_by_name"].items())
+        else:
+            lam = span(m["lambda_final"], lambda x: f"{x:.2f}") if "lambda_final" in m else "—"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {lam} |")
+    return "\n".join(lines)
+
+
+def plot_successors(summary: dict, path: Path) -> Path:
+    """Harmful ratio, helpfulness and harm per family of every method, one dot per seed, bar: median."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary["methods"])
+    families = summary["families"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for ax, key, title, scale in ((axes[0], "harmful_ratio", "harmful answers to red-team prompts (%)", 100),
+                                  (axes[1], "helpfulness_benign", "oracle helpfulness on benign prompts", 1)):
+        for i, name in enumerate(names):
+            values = [scale * v for v in summary["methods"][name][key]["seeds"]]
+            ax.scatter([i] * len(values), values, color="tab:blue", alpha=0.6)
+            ax.hlines(scale * summary["methods"][name][key]["median"], i - 0.3, i + 0.3, color="black")
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=10)
+    colors = ("tab:red", "tab:green", "tab:purple", "tab:orange")
+    for k, family in enumerate(families):
+        for i, name in enumerate(names):
+            spread = summary["methods"][name]["harmful_by_family"].get(family)
+            if spread is None:
+                continue
+            x = i + (k - (len(families) - 1) / 2) * 0.25
+            values = [100 * v for v in spread["seeds"]]
+            axes[2].scatter([x] * len(values), values, color=colors[k % 4], alpha=0.6, label=family if i == 0 else None)
+            axes[2].hlines(100 * spread["median"], x - 0.1, x + 0.1, color=colors[k % 4])
+    axes[2].set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    axes[2].set_title("harmful in the family's categories, on its red-team requests (%)", fontsize=9)
+    axes[2].legend(fontsize=8)
+    fig.suptitle(f"successors of PPO-Lag · seeds {', '.join(map(str, summary['seeds']))} · {summary['prompts']} "
+                 f"{summary['split']} prompts · bar: median")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_family_lambdas(successors: list[dict], traces: list[dict], path: Path) -> Path | None:
+    """The two-constraint run: each family's λ_k (top) and J̄_C,k against its threshold d_k (bottom)."""
+    trace = next((t for t in traces if len(t["thresholds"]) > 1), None)
+    if trace is None or not trace["events"]:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5), sharex=True)
+    steps = [e.get("step", i) for i, e in enumerate(trace["events"])]
+    for (name, d), color in zip(trace["thresholds"].items(), ("tab:red", "tab:green", "tab:purple", "tab:orange")):
+        top.plot(steps, [e.get(f"lagrange/lambda/{name}", float("nan")) for e in trace["events"]], color=color,
+                 label=f"λ {name}")
+        bottom.plot(steps, [e.get(f"train/episode_cost/{name}", float("nan")) for e in trace["events"]], color=color,
+                    label=f"J̄_C {name}")
+        bottom.axhline(d, color=color, linestyle="dotted")
+    top.set_ylabel("λ_k")
+    top.legend(fontsize=8)
+    bottom.set_ylabel("J̄_C,k (dotted: d_k)")
+    bottom.set_xlabel("PPO step")
+    bottom.legend(fontsize=8)
+    top.set_title(f"{trace['name']}: one λ per harm family")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def plot_results(results: dict, traces: list[dict], out_dir: Path) -> list[Path]:

@@ -14,7 +14,7 @@ from sqlmodel import Session, select
 from api.registry import ModelRef
 from api.settings import get_settings
 from api.tables import Dataset
-from models.jobs import JOB_TYPES, check_size, params_schema
+from models.jobs import JOB_TYPES, ParamsError, check_size, params_schema
 from models.loading import model_context
 
 
@@ -27,6 +27,22 @@ def check_job_size(session: Session, job_type: str, config, dataset_ids: list[st
     records = sum(counts.get(i, 0) for i in dataset_ids)  # a dataset listed twice is read twice
     contexts = {param: model_context(found.path) if found.path else None for param, found in models.items()}
     check_size(job_type, config, records, contexts, get_settings().job_caps)
+    check_harm_categories(session, config, dataset_ids)
+
+
+def check_harm_categories(session: Session, config, dataset_ids: list[str]) -> None:
+    """A cost job's ``harm_categories`` are flagged in its datasets (their upload ``stats`` count each
+    category): a misspelt name is a 422 now rather than a failed job (the worker checks again)."""
+    wanted = getattr(config, "harm_categories", None)
+    if not wanted:
+        return
+    stats = session.exec(select(Dataset.stats).where(Dataset.id.in_(set(dataset_ids)))).all()
+    known = {c for s in stats for c in (s or {}).get("harm_categories", {})}
+    unknown = [c for c in wanted if c not in known]
+    if unknown:
+        raise ParamsError(f"params.harm_categories: {', '.join(map(repr, unknown))} flagged on no response of the "
+                          f"job's datasets, which flag {', '.join(sorted(known)) or 'no category at all'}",
+                          "params.harm_categories")
 
 
 def job_create_schema(schema: dict) -> None:

@@ -191,7 +191,13 @@ def resolve_model_path(session: Session, ref: str) -> str:
     return locate_model(session, ref, download=True).path
 
 
-SCORE_KINDS = {"reward_model": "reward", "cost_model": "cost"}  # params that name one kind of score model
+# params that name one kind of score model (cost_models: every entry's ``model``, ``cost_models[i].model``)
+SCORE_KINDS = {"reward_model": "reward", "cost_model": "cost", "cost_models": "cost"}
+
+
+def score_kind(param: str) -> str | None:
+    """The kind of score model ``param`` must name (reward, cost), or None when either will do."""
+    return SCORE_KINDS.get(param.split("[", 1)[0])
 
 
 def check_model(session: Session, param: str, ref: str, expected: str) -> ModelRef:
@@ -203,7 +209,7 @@ def check_model(session: Session, param: str, ref: str, expected: str) -> ModelR
     if expected == "any":
         return found
     if found.kind is not None:
-        wanted = ["policy"] if expected == "causal" else [SCORE_KINDS[param]] if param in SCORE_KINDS \
+        wanted = ["policy"] if expected == "causal" else [score_kind(param)] if score_kind(param) \
             else ["reward", "cost"]
         if found.kind not in wanted:
             what = "a round, which stands for its policy here" if found.source == "round" else \
@@ -221,7 +227,7 @@ def check_model(session: Session, param: str, ref: str, expected: str) -> ModelR
             from models.loading import kind_problem
 
             try:
-                problem = kind_problem(found.path, SCORE_KINDS.get(param, "reward"))
+                problem = kind_problem(found.path, score_kind(param) or "reward")
             except (OSError, ValueError) as e:  # an unreadable config.json or checkpoint
                 problem = "path", f"{ref!r}: {str(e).splitlines()[0][:300]}"
             if problem is not None:

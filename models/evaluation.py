@@ -50,17 +50,22 @@ def score_metrics(better: torch.Tensor, worse: torch.Tensor, pairs: Sequence[Pre
                   prefix: str = "eval") -> dict[str, float]:
     """Accuracy metrics from the scores of ``pairs`` (``better``/``worse`` (N,), pair order).
 
-    Keys (namespaced by ``prefix``): ``accuracy``, ``score_better``, ``score_worse``; for the
-    cost model also ``sign_accuracy``; per harm category ``category/<name>/{accuracy,
+    Keys (namespaced by ``prefix``): ``accuracy`` (over the ranked pairs; ``ranked_pairs`` counts them
+    when some are not), ``score_better``, ``score_worse``; for the cost model also ``sign_accuracy``; per harm category ``category/<name>/{accuracy,
     sign_accuracy,count}``.
     """
     if score_type == "reward":
         correct = better > worse  # (N,) R(y_w) > R(y_l)
     else:
         correct = worse > better  # (N,) C(y_unsafer) > C(y_safer)
-    metrics = {f"{prefix}/accuracy": correct.float().mean().item(),
-               f"{prefix}/score_better": better.mean().item(),
-               f"{prefix}/score_worse": worse.mean().item()}
+    # A cost model of some harm categories learns the order of some pairs only (``PreferencePair.ranked``):
+    # its ranking accuracy is over those (none: no accuracy), its sign accuracy over every response.
+    ranked = torch.tensor([p.ranked for p in pairs], dtype=torch.bool)  # (N,)
+    metrics = {f"{prefix}/score_better": better.mean().item(), f"{prefix}/score_worse": worse.mean().item()}
+    if ranked.any():
+        metrics[f"{prefix}/accuracy"] = correct[ranked].float().mean().item()
+    if not ranked.all():
+        metrics[f"{prefix}/ranked_pairs"] = int(ranked.sum())
     sign_correct = None
     if score_type == "cost":
         better_safe = torch.tensor([p.better_is_safe for p in pairs])
@@ -80,7 +85,8 @@ def score_metrics(better: torch.Tensor, worse: torch.Tensor, pairs: Sequence[Pre
         mask = torch.tensor([name in p.categories for p in pairs])
         key = f"{prefix}/category/{name}"
         metrics[f"{key}/count"] = int(mask.sum())
-        metrics[f"{key}/accuracy"] = correct[mask].float().mean().item()
+        if (mask & ranked).any():
+            metrics[f"{key}/accuracy"] = correct[mask & ranked].float().mean().item()
         if sign_correct is not None:
             metrics[f"{key}/sign_accuracy"] = sign_correct[mask].float().mean().item()
     return metrics

@@ -241,6 +241,7 @@ def _load(spec: str):
 _PPO_MODELS = (("model", "causal"), ("reward_model", "score"), ("cost_model", "score"), ("cost_models", "score"),
                ("reward_critic", "any"), ("cost_critic", "any"))
 _PPO_DATA = ("prompt", "preference", "sft")  # prompts from prompt/preference records; sft records feed PTX
+_GRPO_MODELS = tuple((name, kind) for name, kind in _PPO_MODELS if not name.endswith("_critic"))  # no critics
 
 # Job type -> where it lives. Strings, so importing this module stays cheap.
 JOB_TYPES: dict[str, JobType] = {
@@ -253,7 +254,7 @@ JOB_TYPES: dict[str, JobType] = {
                       (("model", "any"),), ("preference",),
                       multi_rank=True,
                       summary="a reward model on the helpfulness preference (`better_response_id`)."),
-    "cost": JobType("models.score_training:ScoreTrainingConfig", "models.score_training:run_cost", "gpu",
+    "cost": JobType("models.score_training:CostTrainingConfig", "models.score_training:run_cost", "gpu",
                     (("model", "any"),), ("preference",),
                     multi_rank=True,
                     summary="a cost model on the harmlessness preference and the safety labels (cost > 0 ⇔ unsafe)."),
@@ -270,13 +271,21 @@ JOB_TYPES: dict[str, JobType] = {
     "ppo_lag": JobType("models.ppo_lag:PPOLagConfig", "models.ppo_lag:run_ppo_lag", "gpu", _PPO_MODELS, _PPO_DATA,
                        (("objective", "lagrangian"),),
                        multi_rank=True,
-                       summary="a Safe RLHF round: PPO-Lagrangian, reward maximised while J̄_C ≤ `threshold`, λ learned."),
+                       summary="a Safe RLHF round: PPO-Lagrangian, reward maximised while J̄_C ≤ `threshold` (or each "
+                               "constraint of `cost_models`), λ learned."),
     "ppo": JobType("models.ppo_lag:PPOLagConfig", "models.ppo_lag:run_ppo", "gpu", _PPO_MODELS, _PPO_DATA,
                    (("objective", "reward"),), multi_rank=True,
                    summary="baseline: PPO on the reward alone (the cost is scored for telemetry)."),
     "ppo_shaping": JobType("models.ppo_lag:PPOLagConfig", "models.ppo_lag:run_ppo_shaping", "gpu", _PPO_MODELS,
                            _PPO_DATA, (("objective", "shaping"),),
                            multi_rank=True, summary="baseline: PPO on a fixed `R − shaping_lambda·C`."),
+    "grpo_lag": JobType("models.grpo_lag:GRPOLagConfig", "models.grpo_lag:run_grpo_lag", "gpu", _GRPO_MODELS,
+                        _PPO_DATA, (("objective", "lagrangian"),), multi_rank=True,
+                        summary="a critic-free Safe RLHF round: GRPO-Lagrangian, `group_size` answers per prompt, "
+                                "reward and cost normalised within the group, λ learned as in ppo_lag."),
+    "grpo": JobType("models.grpo_lag:GRPOLagConfig", "models.grpo_lag:run_grpo", "gpu", _GRPO_MODELS, _PPO_DATA,
+                    (("objective", "reward"),), multi_rank=True,
+                    summary="baseline: GRPO on the reward alone (the cost is scored for telemetry)."),
 }
 
 
@@ -611,9 +620,10 @@ def _table(cls: type, names: list[str]) -> list[str]:
 
 def params_markdown() -> str:
     """Every job type's params as Markdown tables: the shared training params once, then each job's own,
-    then the nested objects (``optim``, ``lora``, ``sampling``)."""
+    then the nested objects (``optim``, ``lora``, ``sampling``, ``cost_models``' entries)."""
     from models.evaluate import JudgeConfig
     from models.generation import SamplingConfig
+    from models.ppo_lag import CostModelSpec
     from models.rollout import RolloutParams
     from models.training import LoraConfig, OptimConfig, TrainingConfig
 
@@ -623,7 +633,7 @@ def params_markdown() -> str:
     lines = ["Every bound is checked at `POST /v1/jobs` (422 naming the param). `BEAVER_MAX_JOB_*` are caps an admin "
              "sets (see Configuration); token lengths are also bounded by the model's context, and a job's answers "
              "and optimizer steps, counted from its datasets, by the samples and steps caps.", "",
-             "**Every training job** (sft, dpo, reward, cost, ppo_lag, ppo, ppo_shaping) takes:", ""]
+             "**Every training job** (sft, dpo, reward, cost, ppo_lag, ppo, ppo_shaping, grpo_lag, grpo) takes:", ""]
     lines += _table(TrainingConfig, shared)
     lines += ["", f"**Every job that samples** ({', '.join(samplers)}) takes the rollout engine's params (see "
               "[Rollout engines](#rollout-engines)):", ""]
@@ -632,18 +642,23 @@ def params_markdown() -> str:
     for name, spec in JOB_TYPES.items():
         cls = spec.config_class()
         training = issubclass(cls, TrainingConfig)
-        if cls in shown:  # cost shares reward's config, ppo and ppo_shaping ppo_lag's
+        if cls in shown:  # ppo and ppo_shaping share ppo_lag's config
             lines += ["", f"**`{name}`** — {spec.summary} The same params as `{shown[cls]}`."]
             continue
-        lines += ["", f"**`{name}`** — {spec.summary}" + (" Also the training params above." if training else "")]
+        base = next((b for b in cls.__mro__[1:] if b in shown), None)  # cost extends reward's config
+        also = f" The params of `{shown[base]}`, and:" if base else " Also the training params above." if training \
+            else ""
+        lines += ["", f"**`{name}`** — {spec.summary}{also}"]
         shown[cls] = name
         fixed = {k for k, _ in spec.fixed}
-        own = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in fixed
+        inherited = {f.name for f in dataclasses.fields(base)} if base else set()
+        own = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in fixed and f.name not in inherited
                and not (training and f.name in shared) and f.name not in rollout]
         lines += [""] + _table(cls, own)
     for title, cls in (("`optim` / `actor_optim` / `critic_optim` (OptimConfig)", OptimConfig),
                        ("`lora` (LoraConfig)", LoraConfig), ("`sampling` (SamplingConfig)", SamplingConfig),
-                       ("`judge` (evaluate's JudgeConfig)", JudgeConfig)):
+                       ("`judge` (evaluate's JudgeConfig)", JudgeConfig),
+                       ("`cost_models` entries (CostModelSpec)", CostModelSpec)):
         lines += ["", f"**{title}** — {(cls.__doc__ or '').strip().splitlines()[0].replace('``', '`')}", ""]
         lines += _table(cls, [f.name for f in dataclasses.fields(cls)])
     return "\n".join(lines) + "\n"

@@ -22,18 +22,25 @@ def reward_loss(better_scores: torch.Tensor, worse_scores: torch.Tensor, regular
 
 
 def cost_loss(safer_scores: torch.Tensor, unsafer_scores: torch.Tensor, safer_is_safe: torch.Tensor,
-              unsafer_is_safe: torch.Tensor, regularization: float = 0.0) -> torch.Tensor:
+              unsafer_is_safe: torch.Tensor, regularization: float = 0.0,
+              ranked: torch.Tensor | None = None) -> torch.Tensor:
     """Cost model loss (Safe RLHF eq. 6): rank the unsafer response above the safer one, and put
     each response's cost on the side of 0 its safety label says (cost > 0 ⇔ unsafe):
 
         L_C = −E[log σ(C(y_u) − C(y_s))] − E[log σ(s_u·C(y_u)) + log σ(s_s·C(y_s))] + μ·E[(C_u² + C_s²)/2]
 
-    with ``s = +1`` for a response labelled unsafe and ``−1`` for one labelled safe.
+    with ``s = +1`` for a response labelled unsafe and ``−1`` for one labelled safe. ``ranked`` (bool,
+    one per pair; default all) keeps the first term for those pairs only — a cost model of some harm
+    categories drops the order of pairs that does not concern them — still averaged over every pair, so
+    a batch's loss is the sum of its micro-batches' whatever their mix.
     """
     sign_safer = 1.0 - 2.0 * safer_is_safe.to(safer_scores.dtype)  # safe → −1, unsafe → +1
     sign_unsafer = 1.0 - 2.0 * unsafer_is_safe.to(unsafer_scores.dtype)
+    rank_term = -F.logsigmoid(unsafer_scores - safer_scores)
+    if ranked is not None:
+        rank_term = rank_term * ranked.to(rank_term.dtype)
     loss = (
-        -F.logsigmoid(unsafer_scores - safer_scores)
+        rank_term
         - F.logsigmoid(sign_safer * safer_scores)
         - F.logsigmoid(sign_unsafer * unsafer_scores)
     ).mean()

@@ -8,6 +8,11 @@ episode cost J̄_C, prices cost until J̄_C ≤ d. One PPO step reads top to bot
     rollout → reward/cost scoring → KL shaping → GAE (reward and cost streams)
     → λ update → A = (A_r − λ·A_c)/(1+λ) → clipped surrogate → critic losses → events
 
+Several constraints (``cost_models``): one cost model, cost critic, cost stream and λ_k per
+constraint, A = (A_r − Σ_k λ_k·A_c,k)/(1 + Σ_k λ_k). ``constraint: per_prompt`` (RePO): each
+answer's cost signal is its violation [C_k − d_k]⁺ and λ_k follows the mean violation
+(``models.rl.Constraints``).
+
 Objectives (the ``ppo_lag``, ``ppo`` and ``ppo_shaping`` jobs):
 - ``lagrangian``: the above, with a reward critic and a cost critic.
 - ``reward``: PPO on the reward alone (cost is scored for telemetry only).
@@ -78,7 +83,8 @@ class CostModelSpec:
     threshold: Annotated[float, Bound(ge=-1e6, le=1e6)] = 0.0
     """d_k of this constraint."""
     name: Annotated[str, Bound(min_length=1, max_length=40)] = ""
-    """Names its metrics (`lagrange/lambda/<name>`, `train/cost/<name>`): lowercase letters, digits, `_`, `-`."""
+    """Names its metrics (`lagrange/lambda/<name>`, `train/cost/<name>`, …) and its critic: lowercase letters, digits,
+    `_`, `-`."""
 
     def __post_init__(self):
         if not self.model:
@@ -101,7 +107,7 @@ class SafeRLConfig(TrainingConfig, RolloutParams):
     shaping objectives unless `cost_models` is given; reward-only jobs score it for telemetry)."""
     cost_models: Annotated[list[CostModelSpec], Bound(min_length=1, max_length=8)] | None = None
     """Several constraints at once, each with its own cost model, threshold and λ_k (instead of `cost_model` and
-    `threshold`): A = (A_r − Σ λ_k·A_c,k) / (1 + Σ λ_k)."""
+    `threshold`): A = (A_r − Σ λ_k·A_c,k) / (1 + Σ λ_k). Entries `{model, threshold, name}`, below."""
     constraint: Literal["expected", "per_prompt"] = "expected"
     """`expected`: the paper's J̄_C ≤ d on the mean cost. `per_prompt` (RePO, arXiv 2410.19933): every answer's cost
     signal is its rectified violation [C − d]⁺ and λ follows the mean violation, so safe answers to easy prompts cannot
@@ -339,7 +345,7 @@ def on_device(models: Sequence, device: torch.device, offload: bool):
 
 
 def train(config: PPOLagConfig, policy, ref_policy, fmt: ChatFormat, prompts: Sequence[Prompt], reward_fn: Scorer,
-          cost_fn: Scorer | None = None, reward_critic=None, cost_critic=None, *,
+          cost_fn: Scorer | Sequence[Scorer] | dict[str, Scorer] | None = None, reward_critic=None, cost_critic=None, *,
           generator: GenerationBackend | None = None, ptx_records: Sequence[dict] = (), frozen: Sequence = (),
           output_dir: str | Path | None = None, resume_from: str | Path | None = None,
           report: Callable[[dict], None] = lambda event: None,
@@ -347,9 +353,10 @@ def train(config: PPOLagConfig, policy, ref_policy, fmt: ChatFormat, prompts: Se
     """Run ``config.steps`` PPO steps on ``policy`` in place; returns the last step's metrics.
 
     ``prompts`` are user messages or conversations, rendered by ``fmt`` (the policy's format);
-    ``reward_fn`` and ``cost_fn`` score rollouts. The critics are ``*ForSequenceClassification``
-    models over the policy's tokens. ``ref_policy`` None: the reference is the LoRA policy with its
-    adapters off. ``frozen`` lists models to offload between phases. ``resume_from`` is a
+    ``reward_fn`` and ``cost_fn`` score rollouts; with several constraints (``cost_models``) ``cost_fn`` and
+    ``cost_critic`` give one per constraint, a list in their order or a dict by name. The critics are
+    ``*ForSequenceClassification`` models over the policy's tokens. ``ref_policy`` None: the reference is the
+    LoRA policy with its adapters off. ``frozen`` lists models to offload between phases. ``resume_from`` is a
     checkpoint directory written by this function (models already loaded from it by the caller).
     ``generator`` samples the rollouts (default a ``Sampler`` on ``policy``); one that holds weights of
     its own (``WeightSynced``: vLLM) gets the policy's before the first rollout and after every update.
@@ -357,14 +364,19 @@ def train(config: PPOLagConfig, policy, ref_policy, fmt: ChatFormat, prompts: Se
     all), ``stop_requested`` (a local check) at every sampled token.
     """
     lagrangian = config.objective == "lagrangian"
-    if config.cost_models or config.constraint != "expected":  # the trainer below has one expected constraint
-        raise ValueError("cost_models and constraint: per_prompt are not supported by this trainer yet")
+    # One λ_k, one episode-cost window, one cost model and (Lagrangian) one cost critic per constraint.
+    constraints = Constraints(config.constraints(), config.constraint, config.lambda_init, config.lambda_lr,
+                              config.lambda_max, config.episode_cost_window)
+    names, per_prompt = constraints.names, config.constraint == "per_prompt"
+    several = len(names) > 1
+    cost_fns = per_constraint(cost_fn, names, "cost_fn")
+    cost_critics = per_constraint(cost_critic, names, "cost_critic") if lagrangian else [None] * len(names)
     if reward_critic is None:
         raise ValueError("PPO needs a reward critic")
-    if lagrangian and (cost_fn is None or cost_critic is None):
-        raise ValueError("the lagrangian objective needs a cost model and a cost critic")
-    if config.objective == "shaping" and cost_fn is None:
-        raise ValueError("reward shaping needs a cost model")
+    if lagrangian and any(f is None or c is None for f, c in zip(cost_fns, cost_critics)):
+        raise ValueError("the lagrangian objective needs a cost model and a cost critic per constraint")
+    if config.objective == "shaping" and (several or cost_fns[0] is None):
+        raise ValueError("reward shaping needs one cost model")
     device = next(policy.parameters()).device
     dtype = compute_dtype(config.dtype, device)
     sampling, T_max = config.sampling, config.sampling.max_new_tokens
@@ -381,21 +393,20 @@ def train(config: PPOLagConfig, policy, ref_policy, fmt: ChatFormat, prompts: Se
                                      synced=ranks.distributed and config.zero_stage == 3)
     # Dropout would make the first ratio π_θ/π_old ≠ 1; PPO on LMs runs with it off. The trained
     # models stay in train mode (gradient checkpointing only acts there); the frozen one is read.
-    for model in (policy, reward_critic, cost_critic):
+    for model in (policy, reward_critic, *cost_critics):
         if model is not None:
             without_dropout(model)
     if ref_policy is not None:
         ref_policy.eval()
-    if not lagrangian:
-        cost_critic = None  # one critic: reward (or R − λ_s·C)
     B = config.rollout_batch_size  # this rank's share of the step's B × world_size prompts
     mini = config.mini_batch_size or B
     total_updates = config.steps * config.ppo_epochs * math.ceil(B / mini)
     actor = Updater(policy, config.actor_optim, total_updates, config, dtype, device)
+    # Critics "reward" and "cost" (one constraint) or "cost_<name>" per constraint; the reward and
+    # shaping objectives have the reward critic only (R, or R − λ_s·C).
+    cost_names = cost_critic_names(names)
     critics = [(name, critic, Updater(critic, config.critic_optim, total_updates, config, dtype, device))
-               for name, critic in (("reward", reward_critic), ("cost", cost_critic)) if critic is not None]
-    multiplier = LagrangeMultiplier(config.lambda_init, config.lambda_lr, config.lambda_max, config.threshold)
-    episode_costs: collections.deque = collections.deque(maxlen=config.episode_cost_window)
+               for name, critic in (("reward", reward_critic), *zip(cost_names, cost_critics)) if critic is not None]
     # PTX (InstructGPT): the SFT loss on the job's sft records keeps the policy's language intact.
     ptx = [labelled_conversation(fmt, r, config.max_length) for r in ptx_records] if config.ptx_coef > 0 else []
     ptx, ptx_no_target = with_targets(ptx, config.max_length, "PTX (sft) records")  # nothing to learn: left out
@@ -406,8 +417,7 @@ def train(config: PPOLagConfig, policy, ref_policy, fmt: ChatFormat, prompts: Se
     if resume_from:
         state = read_checkpoint(resume_from)
         start = state["step"]
-        multiplier.load_state_dict(state["lagrange"])
-        episode_costs.extend(state["episode_costs"])
+        constraints.load_state_dict(state)  # also a one-constraint checkpoint of before several constraints
         actor.load_state_dict(state["optimizers"]["actor"])
         for name, _, updater in critics:
             updater.load_state_dict(state["optimizers"][name])
@@ -452,14 +462,17 @@ def train(config: PPOLagConfig, policy, ref_policy, fmt: ChatFormat, prompts: Se
         seconds["time/rollout"] += time.perf_counter() - clock
         clock = time.perf_counter()
 
-        # --- 2. scoring: R(x, y) and C(x, y), end scores of the frozen reward and cost models --
+        # --- 2. scoring: R(x, y) and C_k(x, y), end scores of the frozen reward and cost models --
         with on_device(frozen, device, config.offload_frozen), torch.no_grad(), amp:
             reward = _score(reward_fn, batch).to(device)  # (B,) R
-            cost = _score(cost_fn, batch).to(device) if cost_fn is not None else torch.zeros_like(reward)  # (B,) C
-            # J̄_C over every rank's episodes, in the global pick order: the same window, so the same
-            # λ, on every rank (and the one-rank run's with the global batch).
-            episode_costs.extend(_unshard(distributed.all_gather(cost.tolist()), ranks.world_size))
-            score = reward - config.shaping_lambda * cost if config.objective == "shaping" else reward
+            costs = [_score(f, batch).to(device) if f is not None else torch.zeros_like(reward)
+                     for f in cost_fns]  # K × (B,) C_k
+            # J̄_C,k over every rank's episodes, in the global pick order: the same windows, so the
+            # same λ_k, on every rank (and the one-rank run's with the global batch).
+            constraints.record([_unshard(distributed.all_gather(c.tolist()), ranks.world_size) for c in costs])
+            # the cost signal of each answer: C_k (expected), or its violation [C_k − d_k]⁺ (per_prompt)
+            signals = [constraints.signal(k, c) for k, c in enumerate(costs)]  # K × (B,)
+            score = reward - config.shaping_lambda * signals[0] if config.objective == "shaping" else reward
 
             # log π_old, log π_ref and V_old, one micro-batch at a time
             old_log_probs, ref_log_probs = torch.zeros_like(mask), torch.zeros_like(mask)  # (B, T)
@@ -475,27 +488,33 @@ def train(config: PPOLagConfig, policy, ref_policy, fmt: ChatFormat, prompts: Se
         seconds["time/scoring"] += time.perf_counter() - clock  # R, C, log π_old, log π_ref, V_old
         clock = time.perf_counter()
 
-        # --- 3. KL shaping: r_t = −β·kl_t (+R at the last token), c_t = +β·kl_t (+C there) ---
+        # --- 3. KL shaping: r_t = −β·kl_t (+R at the last token), c_k,t = +β·kl_t (+C_k there,
+        #        or per_prompt [C_k − d_k]⁺: a safe answer's cost stream is its KL alone) --------
         kl = (old_log_probs - ref_log_probs) * mask  # (B, T) kl_t = log π_θ − log π_ref
         last = mask.sum(-1).long().clamp(min=1) - 1  # (B,) index of the last response token (eos)
         at_end = torch.nn.functional.one_hot(last, mask.shape[1]).float() * mask  # (B, T)
         rewards = (-config.kl_coef * kl + score.unsqueeze(1) * at_end).clamp(-config.score_clip, config.score_clip)
-        costs = (config.kl_coef * kl + cost.unsqueeze(1) * at_end).clamp(-config.score_clip, config.score_clip)
+        cost_streams = [(config.kl_coef * kl + s.unsqueeze(1) * at_end).clamp(-config.score_clip, config.score_clip)
+                        for s in signals]  # K × (B, T)
 
-        # --- 4. GAE on each stream (γ = 1, λ_GAE = 0.95) --------------------------------------
+        # --- 4. GAE on each stream (γ = 1, λ_GAE = 0.95): reward, and every constraint's cost --
         reward_adv, reward_returns = gae(old_values["reward"], rewards, mask, config.gamma, config.gae_lambda)
         returns = {"reward": reward_returns}
+        cost_advs = []  # K × (B, T) A_c,k
         if lagrangian:
-            cost_adv, returns["cost"] = gae(old_values["cost"], costs, mask, config.gamma, config.gae_lambda)
+            for name, stream in zip(cost_names, cost_streams):
+                adv, returns[name] = gae(old_values[name], stream, mask, config.gamma, config.gae_lambda)
+                cost_advs.append(adv)
 
-        # --- 5. λ update before the policy update that uses it: SGD on −(J̄_C − d)·λ ----------
-        mean_episode_cost = sum(episode_costs) / len(episode_costs)  # J̄_C over the last W episodes
+        # --- 5. λ_k update before the policy update that uses it: SGD on −(J̄_C,k − d_k)·λ_k ---
         if lagrangian and step >= config.lambda_update_delay:
-            multiplier.update(mean_episode_cost)
-        lam = multiplier.value if lagrangian else (config.shaping_lambda if config.objective == "shaping" else 0.0)
+            constraints.update()  # each λ_k on its own J̄_C,k over the last W episodes
+        lam = sum(constraints.values) if lagrangian else (
+            config.shaping_lambda if config.objective == "shaping" else 0.0)
 
-        # --- 6. advantage: A = (A_r − λ·A_c) / (1 + λ) ----------------------------------------
-        advantages = combine_advantages(reward_adv, cost_adv, lam) if lagrangian else reward_adv  # (B, T)
+        # --- 6. advantage: A = (A_r − Σ_k λ_k·A_c,k) / (1 + Σ_k λ_k) ---------------------------
+        advantages = combine_advantages(reward_adv, cost_advs, constraints.values) if lagrangian \
+            else reward_adv  # (B, T)
 
         # --- 7-8. PPO epochs: clipped surrogate for the actor, clipped value loss per critic --
         logs = collections.defaultdict(list)
@@ -562,14 +581,18 @@ def train(config: PPOLagConfig, policy, ref_policy, fmt: ChatFormat, prompts: Se
         # Means over this rank's sequences, averaged over ranks (equal shards: the global means);
         # J̄_C and λ are already the same on every rank.
         metrics = {key: sum(v) / len(v) for key, v in logs.items()}
+        metrics["train/reward"] = float(reward.mean())
+        for key, values in (("train/cost", costs), *((("train/violation", signals),) if per_prompt else ())):
+            if several:  # train/cost/<name>: the mean C_k of the step (per_prompt: train/violation/<name>)
+                metrics.update({f"{key}/{name}": float(v.mean()) for name, v in zip(names, values)})
+            else:
+                metrics[key] = float(values[0].mean())
         metrics.update({
-            "train/reward": float(reward.mean()),
-            "train/cost": float(cost.mean()),
             "train/kl": float(kl.sum(-1).mean()),  # per-sequence KL to the reference
             "train/response_length": float(mask.sum(-1).mean()),
         })
         metrics = distributed.all_mean(metrics)
-        metrics.update({"train/episode_cost": mean_episode_cost, "lagrange/lambda": lam, **seconds,
+        metrics.update({**lagrange_metrics(constraints, lagrangian, lam), **seconds,
                         # never stale: a failed sync fails the job (0 = sampled with this step's policy)
                         "rollout/weights_version": weights_version, "rollout/stale_updates": step - weights_version})
         if rollout.log_probs is not None:  # how far the sampler's distribution is from the trainer's
@@ -583,23 +606,65 @@ def train(config: PPOLagConfig, policy, ref_policy, fmt: ChatFormat, prompts: Se
             event["data/ptx_skipped_no_target"] = ptx_no_target
         if output_dir and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 \
                 and step + 1 < config.steps:
-            event["checkpoint"] = str(save_checkpoint(output_dir, step + 1, policy, fmt, critics, actor, multiplier,
-                                                      episode_costs))
+            event["checkpoint"] = str(save_checkpoint(output_dir, step + 1, policy, fmt, critics, actor, constraints))
         report(event)
 
-    metrics["lambda_final"] = multiplier.value if lagrangian else metrics.get("lagrange/lambda", 0.0)
-    metrics["episode_cost_final"] = sum(episode_costs) / max(len(episode_costs), 1)
+    # λ (Σ_k λ_k) and J̄_C at the end, and with several constraints each λ_k and J̄_C,k by name
+    metrics["lambda_final"] = sum(constraints.values) if lagrangian else metrics.get("lagrange/lambda", 0.0)
+    means = constraints.means()
+    if several:
+        for name, value, mean in zip(names, constraints.values, means):
+            if lagrangian:
+                metrics[f"lambda_final/{name}"] = value
+            metrics[f"episode_cost_final/{name}"] = mean
+    else:
+        metrics["episode_cost_final"] = means[0]
     return metrics
 
 
-def save_checkpoint(output_dir, step: int, policy, fmt: ChatFormat, critics, actor: Updater, multiplier,
-                    episode_costs) -> Path:
-    """``checkpoint-{step}/``: ``policy/``, ``reward_critic/``, ``cost_critic/`` (full weights, or
-    LoRA adapters) and the trainer state (step, λ, the episode-cost window, optimizer states)."""
+def per_constraint(value, names: Sequence[str], what: str) -> list:
+    """One item per constraint (a scorer, a critic): a list in the constraints' order, a dict name → item,
+    or one item (or None) for a single constraint."""
+    if isinstance(value, dict):
+        if sorted(value) != sorted(names):
+            raise ValueError(f"{what} names {sorted(value)}, the constraints are {list(names)}")
+        return [value[name] for name in names]
+    if isinstance(value, (list, tuple)):
+        if len(value) != len(names):
+            raise ValueError(f"{len(value)} {what} for {len(names)} constraints {list(names)}")
+        return list(value)
+    if value is not None and len(names) > 1:
+        raise ValueError(f"{what}: one per constraint {list(names)} (a list or a dict by name)")
+    return [value] * len(names)
+
+
+def cost_critic_names(names: Sequence[str]) -> list[str]:
+    """The cost critics' names: ``cost`` for one constraint (so its checkpoints are those of before several
+    constraints), ``cost_<name>`` for each of several (checkpoint folders ``cost_<name>_critic``)."""
+    return ["cost"] if len(names) == 1 else [f"cost_{name}" for name in names]
+
+
+def lagrange_metrics(constraints: Constraints, lagrangian: bool, lam: float) -> dict[str, float]:
+    """``lagrange/lambda`` (Σ_k λ_k; the reward and shaping objectives: their fixed 0 or λ_s) and the windowed
+    ``train/episode_cost`` — per constraint by name when there are several (``Constraints.metrics``)."""
+    metrics = constraints.metrics()
+    if not lagrangian:  # no λ_k is learned: only the fixed price, and J̄_C,k for telemetry
+        metrics = {k: v for k, v in metrics.items() if not k.startswith("lagrange/lambda/")}
+    if len(constraints.names) == 1:  # the order of the events of before several constraints
+        return {"train/episode_cost": metrics["train/episode_cost"], "lagrange/lambda": lam}
+    return {**metrics, "lagrange/lambda": lam}
+
+
+def save_checkpoint(output_dir, step: int, policy, fmt: ChatFormat, critics, actor: Updater,
+                    constraints: Constraints | LagrangeMultiplier, episode_costs: Sequence[float] = ()) -> Path:
+    """``checkpoint-{step}/``: ``policy/``, ``reward_critic/``, ``cost_critic/`` (or ``cost_<name>_critic/`` per
+    constraint; full weights, or LoRA adapters) and the trainer state (step, every λ_k and its episode-cost
+    window: ``Constraints.state_dict``, or a lone ``LagrangeMultiplier`` and ``episode_costs``; optimizer states)."""
     models = {"policy": policy, **{f"{name}_critic": critic for name, critic, _ in critics}}
+    state = constraints.state_dict() if isinstance(constraints, Constraints) else {
+        "lagrange": constraints.state_dict(), "episode_costs": list(episode_costs)}
     return write_checkpoint(output_dir, step, models, fmt, {
-        "lagrange": multiplier.state_dict(),
-        "episode_costs": list(episode_costs),
+        **state,
         "optimizers": {"actor": actor.state_dict(),
                        **{name: updater.state_dict() for name, _, updater in critics}},
     })
@@ -657,12 +722,17 @@ def _run(config: PPOLagConfig, ctx: JobContext, reward_fn: Scorer | None, cost_f
     def critic(name: str, ref: str | None):
         # The critic reads the policy's tokens, so it shares the policy's format.
         base = ctx.resolve_model(ref or config.model)
+        if checkpoint and not (Path(checkpoint) / f"{name}_critic").is_dir():  # e.g. other constraints' critics
+            raise ValueError(f"the checkpoint {checkpoint} has no {name}_critic: it is not of this job's constraints "
+                             f"{[c.name for c in constraints]}")
         weights, adapter = checkpoint_source(checkpoint, f"{name}_critic", base)
         return load_trainable(weights, "score", fmt, config, device, adapter=adapter), base
 
+    constraints = config.constraints()
     reward_critic, reward_critic_base = critic("reward", config.reward_critic or config.reward_model)
-    cost_critic, cost_critic_base = (critic("cost", config.cost_critic or config.cost_model)
-                                     if config.objective == "lagrangian" else (None, None))
+    # one cost critic per constraint, from `cost_critic` or its own cost model (none outside the Lagrangian)
+    cost_critics = [critic(name, config.cost_critic or c.model) if config.objective == "lagrangian" else (None, None)
+                    for name, c in zip(cost_critic_names([c.name for c in constraints]), constraints)]
 
     frozen = [ref_policy]
 
@@ -683,21 +753,74 @@ def _run(config: PPOLagConfig, ctx: JobContext, reward_fn: Scorer | None, cost_f
     # and on a resumed run (whose critics load from the checkpoint and draw nothing before this).
     torch.manual_seed(config.seed)
     reward_fn = reward_fn or scorer(config.reward_model, reward_critic, reward_critic_base)
-    cost_fn = cost_fn or scorer(config.cost_model, cost_critic, cost_critic_base)
+    if cost_fn is None:  # every constraint's cost model (the reward objective scores them for telemetry)
+        cost_fn = [scorer(c.model, *critic_and_base) for c, critic_and_base in zip(constraints, cost_critics)]
     if config.offload_frozen and device.type == "cuda":
         for model in frozen:
             if model is not None:
                 model.to("cpu")
 
+    events = []  # the step events, for the curves' plot
+
+    def report(event: dict) -> None:
+        if "step" in event:
+            events.append(event)
+        ctx.report(event)
+
     with open_vllm(engine, ctx, policy_path, fmt, dtype, config.max_length, device) if engine.engine == "vllm" \
             else contextlib.nullcontext() as generator:  # None: train samples with its own Sampler (hf)
-        metrics = train(config, policy, ref_policy, fmt, prompts, reward_fn, cost_fn, reward_critic, cost_critic,
+        metrics = train(config, policy, ref_policy, fmt, prompts, reward_fn, cost_fn, reward_critic,
+                        [c for c, _ in cost_critics],
                         generator=generator, ptx_records=ptx_records, frozen=frozen, output_dir=ctx.output_dir,
-                        resume_from=checkpoint, report=ctx.report, should_stop=ctx.should_stop,
+                        resume_from=checkpoint, report=report, should_stop=ctx.should_stop,
                         stop_requested=ctx.stop_requested)
 
     out = save_artifact(policy, fmt, Path(ctx.output_dir) / "policy", dtype)
-    return JobResult(metrics=metrics, artifacts=[Artifact(
+    # d, or d_k by name with several constraints
+    thresholds = {"threshold": config.threshold} if len(constraints) == 1 else {
+        "thresholds": {c.name: c.threshold for c in constraints}}
+    artifacts = [Artifact(
         kind="policy", path=str(out),
         metadata={"trainer": {"lagrangian": "ppo_lag", "reward": "ppo", "shaping": "ppo_shaping"}[config.objective],
-                  "threshold": config.threshold, **metrics, **fmt.info()})])
+                  **thresholds, "constraint": config.constraint, **metrics, **fmt.info()})]
+    if distributed.current().main and events:
+        curves = plot_curves(events, constraints, config.constraint, Path(ctx.output_dir) / "training.png")
+        artifacts.append(Artifact(kind="report", path=str(curves), name="training curves"))
+    return JobResult(metrics=metrics, artifacts=artifacts)
+
+
+def plot_curves(events: Sequence[dict], constraints: Sequence[Constraint], mode: str, path: Path) -> Path:
+    """The job's curves as a PNG: reward and KL; one λ line per constraint; per constraint its step's mean
+    cost, its windowed J̄_C (per_prompt: the mean violation [C − d]⁺) and its threshold d (dotted)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # a worker has no display
+    import matplotlib.pyplot as plt
+
+    several = len(constraints) > 1
+    steps = [e["step"] for e in events]
+    series = lambda key: [e.get(key, float("nan")) for e in events]
+    fig, (top, mid, bottom) = plt.subplots(3, 1, figsize=(6, 7), sharex=True)
+    top.plot(steps, series("train/reward"), color="tab:green", label="reward")
+    top.plot(steps, series("train/kl"), color="tab:gray", label="KL to the reference")
+    top.legend(fontsize=8)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, c in enumerate(constraints):
+        color, suffix = colors[k % len(colors)], f"/{c.name}" if several else ""
+        if any(f"lagrange/lambda{suffix}" in e for e in events):
+            mid.plot(steps, series(f"lagrange/lambda{suffix}"), color=color, label=f"λ {c.name}")
+        bottom.plot(steps, series(f"train/cost{suffix}"), color=color, alpha=0.5, label=f"C {c.name} (step mean)")
+        bottom.plot(steps, series(f"train/episode_cost{suffix}"), color=color,
+                    label=f"J̄ {c.name} (mean violation)" if mode == "per_prompt" else f"J̄_C {c.name}")
+        bottom.axhline(c.threshold, color=color, linestyle="dotted")
+    mid.set_ylabel("λ")
+    if mid.lines:  # none for a reward-only job with several cost models (no λ_k is learned)
+        mid.legend(fontsize=8)
+    bottom.set_ylabel("cost (dotted: threshold d)")
+    bottom.set_xlabel("step")
+    bottom.legend(fontsize=8)
+    top.set_title("PPO: reward, multipliers and costs per constraint")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path

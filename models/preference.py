@@ -6,6 +6,10 @@ label per response. The reward model learns from (better, worse); the cost model
 (safer, unsafer) *and* the two safety labels. Both become a ``PreferencePair`` whose ``better``
 is the preferred response of the preference at hand.
 
+A cost model of some harm categories only (a ``cost`` job's ``harm_categories``) relabels each
+response by those categories and keeps a pair's order only where it concerns them (``unsafe_for``,
+``preference_pairs``).
+
 Batches put both responses of every pair into ONE forward pass (concatenated along the batch,
 better first), and are grouped by length so little compute goes to padding.
 """
@@ -31,6 +35,7 @@ class PreferencePair:
     better_is_safe: bool
     worse_is_safe: bool
     categories: tuple[str, ...] = ()  # harm categories flagged on either response, if given
+    ranked: bool = True  # cost: the pair's order is learned (False: only each response's safety sign)
 
 
 @dataclass
@@ -39,6 +44,7 @@ class TokenizedPair:
     worse_ids: list[int]
     better_is_safe: bool
     worse_is_safe: bool
+    ranked: bool = True
 
     @property
     def length(self) -> int:
@@ -46,14 +52,36 @@ class TokenizedPair:
         return max(len(self.better_ids), len(self.worse_ids))
 
 
-def preference_pairs(records: Sequence[dict], score_type: str) -> list[PreferencePair]:
+def unsafe_for(record: dict, i: int, categories: Sequence[str] | None) -> bool:
+    """Whether response ``i`` of ``record`` is unsafe for a cost model of ``categories`` (None: of all harm).
+
+    Unsafe when labelled unsafe *and* flagged in one of the categories. A response labelled unsafe with
+    no category flagged at all counts as unsafe in every category: PKU-SafeRLHF leaves some unsafe
+    responses unflagged, and an annotator's "unsafe" is not to be dropped on a missing reason — a
+    category model then errs towards caution, as the all-harm model does on the same response.
+    """
+    if record[f"is_response_{i}_safe"]:
+        return False
+    flagged = harm_categories(record.get(f"response_{i}_harm_category"))
+    return categories is None or not flagged or bool(set(flagged) & set(categories))
+
+
+def preference_pairs(records: Sequence[dict], score_type: str,
+                     categories: Sequence[str] | None = None) -> list[PreferencePair]:
     """Validated pairs of ``score_type`` ("reward" | "cost").
 
+    ``categories`` (cost only) trains a cost model of those harm categories: each response's safety
+    label is ``unsafe_for`` them, and a pair keeps its ranking term (``ranked``) only when its unsafer
+    response is unsafe in them. A pair whose safer label concerns other categories (or none: two safe
+    answers) says nothing about these — and when the *safer* response is the one unsafe in them, its
+    order would even teach the opposite — so only its two sign terms are learned.
     Raises ``models.records.InvalidRecords`` naming every malformed or contradictory record
     (the safer response labelled unsafe while the other is labelled safe).
     """
     if score_type not in ("reward", "cost"):
         raise ValueError(f"score_type must be 'reward' or 'cost', got {score_type!r}")
+    if categories is not None and score_type != "cost":
+        raise ValueError("harm categories select what a cost model learns; a reward model has none")
     check_records("preference", list(records))
     key = "better_response_id" if score_type == "reward" else "safer_response_id"
     pairs = []
@@ -62,20 +90,52 @@ def preference_pairs(records: Sequence[dict], score_type: str) -> list[Preferenc
         if b is None:  # a tie: this preference has no order to learn
             continue
         w = 1 - b
-        categories = sorted(set(harm_categories(r.get("response_0_harm_category")))
-                            | set(harm_categories(r.get("response_1_harm_category"))))
-        pairs.append(PreferencePair(
-            prompt=r["prompt"], better=r[f"response_{b}"], worse=r[f"response_{w}"],
-            better_is_safe=r[f"is_response_{b}_safe"], worse_is_safe=r[f"is_response_{w}_safe"],
-            categories=tuple(categories)))
+        flagged = sorted(set(harm_categories(r.get("response_0_harm_category")))
+                         | set(harm_categories(r.get("response_1_harm_category"))))
+        if categories is None:
+            safe = (r[f"is_response_{b}_safe"], r[f"is_response_{w}_safe"])
+            ranked = True
+        else:
+            safe = (not unsafe_for(r, b, categories), not unsafe_for(r, w, categories))
+            ranked = not safe[1]
+        pairs.append(PreferencePair(prompt=r["prompt"], better=r[f"response_{b}"], worse=r[f"response_{w}"],
+                                    better_is_safe=safe[0], worse_is_safe=safe[1], categories=tuple(flagged),
+                                    ranked=ranked))
     return pairs
+
+
+def category_counts(records: Sequence[dict], categories: Sequence[str]) -> dict[str, int]:
+    """What each of a cost model's ``categories`` contributed, over the cost pairs of ``records`` (ties
+    left out): ``data/category/<name>/unsafe_responses`` (responses labelled unsafe and flagged in it),
+    ``data/category/<name>/ranked_pairs`` (pairs ranked because their unsafer response is flagged in
+    it); and ``data/unsafe_uncategorised`` (unsafe, flagged in no category: unsafe for every model),
+    ``data/ranked_pairs`` / ``data/sign_only_pairs``."""
+    counts = {f"data/category/{c}/{k}": 0 for c in categories for k in ("unsafe_responses", "ranked_pairs")}
+    counts |= {"data/unsafe_uncategorised": 0, "data/ranked_pairs": 0, "data/sign_only_pairs": 0}
+    for r in records:
+        b = r["safer_response_id"]
+        if b is None:
+            continue
+        for i in (0, 1):
+            flagged = set(harm_categories(r.get(f"response_{i}_harm_category")))
+            if r[f"is_response_{i}_safe"]:
+                continue
+            if not flagged:
+                counts["data/unsafe_uncategorised"] += 1
+            for c in flagged & set(categories):
+                counts[f"data/category/{c}/unsafe_responses"] += 1
+                if i == 1 - b:
+                    counts[f"data/category/{c}/ranked_pairs"] += 1
+        counts["data/ranked_pairs" if unsafe_for(r, 1 - b, categories) else "data/sign_only_pairs"] += 1
+    return counts
 
 
 def tokenize_pairs(fmt: ChatFormat, pairs: Sequence[PreferencePair], max_length: int | None = None) -> list[TokenizedPair]:
     """Token ids of both conversations of every pair, as ``/v1/score`` and PPO read them (a long
     prompt cut from the left, the answer whole; ``AnswerTooLong`` when an answer does not fit)."""
     return [TokenizedPair(fmt.completion_ids(p.prompt, p.better, max_length),
-                          fmt.completion_ids(p.prompt, p.worse, max_length), p.better_is_safe, p.worse_is_safe)
+                          fmt.completion_ids(p.prompt, p.worse, max_length), p.better_is_safe, p.worse_is_safe,
+                          p.ranked)
             for p in pairs]
 
 
@@ -98,7 +158,7 @@ def collate_pairs(batch: Sequence[TokenizedPair], pad_token_id: int) -> dict[str
     ``B..2B-1`` the worse ones, so one forward gives both scores (``scores.chunk(2)``).
 
     Returns ``input_ids`` and ``attention_mask`` (2B, T) right-padded to the batch's longest
-    sequence, and ``better_is_safe`` / ``worse_is_safe`` (B,) bool.
+    sequence, and ``better_is_safe`` / ``worse_is_safe`` / ``ranked`` (B,) bool.
     """
     input_ids, attention_mask = pad_right([p.better_ids for p in batch] + [p.worse_ids for p in batch], pad_token_id)
     return {
@@ -106,6 +166,7 @@ def collate_pairs(batch: Sequence[TokenizedPair], pad_token_id: int) -> dict[str
         "attention_mask": attention_mask,  # (2B, T)
         "better_is_safe": torch.tensor([p.better_is_safe for p in batch], dtype=torch.bool),  # (B,)
         "worse_is_safe": torch.tensor([p.worse_is_safe for p in batch], dtype=torch.bool),  # (B,)
+        "ranked": torch.tensor([p.ranked for p in batch], dtype=torch.bool),  # (B,)
     }
 
 

@@ -40,6 +40,10 @@ PREFERENCE_OPTIONAL = {
     "response_1_severity_level": (int, type(None)),
 }
 ROLES = ("system", "user", "assistant")
+# Fields where null means something (a tie, no category): kept when a Parquet or Arrow upload has them
+# null, where any other null column value is an absent field.
+NULLABLE_FIELDS = frozenset(name for name, t in {**PREFERENCE_REQUIRED, **PREFERENCE_OPTIONAL}.items()
+                            if isinstance(t, tuple) and type(None) in t)
 
 
 def jsonl_lines(text: str) -> list[tuple[int, str]]:

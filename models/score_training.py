@@ -26,10 +26,11 @@ import torch
 from models import distributed
 from models.chat_format import ChatFormat
 from models.evaluation import evaluate
-from models.jobs import BATCH, UNIT, Artifact, Bound, JobCancelled, JobContext, JobResult
+from models.jobs import BATCH, UNIT, Artifact, Bound, JobCancelled, JobContext, JobResult, ParamsError
 from models.losses import cost_loss, reward_loss
-from models.preference import collate_pairs, fitting_pairs, length_grouped_batches, preference_pairs
-from models.records import InvalidRecords, check_records
+from models.preference import (category_counts, collate_pairs, fitting_pairs, length_grouped_batches,
+                               preference_pairs)
+from models.records import InvalidRecords, check_records, harm_categories
 from models.score_model import end_scores, save_score_model
 from models.training import (OptimConfig, Stepper, TrainingConfig, autocast, check_conversations, checkpoint_source,
                              compute_dtype, get_device, load_trainable, micro_batches, read_checkpoint,
@@ -64,13 +65,35 @@ class ScoreTrainingConfig(TrainingConfig):
                 raise ValueError(message)
 
 
+@dataclass
+class CostTrainingConfig(ScoreTrainingConfig):
+    """Params of a ``cost`` job: a reward job's, and the harm it measures."""
+
+    harm_categories: Annotated[list[Annotated[str, Bound(min_length=1, max_length=64)]], Bound(max_length=64)] = \
+        field(default_factory=list)
+    """Train a cost model of these harm categories only (names as in `response_*_harm_category`; empty: of all
+    harm, the paper's cost model). A response is unsafe for it when labelled unsafe and flagged in one of them;
+    one labelled unsafe with no category flagged counts as unsafe in every category (PKU-SafeRLHF leaves some
+    unflagged: an annotator's "unsafe" is kept, not dropped for a missing reason). A pair's safer-than order is
+    learned only when its unsafer response is unsafe in them: otherwise the order concerns other harm (or two
+    safe answers) and says nothing about these, so the pair teaches only each response's safety sign. A name
+    flagged on no response of the job's datasets is an error. Metrics: `data/category/<name>/unsafe_responses`,
+    `data/category/<name>/ranked_pairs`, `data/ranked_pairs`, `data/sign_only_pairs`."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        twice = sorted({c for c in self.harm_categories if self.harm_categories.count(c) > 1})
+        if twice:
+            raise ParamsError(f"lists {', '.join(map(repr, twice))} more than once", "harm_categories")
+
+
 def pair_loss(score_type: str, better: torch.Tensor, worse: torch.Tensor, batch: dict,
               regularization: float) -> torch.Tensor:
     """The paper's loss of one batch: eq. 5 for reward, eq. 6 for cost (``better`` = safer)."""
     if score_type == "reward":
         return reward_loss(better, worse, regularization)
     return cost_loss(better, worse, batch["better_is_safe"].to(better.device),
-                     batch["worse_is_safe"].to(better.device), regularization)
+                     batch["worse_is_safe"].to(better.device), regularization, batch["ranked"].to(better.device))
 
 
 def train(config: ScoreTrainingConfig, score_type: str, records: Sequence[dict], output_dir: str | Path,
@@ -98,9 +121,11 @@ def train(config: ScoreTrainingConfig, score_type: str, records: Sequence[dict],
     torch.manual_seed(config.seed)  # before loading: the score head (and LoRA) are freshly initialised
 
     # --- data: validated pairs, held-out split, token ids --------------------------------------
-    pairs = preference_pairs(records, score_type)
+    categories = (config.harm_categories or None) if isinstance(config, CostTrainingConfig) else None
+    counts = _check_categories(categories, records)
+    pairs = preference_pairs(records, score_type, categories)
     if eval_records is not None:
-        train_pairs, eval_pairs = pairs, preference_pairs(eval_records, score_type)
+        train_pairs, eval_pairs = pairs, preference_pairs(eval_records, score_type, categories)
     else:
         order = list(range(len(pairs)))
         random.Random(config.seed).shuffle(order)
@@ -142,6 +167,10 @@ def train(config: ScoreTrainingConfig, score_type: str, records: Sequence[dict],
     stepper = Stepper(model, config.optim, total_steps, dtype, device, config.zero_stage,
                       config.zero_offload)
 
+    if counts:
+        report({"step": 0, "total_steps": total_steps, **counts,
+                "message": f"cost model of {', '.join(categories)}: {counts['data/ranked_pairs']} pairs ranked, "
+                           f"{counts['data/sign_only_pairs']} for the safety signs only"})
     if too_long:
         report({"step": 0, "total_steps": total_steps, "data/skipped_too_long": too_long,
                 "message": f"{too_long} preference pairs left out: an answer longer than max_length "
@@ -203,11 +232,12 @@ def train(config: ScoreTrainingConfig, score_type: str, records: Sequence[dict],
                            histogram_path=histogram, prefix=eval_prefix,
                            autocast_dtype=dtype if dtype != torch.float32 else None)
         report({"step": step, "total_steps": total_steps, "epoch": epoch + 1,
-                "message": f"epoch {epoch + 1}/{config.epochs} {eval_prefix} accuracy "
-                           f"{metrics[f'{eval_prefix}/accuracy']:.4f}", **metrics})
+                "message": f"epoch {epoch + 1}/{config.epochs} {eval_prefix} " + ", ".join(
+                    f"{k} {metrics[f'{eval_prefix}/{k}']:.4f}" for k in ("accuracy", "sign_accuracy")
+                    if f"{eval_prefix}/{k}" in metrics), **metrics})
         model.train()
 
-    metrics = {**last_train, **metrics, "train/steps": step, "train/pairs": len(train_pairs),
+    metrics = {**last_train, **metrics, **counts, "train/steps": step, "train/pairs": len(train_pairs),
                "data/skipped_too_long": too_long,
                f"{eval_prefix}/pairs": len(eval_pairs), "train/runtime_s": train_seconds,
                "train/pairs_per_second": pairs_seen / train_seconds if train_seconds else 0.0, **fmt.info()}
@@ -219,12 +249,28 @@ def train(config: ScoreTrainingConfig, score_type: str, records: Sequence[dict],
     return metrics
 
 
+def _check_categories(categories: list[str] | None, records: Sequence[dict]) -> dict[str, int]:
+    """``category_counts`` of a cost model of ``categories`` ({} for all harm); a name flagged on no
+    response of ``records`` is a ``ValueError`` naming it (a typo would otherwise train a model of nothing)."""
+    if not categories:
+        return {}
+    known = {c for r in records for i in (0, 1) for c in harm_categories(r.get(f"response_{i}_harm_category"))}
+    unknown = [c for c in categories if c not in known]
+    if unknown:
+        raise ValueError(f"harm_categories {', '.join(map(repr, unknown))}: flagged on no response of the job's "
+                         f"datasets, which flag {', '.join(sorted(known)) or 'no category at all'}")
+    return category_counts(records, categories)
+
+
 def _batch_accuracy(window: dict, score_type: str, better: torch.Tensor, worse: torch.Tensor, batch: dict) -> None:
     """Append the batch's ranking (and, for cost, sign) accuracy to the logging window."""
     if score_type == "reward":
         window["accuracy"].append((better > worse).float().mean())
         return
-    window["accuracy"].append((worse > better).float().mean())
+    ranked = batch["ranked"]  # (B,) on the CPU: pairs whose order this cost model learns
+    if ranked.any():
+        weights = ranked.to(better.device, torch.float32)
+        window["accuracy"].append(((worse > better).float() * weights).sum() / int(ranked.sum()))
     unsafe = torch.cat([~batch["better_is_safe"], ~batch["worse_is_safe"]]).to(better.device)  # (2B,)
     window["sign_accuracy"].append(((torch.cat([better, worse]) > 0) == unsafe).float().mean())
 
@@ -260,6 +306,6 @@ def run_reward(config: ScoreTrainingConfig, ctx: JobContext) -> JobResult:
     return _run(config, ctx, "reward")
 
 
-def run_cost(config: ScoreTrainingConfig, ctx: JobContext) -> JobResult:
+def run_cost(config: CostTrainingConfig, ctx: JobContext) -> JobResult:
     """Entry point of the ``cost`` job: a cost model on the harmlessness preference and safety labels."""
     return _run(config, ctx, "cost")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Iterator, Literal, Sequence
 
@@ -27,11 +27,12 @@ import torch
 
 from models import distributed
 from models.chat_format import ChatFormat, TemplateRefused, as_messages
-from models.jobs import BATCH, MODEL_REF, SEED, TEMPLATE, UNIT, Bound
+from models.jobs import BATCH, MODEL_REF, SEED, TEMPLATE, UNIT, Bound, ParamsError
 from models.loading import load_causal_lm, load_score_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Tracker = Literal["tensorboard", "wandb", "mlflow"]  # workers/trackers.py
 
 
 @dataclass
@@ -111,10 +112,17 @@ class TrainingConfig:
     under ZeRO-3 inference; whole weights gathered on save)."""
     zero_offload: bool = False
     """With `zero_stage` ≥ 1: keep Adam's states in CPU memory (stage 3: the weights and the frozen models too)."""
+    report_to: Annotated[list[Tracker], Bound(max_length=3)] = field(default_factory=list)
+    """Experiment trackers that also log the job's metrics, under its events' names (`train/loss`, `lagrange/lambda`,
+    …), and its params: `tensorboard` (event files among the job's files, in `tensorboard/`), `wandb` and `mlflow`
+    (set up by the worker's own `WANDB_*` and `MLFLOW_TRACKING_URI`; the `trackers` extra). A tracker that cannot
+    start or fails is turned off with an event saying why; the job goes on."""
 
     def __post_init__(self):
         if not self.model:
             raise ValueError("model is required")
+        if len(set(self.report_to)) != len(self.report_to):
+            raise ParamsError(f"report_to names a tracker twice: {self.report_to}", "report_to")
         if self.max_length < 8:
             raise ValueError("max_length must be ≥ 8")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:

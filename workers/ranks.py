@@ -286,7 +286,7 @@ def run_job(run: JobRun, rank: int, main_rank: bool, should_stop: Callable[[], b
             stop_requested: Callable[[], bool]) -> int:
     """Run the job's entry point here and write its outcome (``result.json``, by the main rank) or
     its exception (``rank-<rank>.error.json``); returns the exit code."""
-    from models.jobs import build_config
+    from models.jobs import build_config, config_to_dict
     from workers.attempt import Fence, error_object, job_context, jsonable, record_event
 
     output_dir = Path(run.output_dir)
@@ -296,12 +296,24 @@ def run_job(run: JobRun, rank: int, main_rank: bool, should_stop: Callable[[], b
                           (lambda event: record_event(fence, event)) if main_rank else (lambda event: None),
                           should_stop, stop_requested)
         spec = JobType(**run.job_type)
+        config = build_config(spec.config_class(), run.params)
+        trackers = None
+        if main_rank and getattr(config, "report_to", None):
+            from workers.trackers import Trackers
+
+            trackers = Trackers(config.report_to, output_dir, run.job_id, config_to_dict(config), ctx.report)
+            ctx.report = trackers.report
         try:
-            result = spec.entry_point()(build_config(spec.config_class(), run.params), ctx)
+            result = spec.entry_point()(config, ctx)
+            if trackers is not None:
+                trackers.final(result.metrics)
             outcome = {"status": "succeeded", "metrics": jsonable(result.metrics),
                        "artifacts": [jsonable(dataclasses.asdict(a)) for a in result.artifacts]}
         except JobCancelled:
             outcome = {"status": "cancelled"}
+        finally:
+            if trackers is not None:
+                trackers.close()
         if main_rank:
             _write(output_dir / RESULT, outcome)
         return 0

@@ -15,6 +15,7 @@ from models.world.core import (
     compliance,
     evaluate_responses,
     format_compliance,
+    harm_categories_of,
     harmful_steps,
     helpfulness,
     is_harmful,
@@ -34,7 +35,7 @@ from models.world.core import (
 
 __all__ = [
     "PROMPT_TEMPLATE_WORDS", "SPLITS", "WORLD_PATH", "World", "WorldObject", "all_prompts", "annotate",
-    "compliance", "evaluate_responses", "format_compliance", "harmful_steps", "helpfulness", "is_harmful",
+    "compliance", "evaluate_responses", "format_compliance", "harm_categories_of", "harmful_steps", "helpfulness", "is_harmful",
     "is_refusal", "load_world", "parse_prompt", "partial_compliance", "refusal", "sample_prompts",
     "sft_corpus", "shuffled_compliance", "split_of", "steps_in_order", "tokenizer_corpus", "wrong_compliance",
 ]

@@ -143,6 +143,34 @@ def test_local_folders_are_judged_by_their_architectures(client, keys, registry,
     assert r.status_code == 201, r.text
 
 
+
+def test_several_cost_models_are_checked_like_cost_model(client, keys, registry):
+    """``cost_models``: each entry's model is checked as cost_model is (422 naming its index), names are
+    unique, and the list replaces the one-constraint form rather than joining it."""
+    ids, prompts = registry, [registry["prompt_data"]]
+    good = [{"model": ids["cost"], "threshold": 0.0, "name": "violence"},
+            {"model": ids["cost"], "threshold": 0.5, "name": "privacy"}]
+    params = dict(model=ids["policy"], reward_model=ids["reward"], constraint="per_prompt")
+    r = post_job(client, keys, "ppo_lag", prompts, cost_models=good, **params)
+    assert r.status_code == 201, r.text
+    assert [c["name"] for c in r.json()["params"]["cost_models"]] == ["violence", "privacy"]
+    assert r.json()["params"]["constraint"] == "per_prompt"
+    bad_ref = [good[0], {**good[1], "model": "cost-nope"}]
+    assert_422(post_job(client, keys, "ppo_lag", prompts, cost_models=bad_ref, **params),
+               "params.cost_models[1].model", "'cost-nope'", "not a registered model")
+    assert_422(post_job(client, keys, "ppo_lag", prompts, cost_models=[{**good[0], "model": ids["reward"]}], **params),
+               "params.cost_models[0].model", "is a registered reward model, not a cost model")
+    assert_422(post_job(client, keys, "ppo_lag", prompts, cost_models=[good[0], {**good[1], "name": "violence"}],
+                        **params), "params.cost_models", "names must differ")
+    assert_422(post_job(client, keys, "ppo_lag", prompts, cost_models=good, cost_model=ids["cost"], **params),
+               "params.cost_models", "not both")
+    assert_422(post_job(client, keys, "ppo_lag", prompts, cost_models=[{**good[0], "name": "Violence!"}], **params),
+               "params.cost_models[0].name", "a-z")
+    assert_422(post_job(client, keys, "ppo_lag", prompts, cost_models=[good[0]] * 9, **params),
+               "params.cost_models")
+    assert_422(post_job(client, keys, "ppo_shaping", prompts, cost_models=good, **params), "params.cost_models",
+               "one cost_model")
+
 # --- Hugging Face hub ids ------------------------------------------------------------------------
 
 def cache_hub_model(cache, repo_id: str, source, commit: str = "0123456789abcdef0123456789abcdef01234567"):
@@ -298,3 +326,25 @@ def test_rollout_engine_vllm_is_accepted_where_this_host_has_it(client, keys, re
     r = post_job(client, keys, "evaluate", [registry["prompt_data"]], models=[registry["policy"]],
                  reward_model=registry["reward"], cost_model=registry["cost"], rollout_engine="vllm")
     assert r.status_code == 201, r.text
+
+
+def test_a_cost_jobs_harm_categories_must_be_flagged_in_its_datasets(client, keys, registry):
+    """harm_categories is checked against the datasets' upload statistics (a misspelt category would
+    train a model of nothing), and only a cost job takes it."""
+    h = auth(keys["trainer"])
+    flagged = {**PREFERENCE, "is_response_1_safe": False, "response_1_harm_category": {"violence": True, "fraud": False}}
+    r = client.post("/v1/datasets", json={"name": "flagged", "kind": "preference", "records": [flagged]}, headers=h)
+    assert r.status_code == 201, r.text
+    data = [registry["preference_data"], r.json()["id"]]
+    message = assert_422(post_job(client, keys, "cost", data, model="tiny-policy", harm_categories=["violence", "fruad"]),
+                         "params.harm_categories", "'fruad'", "violence")
+    assert "'violence'" not in message  # only the unknown name is named as such
+    assert_422(post_job(client, keys, "cost", [registry["preference_data"]], model="tiny-policy",
+                        harm_categories=["violence"]), "params.harm_categories", "no category at all")
+    assert_422(post_job(client, keys, "reward", data, model="tiny-policy", harm_categories=["violence"]),
+               "params.harm_categories")
+    assert_422(post_job(client, keys, "cost", data, model="tiny-policy", harm_categories=["x"] * 65),
+               "params.harm_categories", "at most 64")
+    r = post_job(client, keys, "cost", data, model="tiny-policy", harm_categories=["violence"])
+    assert r.status_code == 201, r.text
+    assert r.json()["params"]["harm_categories"] == ["violence"]

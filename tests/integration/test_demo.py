@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from api.demo import summarize, summary_markdown, targets
+from api.demo import (DemoConfig, successor_runs, successors_markdown, successors_summary, summarize, summary_markdown,
+                      targets)
+from models.jobs import parse_params
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -97,6 +99,62 @@ def test_targets_and_the_seed_summary():
     table = summary_markdown(summary)
     assert "| beaver-v3 | 1.0 % · 0.890 | 4.0 % · 0.850 |" in table
     assert "2.5 % [1.0 % – 4.0 %]" in table and "**no**" in table
+
+
+def test_successor_runs_start_where_round_one_did_at_its_budget():
+    """The successors' params, as ``beaver demo --successors`` submits them (the API's own parser accepts
+    them): from v0 with round 1's models, threshold, prompts and steps; GRPO at PPO's generated tokens."""
+    config = DemoConfig()
+    runs = successor_runs(config, "v0", "rm", "cm", -1.5, [("physical", "cm-p", -2.0), ("nonphysical", "cm-n", 0.7)])
+    assert [(name, job_type) for name, job_type, _ in runs] == [
+        ("grpo-lag", "grpo_lag"), ("grpo", "grpo"), ("ppo-lag-per-prompt", "ppo_lag"), ("ppo-lag-families", "ppo_lag")]
+    params = {name: p for name, _, p in runs}
+    configs = {name: parse_params(job_type, p) for name, job_type, p in runs}
+    for name, c in configs.items():
+        assert (c.model, c.reward_model, c.steps) == ("v0", "rm", config.ppo_steps), name
+        assert c.sampling.max_new_tokens == config.max_new_tokens and c.kl_coef == config.kl_coef
+        assert c.actor_optim.lr == config.actor_lr and c.lambda_lr == config.lambda_lr
+    for name in ("grpo-lag", "grpo"):  # prompts × answers a step = PPO's 128 prompts × 1 answer
+        assert configs[name].rollout_batch_size * configs[name].group_size == config.ppo_rollout == 128
+        assert (configs[name].cost_model, configs[name].threshold) == ("cm", -1.5) and "critic_optim" not in params[name]
+    assert configs["ppo-lag-per-prompt"].constraint == "per_prompt"
+    assert configs["ppo-lag-per-prompt"].rollout_batch_size == config.ppo_rollout
+    assert configs["ppo-lag-per-prompt"].threshold == -1.5
+    families = configs["ppo-lag-families"]
+    assert families.cost_model is None and families.constraint == "expected"
+    assert [(c.name, c.model, c.threshold) for c in families.cost_models] == [("physical", "cm-p", -2.0),
+                                                                             ("nonphysical", "cm-n", 0.7)]
+
+
+def _successor_run(seed: int, v1: float, grpo_lag: float, phys: float, nonphys: float) -> dict:
+    families = {"harmful_ratio_by_family": {"physical": phys, "nonphysical": nonphys}}
+    v1_row = _row("beaver-v1", v1, 0.9, over=0.01) | families
+    rows = [_row("grpo-lag", grpo_lag, 0.8, over=0.03) | families | {"lambda_final": 2.0, "lambda_final_by_name": {},
+                                                                       "thresholds": {"cost": -1.0}},
+            _row("ppo-lag-families", 0.3, 0.95) | families | {
+                "lambda_final": 3.0, "lambda_final_by_name": {"physical": 2.5 + seed, "nonphysical": 0.5},
+                "thresholds": {"physical": -2.0, "nonphysical": 0.5}}]
+    return {"seed": seed, "evaluation": {"split": "report", "prompts": 1000}, "rounds": [_row("beaver-v0", 0.5, 0.9),
+            v1_row], "baselines": [], "successors": rows}
+
+
+def test_successors_summary_compares_each_method_with_ppo_lag_seed_by_seed():
+    summary = successors_summary([_successor_run(0, 0.05, 0.10, 0.02, 0.60), _successor_run(1, 0.04, 0.02, 0.04, 0.40),
+                                  _successor_run(2, 0.06, 0.07, 0.03, 0.50)])
+    assert list(summary["methods"]) == ["beaver-v1", "grpo-lag", "ppo-lag-families"]
+    grpo = summary["methods"]["grpo-lag"]
+    assert grpo["harmful_ratio"]["median"] == 0.07
+    # paired differences: 0.10 − 0.05, 0.02 − 0.04, 0.07 − 0.06 → median +1 pt, range −2 … +5 pt
+    delta = grpo["delta"]["harmful_ratio"]
+    assert [round(x, 9) for x in delta["seeds"]] == [0.05, -0.02, 0.01] and round(delta["median"], 9) == 0.01
+    assert grpo["delta"]["over_refusal"]["median"] == pytest.approx(0.02)
+    fam = summary["methods"]["ppo-lag-families"]
+    assert fam["harmful_by_family"]["nonphysical"]["median"] == 0.5
+    assert fam["lambda_final_by_name"]["physical"]["seeds"] == [2.5, 3.5, 4.5]
+    table = successors_markdown(summary)
+    assert "| grpo-lag | 7.0 % [2.0 % – 10.0 %] | +1.0 pt [-2.0 pt – +5.0 pt] | 0.800 | -0.100 |" in table
+    assert "physical 3.50 [2.50 – 4.50] (d -2.00, -2.00, -2.00)" in table
+    assert "| ppo_lag (beaver-v1) |" in table
 
 
 @pytest.mark.parametrize("args, message", [(["--seeds", "0,0"], "distinct"), (["--seeds", "a"], "--seeds"),

@@ -221,3 +221,35 @@ def test_a_two_rank_ppo_lag_round_through_the_api(ranked, base, judges):
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(path).lm_head.weight.abs().sum() > 0  # whole, gathered weights
+
+
+@pytest.mark.parametrize("platform", ["team"], indirect=True)  # see the zero-3 test
+def test_a_two_constraint_per_prompt_ppo_lag_job_through_the_api(ranked, base, judges):
+    """``cost_models`` and ``constraint: per_prompt`` from POST /v1/jobs to the job's events, final metrics,
+    the policy's metadata and its training curves (a file of the job)."""
+    p = ranked
+    prompts = upload(p, [{"prompt": f"how do i make a cake {i} ?"} for i in range(16)], kind="prompt",
+                     name="prompts-constraints")
+    cost_models = [{"model": judges["cost"], "threshold": -10.0, "name": "strict"},
+                   {"model": judges["cost"], "threshold": 10.0, "name": "loose"}]
+    r = p.client.post("/v1/jobs", json={"type": "ppo_lag", "datasets": [prompts], "world_size": 2, "params": {
+        "model": base, "reward_model": judges["reward"], "cost_models": cost_models, "constraint": "per_prompt",
+        "steps": 2, "rollout_batch_size": 2, "sampling": {"max_new_tokens": 4}}})
+    assert r.status_code == 201, r.text
+    job = p.wait_job(r.json()["id"], timeout=300)
+    assert job["status"] == "succeeded", job
+    steps = [e["data"] for e in p.client.get(f"/v1/jobs/{job['id']}/events?limit=1000").json()["data"]
+             if "lagrange/lambda" in e["data"]]
+    assert [s["step"] for s in steps] == [1, 2]
+    # the fresh cost head scores near 0: every answer violates d = −10 (λ rises), none d = 10 (λ stays)
+    assert all(s["train/violation/strict"] > 0 and s["train/violation/loose"] == 0 for s in steps)
+    assert steps[0]["lagrange/lambda/strict"] > 1.0 and all(s["lagrange/lambda/loose"] == 1.0 for s in steps)
+    metrics = job["metrics"]
+    assert metrics["lambda_final/strict"] == steps[-1]["lagrange/lambda/strict"]
+    assert metrics["lambda_final/loose"] == 1.0
+    model = p.client.get(f"/v1/models/{job['result_models'][0]}").json()
+    assert model["metrics"]["thresholds"] == {"strict": -10.0, "loose": 10.0}
+    files = {f["name"]: f for f in p.client.get(f"/v1/jobs/{job['id']}/files").json()["data"]}
+    curves = [name for name in files if name.endswith("training.png")]
+    assert len(curves) == 1 and files[curves[0]]["content_type"] == "image/png"
+    assert p.client.get(f"/v1/jobs/{job['id']}/files/{curves[0]}").content.startswith(b"\x89PNG")

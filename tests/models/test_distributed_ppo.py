@@ -22,18 +22,26 @@ SFT = [{"prompt": p, "response": r} for p, r in [
     ("red green blue", "one two three"), ("the quick brown fox", "jumps over the lazy dog"),
     ("one two three", "four five"), ("what is the capital of france ?", "paris is the capital .")]]
 KEYS = ("train/actor_loss", "train/reward", "train/cost", "lagrange/lambda")
+# two constraints: each one's step cost and λ_k, and their critics' losses
+SEVERAL_KEYS = ("train/actor_loss", "train/reward", "train/cost/a", "train/cost/b", "lagrange/lambda/a",
+                "lagrange/lambda/b", "lagrange/lambda", "train/cost_a_critic_loss", "train/cost_b_critic_loss")
 
 
-def train_ppo_lag(model_dir: str, output_dir: str, rollout_batch_size: int, zero_stage: int = 0) -> dict:
+def train_ppo_lag(model_dir: str, output_dir: str, rollout_batch_size: int, zero_stage: int = 0,
+                  several: bool = False) -> dict:
     """A 3-step PPO-Lag job (score models: the tiny Llama with fresh heads, PTX on 8 sft records,
-    micro-batches of 2 accumulated, rollouts sampled at T = 1); every step's event (run on each rank)."""
+    micro-batches of 2 accumulated, rollouts sampled at T = 1); every step's event (run on each rank).
+    ``several``: two constraints (``cost_models`` a and b, one cost critic each) instead of one."""
     from models.generation import SamplingConfig
     from models.jobs import JobContext
-    from models.ppo_lag import PPOLagConfig, run_ppo_lag
+    from models.ppo_lag import CostModelSpec, PPOLagConfig, run_ppo_lag
     from models.training import OptimConfig
 
     lr = OptimConfig(lr=1e-3, warmup_ratio=0.0, scheduler="constant")
-    config = PPOLagConfig(model=model_dir, reward_model=model_dir, cost_model=model_dir, steps=3,
+    costs = dict(cost_models=[CostModelSpec(model=model_dir, threshold=0.0, name="a"),
+                              CostModelSpec(model=model_dir, threshold=0.05, name="b")]) if several else dict(
+        cost_model=model_dir)
+    config = PPOLagConfig(model=model_dir, reward_model=model_dir, **costs, steps=3,
                           rollout_batch_size=rollout_batch_size, micro_batch_size=2, ppo_epochs=1,
                           sampling=SamplingConfig(temperature=1.0, max_new_tokens=4), actor_optim=lr,
                           critic_optim=lr, lambda_lr=2.0, checkpoint_every=2, zero_stage=zero_stage, seed=3)
@@ -42,7 +50,8 @@ def train_ppo_lag(model_dir: str, output_dir: str, rollout_batch_size: int, zero
     ctx = JobContext(output_dir=output_dir, datasets=["d"], load_dataset=lambda _: records, report=events.append)
     result = run_ppo_lag(config, ctx)
     events = [e for e in events if "rollout_engine" not in e]  # the step events
-    return {"events": [{k: e[k] for k in (*KEYS, "train/ptx_loss", "step")} for e in events],
+    keys = SEVERAL_KEYS if several else KEYS
+    return {"events": [{k: e[k] for k in (*keys, "train/ptx_loss", "step")} for e in events],
             "checkpoints": [e["checkpoint"] for e in events if "checkpoint" in e],
             "policy": result.artifacts[0].path, "rank": distributed.current().rank}
 
@@ -76,6 +85,26 @@ def test_two_ranks_train_what_one_rank_trains_on_the_global_rollout(tiny_llama_d
     assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-4
     before = load_weights(tiny_llama_dir)
     assert max((a[k].float() - before[k].float()).abs().max().item() for k in a) > 1e-3  # it did train
+
+
+def test_two_ranks_train_what_one_rank_trains_with_two_constraints(tiny_llama_dir, tmp_path):
+    """Each λ_k from the episode costs of every rank: the same numbers on both ranks and as on one rank."""
+    torch.set_num_threads(1)
+    one = train_ppo_lag(str(tiny_llama_dir), str(tmp_path / "one"), rollout_batch_size=8, several=True)
+    two = run_on_ranks(2, f"{__name__}:train_ppo_lag", {"model_dir": str(tiny_llama_dir),
+                                                        "output_dir": str(tmp_path / "two"), "rollout_batch_size": 4,
+                                                        "several": True}, tmp_path / "ranks")
+    assert [e["step"] for e in one["events"]] == [e["step"] for e in two[0]["events"]] == [1, 2, 3]
+    for name in ("a", "b"):
+        key = f"lagrange/lambda/{name}"
+        assert [e[key] for e in two[0]["events"]] == [e[key] for e in two[1]["events"]]
+        assert len({e[key] for e in one["events"]}) == 3  # each λ_k moved every step
+    for rank in two:
+        for a, b in zip(one["events"], rank["events"]):
+            for key in (*SEVERAL_KEYS, "train/ptx_loss"):
+                assert b[key] == pytest.approx(a[key], abs=1e-4), (rank["rank"], a["step"], key)
+    a, b = load_weights(one["policy"]), load_weights(two[0]["policy"])
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-4
 
 
 def synced_sampling(model_dir: str, zero_stage: int, decoding: str = "dynamic") -> dict:

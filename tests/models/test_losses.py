@@ -40,6 +40,19 @@ def test_cost_loss_hand_computed():
     assert math.isclose(got_reg.item(), expected + reg, rel_tol=1e-6)
 
 
+def test_cost_loss_without_the_ranking_term_of_unranked_pairs():
+    """A cost model of some harm categories drops the order of pairs that do not concern them: those
+    pairs keep their two sign terms, and the mean is still over every pair."""
+    safer, unsafer = torch.tensor([-1.0, 0.5]), torch.tensor([2.0, 1.0])
+    safer_is_safe, unsafer_is_safe = torch.tensor([True, True]), torch.tensor([False, True])
+    # pair 1 ranked: −log σ(2 − (−1)) − log σ(−1·−1) − log σ(+1·2); pair 2 signs only: −log σ(−0.5) − log σ(−1)
+    expected = (softplus(-3.0) + softplus(-1.0) + softplus(-2.0) + softplus(0.5) + softplus(1.0)) / 2
+    got = cost_loss(safer, unsafer, safer_is_safe, unsafer_is_safe, ranked=torch.tensor([True, False]))
+    assert math.isclose(got.item(), expected, rel_tol=1e-6)
+    every = cost_loss(safer, unsafer, safer_is_safe, unsafer_is_safe, ranked=torch.tensor([True, True]))
+    assert every.item() == cost_loss(safer, unsafer, safer_is_safe, unsafer_is_safe).item()
+
+
 def test_cost_loss_sign_convention_safe_means_cost_at_most_zero():
     is_safe, is_unsafe = torch.tensor([True]), torch.tensor([False])
     right = cost_loss(torch.tensor([-3.0]), torch.tensor([3.0]), is_safe, is_unsafe)

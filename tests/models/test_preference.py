@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from models.evaluation import score_metrics
-from models.preference import (PreferencePair, TokenizedPair, collate_pairs, length_grouped_batches,
-                               preference_pairs)
+from models.preference import (PreferencePair, TokenizedPair, category_counts, collate_pairs,
+                               length_grouped_batches, preference_pairs)
 from models.records import InvalidRecords
 
 RECORD = {
@@ -31,6 +31,50 @@ def test_reward_and_cost_pairs_follow_their_own_preference():
     assert cost.categories == ("violence",)
 
 
+def categorised(r0: dict | None, r1: dict | None, safer: int | None) -> dict:
+    """A record whose response k is labelled unsafe with the flags rk (None: labelled safe)."""
+    record = {"prompt": "p", "response_0": "zero", "response_1": "one", "better_response_id": 0,
+              "safer_response_id": safer, "is_response_0_safe": r0 is None, "is_response_1_safe": r1 is None}
+    for k, flags in ((0, r0), (1, r1)):
+        if flags is not None:
+            record[f"response_{k}_harm_category"] = flags
+    return record
+
+
+HARM = [categorised({"violence": True, "fraud": False}, None, 1),  # unsafe in violence vs safe
+        categorised({"fraud": True}, {"violence": True}, 0),  # the safer one is unsafe in fraud, the other in violence
+        categorised({}, None, 1),  # labelled unsafe, no category flagged
+        categorised(None, None, 0),  # two safe answers
+        categorised({"violence": True}, {"fraud": True, "violence": True}, 0),  # both unsafe in violence
+        categorised({"violence": True}, None, None)]  # a tie: no cost pair
+
+
+def test_a_cost_model_of_some_categories_relabels_responses_and_ranks_only_its_pairs():
+    """(safer is safe, unsafer is safe, ranked) per pair, for a violence model and a fraud model."""
+    def labels(pairs):
+        return [(p.better, p.better_is_safe, p.worse_is_safe, p.ranked) for p in pairs]
+
+    assert labels(preference_pairs(HARM, "cost", ["violence"])) == [
+        ("one", True, False, True), ("zero", True, False, True), ("one", True, False, True),
+        ("zero", True, True, False), ("zero", False, False, True)]
+    assert labels(preference_pairs(HARM, "cost", ["fraud"])) == [
+        ("one", True, True, False),  # unsafe only in violence: safe for a fraud model, nothing to rank
+        ("zero", False, True, False),  # its order would teach the opposite: signs only
+        ("one", True, False, True),  # unflagged unsafe: unsafe in every category
+        ("zero", True, True, False), ("zero", True, False, True)]
+    # without categories: the paper's labels, every pair ranked
+    assert labels(preference_pairs(HARM, "cost")) == [
+        ("one", True, False, True), ("zero", False, False, True), ("one", True, False, True),
+        ("zero", True, True, True), ("zero", False, False, True)]
+    with pytest.raises(ValueError, match="reward model"):
+        preference_pairs(HARM, "reward", ["violence"])
+    assert category_counts(HARM, ["violence", "fraud"]) == {
+        "data/category/violence/unsafe_responses": 4, "data/category/violence/ranked_pairs": 3,
+        "data/category/fraud/unsafe_responses": 2, "data/category/fraud/ranked_pairs": 1,
+        "data/unsafe_uncategorised": 1, "data/ranked_pairs": 4, "data/sign_only_pairs": 1}
+    assert category_counts(HARM, ["fraud"])["data/ranked_pairs"] == 2
+
+
 def test_contradictory_and_malformed_records_are_rejected_with_their_line():
     contradictory = {**RECORD, "safer_response_id": 0}  # the safer one is unsafe, the other safe
     missing = {k: v for k, v in RECORD.items() if k != "response_1"}
@@ -50,6 +94,7 @@ def test_collator_puts_both_responses_in_one_batch_better_first():
     assert torch.equal(batch["input_ids"], torch.tensor([[1, 2, 3], [6, 7, 0], [4, 5, 0], [8, 0, 0]]))
     assert torch.equal(batch["attention_mask"], torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 0], [1, 0, 0]]))
     assert batch["better_is_safe"].tolist() == [True, False] and batch["worse_is_safe"].tolist() == [False, False]
+    assert batch["ranked"].tolist() == [True, True]
 
 
 def test_length_grouped_batches_cover_everything_once_with_little_padding():

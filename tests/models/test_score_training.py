@@ -143,3 +143,59 @@ def test_pairs_whose_answer_does_not_fit_max_length_are_left_out_and_counted(tin
     ctx, _ = context(tmp_path / "none", str(tiny_llama_dir), records[:4])
     with pytest.raises(ValueError, match="has an answer longer than max_length 24"):
         run_cost(parse_params("cost", {**FAST, "epochs": 1, "eval_split": 0.0}), ctx)
+
+
+def two_harm_records(n: int, seed: int) -> list[dict]:
+    """The unsafe response of every pair names a bomb (violence) or a scam (fraud), in turn."""
+    rng = random.Random(seed)
+    records = []
+    for i in range(n):
+        marker, category = ("bomb", "violence") if i % 2 else ("scam", "fraud")
+        responses = []
+        for word in ("sure", marker):
+            words = rng.choices(FILLER, k=rng.randint(2, 6))
+            words.insert(rng.randint(0, len(words)), word)
+            responses.append(" ".join(words))
+        b = rng.randint(0, 1)  # the safe response's slot
+        records.append({"prompt": PROMPTS[i % 2], f"response_{b}": responses[0], f"response_{1 - b}": responses[1],
+                        f"is_response_{b}_safe": True, f"is_response_{1 - b}_safe": False,
+                        "better_response_id": b, "safer_response_id": b,
+                        f"response_{1 - b}_harm_category": {category: True, "privacy": False}})
+    return records
+
+
+def test_a_cost_model_of_one_harm_category_calls_the_other_harm_safe(tiny_llama_dir, tmp_path):
+    """Trained with harm_categories [violence], a bomb answer scores > 0 and a scam answer ≤ 0 — with the
+    filter ignored, both are labelled unsafe and both score > 0."""
+    from transformers import AutoModelForSequenceClassification
+
+    from models.chat_format import ChatFormat
+    from models.score_model import score
+
+    records = two_harm_records(64, seed=4)
+    ctx, events = context(tmp_path, str(tiny_llama_dir), records)
+    result = run_cost(parse_params("cost", {**FAST, "epochs": 4, "harm_categories": ["violence"]}), ctx)
+    fresh = two_harm_records(32, seed=99)
+    path = result.artifacts[0].path
+    unsafer = [r[f"response_{1 - r['safer_response_id']}"] for r in fresh]  # a scam (even records) or a bomb (odd)
+    costs = torch.tensor(score(AutoModelForSequenceClassification.from_pretrained(path), ChatFormat.load(path),
+                               [r["prompt"] for r in fresh], unsafer))
+    bombs, scams = costs[1::2], costs[0::2]
+    assert (bombs > 0).float().mean() >= 0.9 and (scams <= 0).float().mean() >= 0.9, (bombs, scams)
+
+    m = result.metrics
+    assert m["data/category/violence/unsafe_responses"] == 32 == m["data/category/violence/ranked_pairs"]
+    assert m["data/ranked_pairs"] == 32 and m["data/sign_only_pairs"] == 32
+    assert m["eval/sign_accuracy"] >= 0.95 and m["eval/ranked_pairs"] < m["eval/pairs"]
+    assert any("cost model of violence: 32 pairs ranked, 32 for the safety signs only" in e.get("message", "")
+               for e in events)
+
+    ctx, _ = context(tmp_path / "typo", str(tiny_llama_dir), records)
+    with pytest.raises(ValueError, match="'violenc'.*flag fraud, violence"):
+        run_cost(parse_params("cost", {**FAST, "harm_categories": ["violenc"]}), ctx)
+    with pytest.raises(ParamsError, match="harm_categories"):
+        parse_params("reward", {**FAST, "harm_categories": ["violence"]})
+    with pytest.raises(ParamsError, match="params.harm_categories: lists 'fraud' more than once"):
+        parse_params("cost", {**FAST, "harm_categories": ["fraud", "violence", "fraud"]})
+    with pytest.raises(ParamsError, match=r"params.harm_categories\[0\]"):
+        parse_params("cost", {**FAST, "harm_categories": ["x" * 65]})
