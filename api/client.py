@@ -75,7 +75,10 @@ class Client:
         return r.json() if r.content else None
 
     def get(self, path: str, **params) -> Any:
-        return self.request("GET", path, params={k: v for k, v in params.items() if v is not None})
+        """GET ``path`` with the query ``params`` (None left out); with none, a query in ``path`` is kept
+        (httpx drops it when params are given)."""
+        params = {k: v for k, v in params.items() if v is not None}
+        return self.request("GET", path, params=params or None)
 
     def post(self, path: str, body: dict | None = None, **kwargs) -> Any:
         return self.request("POST", path, json=body, **kwargs)
