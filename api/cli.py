@@ -453,12 +453,18 @@ def _when(seconds: int | None) -> str:
 
 @datasets_cli.command("upload")
 @remote
-def datasets_upload(file: Path = typer.Argument(..., exists=True, dir_okay=False, help="A JSONL file, one record a line."),
+def datasets_upload(file: Path = typer.Argument(..., exists=True, dir_okay=False, help="JSONL (one record a line), "
+                                                 "Parquet, or a tar/zip of a `datasets` save_to_disk folder."),
                     kind: str = typer.Option(..., help="preference | prompt | sft | samples"),
-                    name: Optional[str] = typer.Option(None, help="Default: the file's name without .jsonl."),
+                    name: Optional[str] = typer.Option(None, help="Default: the file's name without its extension."),
+                    column: list[str] = typer.Option([], help="Rename a file column to a record field: "
+                                                     "FILE_COLUMN=FIELD (e.g. question=prompt). Repeatable."),
                     json_: bool = JSON_OPTION) -> None:
-    """Upload a JSONL dataset; prints its id (validated whole: a bad record is an error naming its line)."""
-    dataset = _client().upload_dataset(file, kind, name)
+    """Upload a dataset; prints its id (validated whole: a bad record is an error naming its line)."""
+    column_map = dict(item.split("=", 1) for item in column if "=" in item)
+    if len(column_map) != len(column):
+        raise typer.BadParameter("give FILE_COLUMN=FIELD", param_hint="--column")
+    dataset = _client().upload_dataset(file, kind, name, column_map or None)
     if json_:
         return _print_json(dataset)
     typer.echo(f"{dataset['name']}: {dataset.get('num_records')} {kind} records", err=True)

@@ -107,17 +107,27 @@ class Client:
 
     # --- datasets -------------------------------------------------------------------------------
 
-    def upload_dataset(self, source: str | Path | Iterable[dict], kind: str, name: str | None = None) -> dict:
-        """Upload a JSONL file (``source`` a path) or records (a list of dicts) as a dataset of ``kind``
-        (preference, prompt, sft, …); name defaults to the file's stem. Validated whole by the server."""
+    def upload_dataset(self, source: str | Path | Iterable[dict], kind: str, name: str | None = None,
+                       column_map: dict[str, str] | None = None) -> dict:
+        """Upload a file (``source`` a path: JSONL, Parquet, or a tar/zip of a ``save_to_disk`` folder; the
+        server tells them apart by their bytes) or records (a list of dicts) as a dataset of ``kind``
+        (preference, prompt, sft, …); name defaults to the file's stem; ``column_map`` renames a file's
+        columns to the record's fields ({"question": "prompt"}). Validated whole by the server."""
         if isinstance(source, (str, Path)):
             path = Path(source)
+            stem = Path(path.stem).stem if path.suffix == ".gz" else path.stem  # train.tar.gz → train
+            form = {"name": name or stem, "kind": kind}
+            if column_map:
+                form["column_map"] = json.dumps(column_map)
             with path.open("rb") as f:
-                return self.request("POST", "/v1/datasets", data={"name": name or path.stem, "kind": kind},
-                                    files={"file": (path.name, f, "application/x-ndjson")})
+                return self.request("POST", "/v1/datasets", data=form,
+                                    files={"file": (path.name, f, "application/octet-stream")})
         if name is None:
             raise ValueError("records need a name")
-        return self.post("/v1/datasets", {"name": name, "kind": kind, "records": list(source)})
+        body = {"name": name, "kind": kind, "records": list(source)}
+        if column_map:
+            body["column_map"] = column_map
+        return self.post("/v1/datasets", body)
 
     def list_datasets(self, limit: int | None = None) -> list[dict]:
         """Datasets, newest first (``limit``: at most this many)."""

@@ -89,6 +89,17 @@ def test_upload_submit_follow_and_pull_a_model_from_pretrained_loads(beaver, bas
             assert torch.equal(tensor, weights[name].to(tensor.dtype)), name
 
 
+def test_a_parquet_file_uploads_with_a_column_map(beaver, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"question": r["prompt"], "answer": r["response"]} for r in SFT_RECORDS]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "qa.parquet")
+    dataset = beaver.upload_dataset(tmp_path / "qa.parquet", "sft", column_map={"question": "prompt",
+                                                                                "answer": "response"})
+    assert dataset["name"] == "qa" and list(beaver.records(dataset["id"])) == SFT_RECORDS
+
+
 def test_errors_are_beaver_errors_with_the_api_code(beaver, base, platform):
     dataset = beaver.upload_dataset(SFT_RECORDS[:4], kind="sft", name="few")["id"]
     with pytest.raises(BeaverError) as bad:
