@@ -1,4 +1,5 @@
-"""``beaver``: run the platform (up, api, worker), migrate the database, manage API keys."""
+"""``beaver``: run the platform (up, api, worker), migrate the database, manage API keys; and, through
+the REST API (``api.client``), upload datasets, submit and follow jobs, pull models."""
 
 from __future__ import annotations
 
@@ -16,6 +17,17 @@ db_cli = typer.Typer(help="Database migrations.", no_args_is_help=True)
 keys_cli = typer.Typer(help="API keys.", no_args_is_help=True)
 cli.add_typer(db_cli, name="db")
 cli.add_typer(keys_cli, name="keys")
+# The remote commands (a Beaver anywhere, through its REST API): their code is after the platform's.
+EXIT_HELP = ("Exit codes: 0 ok, 1 the job failed or was cancelled (jobs follow), 2 usage error, 3 the API refused "
+             "(4xx/5xx, its error printed), 4 the API unreachable.")
+datasets_cli = typer.Typer(help=f"Datasets on a Beaver (BEAVER_URL, BEAVER_API_KEY). {EXIT_HELP}", no_args_is_help=True)
+jobs_cli = typer.Typer(help="Jobs on a Beaver (BEAVER_URL, BEAVER_API_KEY); bare `beaver jobs`: every job type's "
+                       f"params (the reference the README holds). {EXIT_HELP}", invoke_without_command=True)
+models_cli = typer.Typer(help=f"Models on a Beaver (BEAVER_URL, BEAVER_API_KEY). {EXIT_HELP}", no_args_is_help=True)
+rounds_cli = typer.Typer(help=f"Safe RLHF rounds on a Beaver (BEAVER_URL, BEAVER_API_KEY). {EXIT_HELP}",
+                         no_args_is_help=True)
+for _group, _name in ((datasets_cli, "datasets"), (jobs_cli, "jobs"), (models_cli, "models"), (rounds_cli, "rounds")):
+    cli.add_typer(_group, name=_name)
 
 
 def _fail(message: str) -> None:
@@ -259,12 +271,6 @@ def serve_vllm(model: str = typer.Argument(..., help="Model id, model name or ro
     os.execvpe(cmd[0], cmd, {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")})
 
 
-@cli.command()
-def jobs() -> None:
-    """Every job type and its params (the reference the README holds), as Markdown."""
-    from models.jobs import params_markdown
-
-    typer.echo(params_markdown(), nl=False)
 
 
 @cli.command()
@@ -360,6 +366,280 @@ def demo(url: Optional[str] = typer.Option(None, help="A running Beaver to drive
     finally:
         if platform is not None:
             platform.stop()
+
+
+# --- remote commands: a Beaver anywhere, through its REST API (api/client.py) -----------------------------
+
+# No envvar= here: the client reads BEAVER_URL / BEAVER_API_KEY itself, after both levels' options (an
+# envvar at the group level would override the root's --url).
+URL_OPTION = typer.Option(None, "--url", help="The Beaver API (default: BEAVER_URL, else http://127.0.0.1:8000).")
+KEY_OPTION = typer.Option(None, "--key", help="An API key (default: BEAVER_API_KEY).")
+JSON_OPTION = typer.Option(False, "--json", help="The API's objects as JSON, for scripts.")
+_remote: dict[str, str | None] = {"url": None, "key": None}
+
+
+@cli.callback()
+def _root(url: Optional[str] = URL_OPTION, key: Optional[str] = KEY_OPTION) -> None:
+    """Beaver: a self-hosted Safe RLHF platform."""
+    _remote.update(url=url or _remote["url"], key=key or _remote["key"])
+
+
+def _group_options(url: Optional[str] = URL_OPTION, key: Optional[str] = KEY_OPTION) -> None:
+    # `beaver --url U jobs list` and `beaver jobs --url U list` alike; the one nearer the command wins.
+    _remote.update(url=url or _remote["url"], key=key or _remote["key"])
+
+
+for _group in (datasets_cli, models_cli, rounds_cli):
+    _group.callback()(_group_options)
+
+
+@jobs_cli.callback()
+def _jobs(ctx: typer.Context, url: Optional[str] = URL_OPTION, key: Optional[str] = KEY_OPTION) -> None:
+    _group_options(url, key)
+    if ctx.invoked_subcommand is None:
+        jobs_params()
+
+
+@jobs_cli.command("params")
+def jobs_params() -> None:
+    """Every job type and its params (the reference the README holds), as Markdown."""
+    from models.jobs import params_markdown
+
+    typer.echo(params_markdown(), nl=False)
+
+
+def remote(command):
+    """A remote command: its ``BeaverError`` becomes one line on stderr and exit code 3 (4: unreachable)."""
+    import functools
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        from api.client import BeaverError
+
+        try:
+            return command(*args, **kwargs)
+        except BeaverError as e:
+            where = f" (param {e.param})" if e.param else ""
+            status = f"{e.status} " if e.status else ""
+            typer.secho(f"error: {status}{e.code}: {e.message}{where}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(3 if e.status else 4) from None
+
+    return run
+
+
+def _client():
+    from api.client import Client
+
+    return Client(_remote["url"], _remote["key"])
+
+
+def _print_json(value) -> None:
+    import json
+
+    typer.echo(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def _table(rows: list[list], header: list[str]) -> None:
+    """Rows as aligned columns (tab-separated would not line up in a terminal)."""
+    cells = [header] + [["" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for row in cells:
+        typer.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+def _when(seconds: int | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(seconds)) if seconds else ""
+
+
+@datasets_cli.command("upload")
+@remote
+def datasets_upload(file: Path = typer.Argument(..., exists=True, dir_okay=False, help="JSONL (one record a line), "
+                                                 "Parquet, or a tar/zip of a `datasets` save_to_disk folder."),
+                    kind: str = typer.Option(..., help="preference | prompt | sft | samples"),
+                    name: Optional[str] = typer.Option(None, help="Default: the file's name without its extension."),
+                    column: list[str] = typer.Option([], help="Rename a file column to a record field: "
+                                                     "FILE_COLUMN=FIELD (e.g. question=prompt). Repeatable."),
+                    json_: bool = JSON_OPTION) -> None:
+    """Upload a dataset; prints its id (validated whole: a bad record is an error naming its line)."""
+    column_map = dict(item.split("=", 1) for item in column if "=" in item)
+    if len(column_map) != len(column):
+        raise typer.BadParameter("give FILE_COLUMN=FIELD", param_hint="--column")
+    dataset = _client().upload_dataset(file, kind, name, column_map or None)
+    if json_:
+        return _print_json(dataset)
+    typer.echo(f"{dataset['name']}: {dataset.get('num_records')} {kind} records", err=True)
+    typer.echo(dataset["id"])
+
+
+@datasets_cli.command("list")
+@remote
+def datasets_list(limit: int = typer.Option(100, min=1, help="At most this many, newest first."),
+                  json_: bool = JSON_OPTION) -> None:
+    """Datasets, newest first."""
+    data = _client().list_datasets(limit)
+    if json_:
+        return _print_json(data)
+    _table([[d["id"], d["kind"], d.get("num_records"), d["name"], _when(d.get("created_at"))] for d in data],
+           ["ID", "KIND", "RECORDS", "NAME", "CREATED"])
+
+
+def _read_params(path: Path | None, overrides: list[str]) -> dict:
+    """Job params from a YAML or JSON file, then ``--set a.b=value`` overrides (values read as YAML)."""
+    from api.client import load_params, yaml_load
+
+    try:
+        params = load_params(path) if path is not None else {}
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--params") from None
+    for item in overrides:
+        dotted, sep, value = item.partition("=")
+        if not sep or not dotted:
+            raise typer.BadParameter(f"{item!r}: give name=value (nested: optim.lr=1e-5)", param_hint="--set")
+        *parents, leaf = dotted.split(".")
+        node = params
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise typer.BadParameter(f"{dotted}: {part} is not an object", param_hint="--set")
+        try:
+            node[leaf] = yaml_load(value)
+        except ValueError:
+            node[leaf] = value
+    return params
+
+
+@jobs_cli.command("submit")
+@remote
+def jobs_submit(job_type: str = typer.Argument(..., metavar="TYPE", help="sft, reward, cost, ppo_lag, … "
+                                               "(`beaver jobs params` lists them)."),
+                params: Optional[Path] = typer.Option(None, exists=True, dir_okay=False,
+                                                      help="The job's params: a YAML or JSON file."),
+                set_: list[str] = typer.Option([], "--set", help="Override one param: name=value (nested: "
+                                               "optim.lr=1e-5; the value is read as YAML). Repeatable."),
+                dataset: list[str] = typer.Option([], help="A dataset id the job reads. Repeatable."),
+                world_size: int = typer.Option(1, min=1, help="Ranks (GPUs) the job runs on."),
+                follow: bool = typer.Option(False, "--follow", help="Then follow it as `beaver jobs follow` does."),
+                json_: bool = JSON_OPTION) -> None:
+    """Submit a job; prints its id. The server checks the params first: a bad one is exit 3 naming it."""
+    job = _client().submit(job_type, _read_params(params, set_), dataset, world_size)
+    if json_:
+        _print_json(job)
+    else:
+        typer.echo(job["id"])
+    if follow:
+        jobs_follow(job["id"])
+
+
+@jobs_cli.command("list")
+@remote
+def jobs_list(status: Optional[str] = typer.Option(None, help="queued | running | succeeded | failed | cancelled"),
+              job_type: Optional[str] = typer.Option(None, "--type", help="Only jobs of this type."),
+              limit: int = typer.Option(20, min=1, help="At most this many, newest first."),
+              json_: bool = JSON_OPTION) -> None:
+    """Jobs, newest first."""
+    data = _client().list_jobs(status, job_type, limit)
+    if json_:
+        return _print_json(data)
+    rows = []
+    for j in data:
+        progress = j.get("progress") or {}
+        percent = progress.get("percent")
+        rows.append([j["id"], j["type"], j["status"], "" if percent is None else f"{percent:.0f}%",
+                     _when(j.get("created_at")), (j.get("error") or {}).get("code", "")])
+    _table(rows, ["ID", "TYPE", "STATUS", "PROGRESS", "CREATED", "ERROR"])
+
+
+@jobs_cli.command("get")
+@remote
+def jobs_get(job_id: str = typer.Argument(..., metavar="ID")) -> None:
+    """One job, as JSON."""
+    _print_json(_client().get_job(job_id))
+
+
+# Metrics shown live beside the bar, as short names: the Safe RLHF ones first.
+LIVE_METRICS = (("train/reward", "reward"), ("train/episode_cost", "cost"), ("lagrange/lambda", "λ"),
+                ("train/kl", "kl"), ("train/loss", "loss"), ("eval/accuracy", "acc"), ("eval/loss", "eval_loss"))
+
+
+@jobs_cli.command("follow")
+@remote
+def jobs_follow(job_id: str = typer.Argument(..., metavar="ID")) -> None:
+    """Follow a job to its end: a progress bar with its live metrics (reward, cost, λ, …) and its
+    messages. Exits 0 when it succeeded, 1 when it failed or was cancelled (its error code printed)."""
+    from tqdm import tqdm
+
+    client = _client()
+    bar = tqdm(total=None, unit="step", desc=job_id, dynamic_ncols=True)
+    try:
+        for event in client.follow(job_id):
+            data = event.get("data") or {}
+            if "step" in data and "total_steps" in data:
+                bar.total, bar.n = data["total_steps"], data["step"]
+                shown = {short: f"{data[name]:.3g}" for name, short in LIVE_METRICS
+                         if isinstance(data.get(name), (int, float))}
+                bar.set_postfix(shown, refresh=False)
+                bar.refresh()
+            elif event.get("message"):
+                bar.write(f"{event['level']}: {event['message']}" if event.get("level") == "error"
+                          else event["message"], file=sys.stderr)
+    finally:
+        bar.close()
+    job = client.get_job(job_id)
+    if job["status"] == "succeeded":
+        models = ", ".join(job.get("result_models") or []) or "none"
+        typer.echo(f"{job_id} succeeded; models: {models}")
+        return
+    error = job.get("error") or {}
+    typer.secho(f"{job_id} {job['status']}" + (f": {error.get('code')}: {error.get('message')}" if error else ""),
+                fg=typer.colors.RED, err=True)
+    raise typer.Exit(1)
+
+
+@jobs_cli.command("cancel")
+@remote
+def jobs_cancel(job_id: str = typer.Argument(..., metavar="ID")) -> None:
+    """Cancel a job: a queued one at once, a running one within seconds."""
+    job = _client().cancel(job_id)
+    typer.echo(f"{job['id']} {job['status']}" + (" (stops within seconds)" if job["status"] == "running" else ""))
+
+
+@models_cli.command("list")
+@remote
+def models_list(kind: Optional[str] = typer.Option(None, help="policy | reward | cost | round"),
+                json_: bool = JSON_OPTION) -> None:
+    """Rounds and registered models."""
+    data = _client().list_models(kind)
+    if json_:
+        return _print_json(data)
+    _table([[m["id"], m["kind"], m["name"], m.get("job_id") or ""] for m in data], ["ID", "KIND", "NAME", "JOB"])
+
+
+@models_cli.command("pull")
+@remote
+def models_pull(ref: str = typer.Argument(..., metavar="ID", help="A model id or name, a round name (its policy), "
+                                          "or a job id (the model it made)."),
+                directory: Path = typer.Argument(..., metavar="DIR", help="Where to unpack it (created).")) -> None:
+    """Download a model and unpack it into DIR: a Hugging Face folder that from_pretrained and vLLM load."""
+    client = _client()
+    if ref.startswith("job-"):
+        made = client.get_job(ref).get("result_models") or []
+        if not made:
+            typer.secho(f"error: job {ref} made no model", fg=typer.colors.RED, err=True)
+            raise typer.Exit(1)
+        ref = made[0]
+    client.pull_model(ref, directory)
+    typer.echo(f"{ref} → {directory}")
+
+
+@rounds_cli.command("list")
+@remote
+def rounds_list(json_: bool = JSON_OPTION) -> None:
+    """Safe RLHF rounds, newest first: the policy, and the reward and cost models that shaped it."""
+    data = _client().list_rounds()
+    if json_:
+        return _print_json(data)
+    _table([[r["name"], r["id"], r["policy_model_id"], r.get("reward_model_id"), r.get("cost_model_id"),
+             _when(r.get("created_at"))] for r in data], ["NAME", "ID", "POLICY", "REWARD", "COST", "CREATED"])
 
 
 def clear_caches() -> None:

@@ -40,6 +40,7 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
+from api.client import Client as ApiClient
 from models import world
 
 
@@ -124,42 +125,25 @@ class DemoConfig:
         return cls(**{**small, **overrides})
 
 
-class Client:
-    """The REST API, as the demo uses it."""
+class Client(ApiClient):
+    """The REST API as the demo uses it: ``api.client.Client`` with the demo's job runner and stage timings."""
 
     def __init__(self, url: str, key: str):
-        self.http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120)
+        super().__init__(url, key)
         self.seconds: collections.Counter = collections.Counter()
         """Wall seconds per stage (``run_job``'s ``stage``), from submit to the job's end as seen here."""
 
-    def _check(self, r: httpx.Response) -> dict:
-        if r.status_code >= 400:
-            raise RuntimeError(f"{r.request.method} {r.request.url.path}: {r.status_code} {r.text[:500]}")
-        return r.json()
-
-    def post(self, path: str, body: dict) -> dict:
-        return self._check(self.http.post(path, json=body))
-
-    def get(self, path: str) -> dict:
-        return self._check(self.http.get(path))
-
     def upload(self, name: str, kind: str, records: list[dict]) -> str:
-        return self.post("/v1/datasets", {"name": name, "kind": kind, "records": records})["id"]
+        return self.upload_dataset(records, kind, name)["id"]
 
     def records(self, dataset_id: str) -> list[dict]:
-        out, after = [], None
-        while True:
-            page = self.get(f"/v1/datasets/{dataset_id}/records?limit=1000" + (f"&after={after}" if after is not None else ""))
-            out += [r["data"] for r in page["data"]]
-            if not page["has_more"]:
-                return out
-            after = page["data"][-1]["index"]
+        return list(super().records(dataset_id))
 
     def run_job(self, type_: str, params: dict, datasets: list[str], label: str, stage: str = "other") -> dict:
         """Submit a job and follow its events with a progress bar until it ends; its wall time counts
         to ``stage`` in ``seconds`` (a PPO job's own time/* metrics split it further)."""
         started = time.perf_counter()
-        job = self.post("/v1/jobs", {"type": type_, "params": params, "datasets": datasets})
+        job = self.submit(type_, params, datasets)
         bar = tqdm(total=None, desc=label, unit="step", leave=False, dynamic_ncols=True)
         after, events = 0, []
         while True:
