@@ -359,11 +359,10 @@ def summarise(args, results: dict) -> dict:
 
 
 DIFFERENCES = [
-    "**π_old.** With one update per rollout TRL skips the forward for log π_old (the ratio's denominator is the "
-    "policy's own log-probs in the update's forward, detached: the same values, as nothing has changed the policy "
-    "yet); Beaver computes log π_old in a forward of its own in its scoring phase, as its PPO does (needed for "
-    "`ppo_epochs` > 1 or several mini-batches; it also feeds `train/kl` and the sampler/trainer log-prob gap). "
-    "That forward is the difference between the two scoring phases.",
+    "**π_old.** With one update per rollout both skip the forward for log π_old: the ratio's denominator is the "
+    "policy's own log-probs in the update's forward, detached (the same values, as nothing has changed the policy "
+    "yet). With `ppo_epochs` > 1 or several mini-batches Beaver computes log π_old in a forward of its own in its "
+    "scoring phase, as its PPO does.",
     "**Group std.** TRL divides by the Bessel-corrected std + 1e-4, Beaver by the population std + 1e-6 "
     "(`models.rl.group_normalize`): with G = 4 TRL's advantages are √(3/4) ≈ 0.87 of Beaver's — a constant factor "
     "that Adam's normalisation all but removes.",
