@@ -461,10 +461,7 @@ def datasets_upload(file: Path = typer.Argument(..., exists=True, dir_okay=False
                                                      "FILE_COLUMN=FIELD (e.g. question=prompt). Repeatable."),
                     json_: bool = JSON_OPTION) -> None:
     """Upload a dataset; prints its id (validated whole: a bad record is an error naming its line)."""
-    column_map = dict(item.split("=", 1) for item in column if "=" in item)
-    if len(column_map) != len(column):
-        raise typer.BadParameter("give FILE_COLUMN=FIELD", param_hint="--column")
-    dataset = _client().upload_dataset(file, kind, name, column_map or None)
+    dataset = _client().upload_dataset(file, kind, name, _column_map(column))
     if json_:
         return _print_json(dataset)
     typer.echo(f"{dataset['name']}: {dataset.get('num_records')} {kind} records", err=True)
@@ -481,6 +478,51 @@ def datasets_list(limit: int = typer.Option(100, min=1, help="At most this many,
         return _print_json(data)
     _table([[d["id"], d["kind"], d.get("num_records"), d["name"], _when(d.get("created_at"))] for d in data],
            ["ID", "KIND", "RECORDS", "NAME", "CREATED"])
+
+
+def _column_map(column: list[str]) -> dict[str, str] | None:
+    column_map = dict(item.split("=", 1) for item in column if "=" in item)
+    if len(column_map) != len(column):
+        raise typer.BadParameter("give FILE_COLUMN=FIELD", param_hint="--column")
+    return column_map or None
+
+
+@datasets_cli.command("import")
+@remote
+def datasets_import(hub_id: str = typer.Argument(..., help="A Hugging Face dataset id (PKU-Alignment/PKU-SafeRLHF), "
+                                                 "or a local folder: save_to_disk's, or of Parquet/JSON files."),
+                    split: str = typer.Option(..., help="The split to import (train, test, …)."),
+                    kind: str = typer.Option(..., help="preference | prompt | sft | samples"),
+                    name: Optional[str] = typer.Option(None, help="Default: HUB_ID:SPLIT."),
+                    config: Optional[str] = typer.Option(None, help="The dataset's configuration (subset), if it has "
+                                                         "several."),
+                    column: list[str] = typer.Option([], help="Rename a dataset column to a record field: "
+                                                     "COLUMN=FIELD (e.g. question=prompt). Repeatable."),
+                    json_: bool = JSON_OPTION) -> None:
+    """Import a Hugging Face dataset: loaded here (the local cache; the hub unless HF_HUB_OFFLINE=1), uploaded
+    as Parquet, validated whole by the server. Needs `pip install 'beaver[hf]'`; prints the dataset's id."""
+    from api.hub import HubImportError
+
+    try:
+        dataset = _client().import_hub_dataset(hub_id, split, kind, name, _column_map(column), config)
+    except HubImportError as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    if json_:
+        return _print_json(dataset)
+    typer.echo(f"{dataset['name']}: {dataset.get('num_records')} {kind} records", err=True)
+    typer.echo(dataset["id"])
+
+
+@datasets_cli.command("export")
+@remote
+def datasets_export(dataset_id: str = typer.Argument(..., help="The dataset's id."),
+                    file: Path = typer.Argument(..., dir_okay=False, help="Where to write it."),
+                    format_: str = typer.Option("jsonl", "--format", help="jsonl | parquet")) -> None:
+    """Download a dataset's records as JSONL or Parquet (what `datasets.load_dataset` reads)."""
+    if format_ not in ("jsonl", "parquet"):
+        raise typer.BadParameter("jsonl or parquet", param_hint="--format")
+    typer.echo(str(_client().download_dataset(dataset_id, file, format_)))
 
 
 def _read_params(path: Path | None, overrides: list[str]) -> dict:

@@ -141,13 +141,26 @@ class Client:
         for item in self.pages(f"/v1/datasets/{dataset_id}/records", cursor="index", limit=1000):
             yield item["data"]
 
-    def download_dataset(self, dataset_id: str, path: str | Path) -> Path:
-        """A dataset's records as a JSONL file (the format it was uploaded in)."""
-        path = Path(path)
-        with path.open("w", encoding="utf-8") as f:
-            for record in self.records(dataset_id):
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        return path
+    def download_dataset(self, dataset_id: str, path: str | Path, format: str = "jsonl") -> Path:
+        """A dataset's records as a file: ``jsonl`` (one record a line) or ``parquet``, streamed by the
+        server's export (``GET /v1/datasets/{id}/export``)."""
+        return self._stream_to(f"/v1/datasets/{dataset_id}/export", Path(path), params={"format": format})
+
+    def import_hub_dataset(self, hub_id: str, split: str, kind: str, name: str | None = None,
+                           column_map: dict[str, str] | None = None, config: str | None = None) -> dict:
+        """Load one split of a Hugging Face dataset where this client runs (the local cache; the hub unless
+        ``HF_HUB_OFFLINE=1``; or a ``save_to_disk`` / data-files folder) and upload it as Parquet.
+        Needs the ``hf`` extra (``datasets``); ``api.hub.HubImportError`` says what could not be loaded."""
+        import tempfile
+
+        from api.hub import NAME_MAX, load_hub_dataset
+
+        dataset = load_hub_dataset(hub_id, split, config)
+        label = Path(hub_id).name if Path(hub_id).is_dir() else hub_id
+        with tempfile.TemporaryDirectory(prefix="beaver-import-") as tmp:
+            path = Path(tmp) / "data.parquet"
+            dataset.to_parquet(str(path))
+            return self.upload_dataset(path, kind, name or f"{label}:{split}"[:NAME_MAX], column_map)
 
     # --- jobs -----------------------------------------------------------------------------------
 
@@ -216,14 +229,26 @@ class Client:
         return self.get(f"/v1/jobs/{job_id}/files")["data"]
 
     def download_file(self, job_id: str, name: str, path: str | Path) -> Path:
-        path = Path(path)
-        with self.http.stream("GET", f"/v1/jobs/{job_id}/files/{name}") as r:
-            if r.status_code >= 400:
-                r.read()
-                raise BeaverError.from_response(r)
-            with path.open("wb") as f:
-                for chunk in r.iter_bytes():
-                    f.write(chunk)
+        return self._stream_to(f"/v1/jobs/{job_id}/files/{name}", Path(path))
+
+    def _stream_to(self, url: str, path: Path, **kwargs) -> Path:
+        """A streamed body into ``path`` (written whole or not at all: a temporary file renamed at the end)."""
+        part = path.with_name(path.name + ".part")
+        try:
+            with self.http.stream("GET", url, **kwargs) as r:
+                if r.status_code >= 400:
+                    r.read()
+                    raise BeaverError.from_response(r)
+                with part.open("wb") as f:
+                    for chunk in r.iter_bytes():
+                        f.write(chunk)
+        except httpx.TransportError as e:
+            part.unlink(missing_ok=True)
+            raise BeaverError(0, "unreachable", f"cannot reach {self.url}: {e or type(e).__name__}") from None
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
+        part.replace(path)
         return path
 
     # --- models and rounds ----------------------------------------------------------------------

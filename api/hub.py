@@ -9,7 +9,6 @@ Needs the ``hf`` extra (``pip install 'beaver[hf]'``: datasets, pyarrow).
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 NAME_MAX = 200  # api.routers.datasets.NAME_MAX
@@ -48,31 +47,14 @@ def import_hub_dataset(hub_id: str, split: str, kind: str, url: str, key: str | 
                        column_map: dict[str, str] | None = None, config: str | None = None,
                        timeout: float = 600.0) -> dict:
     """Load ``hub_id``'s ``split`` and upload it to the Beaver server at ``url`` as a dataset of ``kind``;
-    returns the dataset object. ``column_map``: a column of the dataset → the record field it is."""
-    import json
+    returns the dataset object. ``column_map``: a column of the dataset → the record field it is.
+    (``api.client.Client.import_hub_dataset`` with every failure a ``HubImportError``.)"""
+    from api.client import BeaverError, Client
 
-    import httpx
-
-    dataset = load_hub_dataset(hub_id, split, config)
-    name = name or f"{hub_id.rstrip('/').split('/')[-1] if Path(hub_id).is_dir() else hub_id}:{split}"[:NAME_MAX]
-    with tempfile.TemporaryDirectory(prefix="beaver-import-") as tmp:
-        path = Path(tmp) / "data.parquet"
-        dataset.to_parquet(str(path))
-        data = {"name": name, "kind": kind}
-        if column_map:
-            data["column_map"] = json.dumps(column_map)
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        with path.open("rb") as f:
-            try:
-                r = httpx.post(url.rstrip("/") + "/v1/datasets", data=data, headers=headers, timeout=timeout,
-                               files={"file": (f"{name.replace('/', '_')}.parquet", f,
-                                               "application/vnd.apache.parquet")})
-            except httpx.HTTPError as e:
-                raise HubImportError(f"cannot reach {url}: {e}") from None
-    if r.status_code != 201:
+    with Client(url, key, timeout=timeout) as client:
         try:
-            message = r.json()["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = r.text[:500]
-        raise HubImportError(f"the server refused the dataset (HTTP {r.status_code}): {message}")
-    return r.json()
+            return client.import_hub_dataset(hub_id, split, kind, name, column_map, config)
+        except BeaverError as e:
+            if not e.status:
+                raise HubImportError(e.message) from None
+            raise HubImportError(f"the server refused the dataset (HTTP {e.status}): {e.message}") from None

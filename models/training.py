@@ -80,7 +80,7 @@ class LoraConfig:
 
 @dataclass
 class TrainingConfig:
-    """The params every training job takes (sft, dpo, reward, cost, ppo_lag, ppo, ppo_shaping)."""
+    """The params every training job takes (sft, dpo, reward, cost, ppo_lag, ppo, ppo_shaping, grpo_lag, grpo)."""
 
     model: Annotated[str, MODEL_REF] = ""
     """The model the job starts from: a registered model id or name, a round name, a local Hugging Face

@@ -222,3 +222,31 @@ def test_the_readmes_worked_example_runs_as_written(platform, base, tmp_path, mo
     scope = {"dataset_id": dataset_id}
     exec(readme_block("The same from Python", "python"), scope)  # noqa: S102 — the README's own lines
     assert scope["job"]["status"] == "succeeded" and scope["job"]["params"]["optim"]["lr"] == 1e-5
+
+
+def test_cli_imports_a_hugging_face_dataset_and_exports_it_as_parquet_and_jsonl(platform, tmp_path, monkeypatch):
+    """`beaver datasets import` on a save_to_disk folder (the hub unreachable: HF_HUB_OFFLINE=1), renaming
+    columns; `beaver datasets export` gives back the same records in both formats."""
+    import datasets
+    import pyarrow.parquet as pq
+
+    rows = [{"question": r["prompt"], "answer": r["response"]} for r in SFT_RECORDS]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "qa"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # beaver_cli passes the environment on
+    out = beaver_cli(platform, "datasets", "import", str(tmp_path / "qa"), "--split", "train", "--kind", "sft",
+                     "--column", "question=prompt", "--column", "answer=response", key=platform.keys["trainer"])
+    assert out.returncode == 0, out.stderr
+    dataset_id = out.stdout.strip()
+    assert "qa:train: 12 sft records" in out.stderr
+    missing = beaver_cli(platform, "datasets", "import", str(tmp_path / "qa"), "--split", "test", "--kind", "sft",
+                         key=platform.keys["trainer"])
+    assert missing.returncode == 2 and "no split 'test'" in missing.stderr
+
+    for fmt in ("parquet", "jsonl"):
+        out = beaver_cli(platform, "datasets", "export", dataset_id, str(tmp_path / f"qa.{fmt}"), "--format", fmt)
+        assert out.returncode == 0, out.stderr
+    assert pq.read_table(tmp_path / "qa.parquet").to_pylist() == SFT_RECORDS
+    lines = (tmp_path / "qa.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == SFT_RECORDS
+    nowhere = beaver_cli(platform, "datasets", "export", "ds-nope", str(tmp_path / "x.jsonl"))
+    assert nowhere.returncode == 3 and "404" in nowhere.stderr and not (tmp_path / "x.jsonl").exists()
