@@ -87,9 +87,13 @@ def path_methods(request: Request) -> list[str]:
         routes = iter_route_contexts(request.app.routes)
     except ImportError:
         routes = request.app.routes
+    # The most specific routes only: /v1/keys/me (GET) also matches /v1/keys/{key_id} (DELETE), but its
+    # methods are the ones /openapi.json gives that path.
+    matching = [r for r in routes if getattr(r, "methods", None) and r.matches(request.scope)[0] != Match.NONE]
+    fewest = min((len(getattr(r, "param_convertors", {})) for r in matching), default=0)
     methods = {"OPTIONS"}
-    for route in routes:
-        if getattr(route, "methods", None) and route.matches(request.scope)[0] != Match.NONE:
+    for route in matching:
+        if len(getattr(route, "param_convertors", {})) == fewest:
             methods |= route.methods
     return sorted(methods)
 

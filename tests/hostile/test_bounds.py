@@ -177,7 +177,10 @@ def test_the_bounds_are_in_the_params_reference_and_in_openapi(keys, monkeypatch
     from models.jobs import params_markdown
 
     reference = params_markdown()
-    rows = {line.split("|")[1].strip(): line for line in reference.splitlines() if line.startswith("| `")}
+    rows = {}  # the first row of each name: `name` is a job's (a dataset's name), not a cost_models entry's
+    for line in reference.splitlines():
+        if line.startswith("| `"):
+            rows.setdefault(line.split("|")[1].strip(), line)
     assert "BEAVER_MAX_JOB_TOKENS" in rows["`max_new_tokens`"] and "≤ 200 characters" in rows["`name`"]
     monkeypatch.setenv("BEAVER_MAX_JOB_TOKENS", "4096")
     clear_caches()
