@@ -55,14 +55,13 @@ import torch
 from models import distributed
 from models.chat_format import ChatFormat, Prompt
 from models.generation import GenerationBackend, Sampler, WeightSynced
-from models.jobs import Artifact, Bound, JobCancelled, JobContext, JobResult
-from models.ppo_lag import (Rollout, SafeRLConfig, ScoreModelScorer, Scorer, Updater, _score, lagrange_metrics,
-                            on_device, per_constraint, plot_curves, ptx_sample, split_records, token_log_probs)
+from models.jobs import Bound, JobCancelled, JobContext, JobResult
+from models.ppo_lag import (Rollout, SafeRLConfig, Scorer, Updater, _score, lagrange_metrics, on_device, per_constraint,
+                            policy_result, ptx_sample, start_safe_rl, token_log_probs, train_recorded)
 from models.rl import Constraints, combine_advantages, group_normalize, masked_mean, sequence_mean
-from models.rollout import choose_engine, open_vllm
-from models.training import (adapters_disabled, autocast, check_conversations, collate_labelled, compute_dtype,
-                             labelled_conversation, load_frozen, micro_batches, read_checkpoint, save_artifact,
-                             start_policy, target_count, token_losses, with_targets, without_dropout, write_checkpoint)
+from models.training import (adapters_disabled, autocast, collate_labelled, compute_dtype, labelled_conversation,
+                             micro_batches, read_checkpoint, target_count, token_losses, with_targets, without_dropout,
+                             write_checkpoint)
 
 
 @dataclass
@@ -343,64 +342,15 @@ def run_grpo(config: GRPOLagConfig, ctx: JobContext, reward_fn: Scorer | None = 
 
 def _run(config: GRPOLagConfig, ctx: JobContext, reward_fn: Scorer | None,
          cost_fn: Scorer | Sequence[Scorer] | None) -> JobResult:
-    torch.manual_seed(config.seed)
-    engine = choose_engine(config, ctx, trains=True)  # before anything loads: the job's first event says which
-    datasets = [(d, ctx.load_dataset(d)) for d in ctx.datasets]
-    prompts, ptx_records = split_records([r for _, part in datasets for r in part])
-    if not prompts:
-        raise ValueError("GRPO needs at least one prompt (a prompt or preference dataset)")
-
-    fmt, policy, device, dtype, policy_path = start_policy(config, ctx, "policy", padding_side="left")
-    check_conversations(fmt, datasets, prompts=True)
-    # Under LoRA the reference is the policy's own base (adapters off): no second copy.
-    ref_policy = None if config.lora else distributed.frozen_model(
-        load_frozen(policy_path, "causal", fmt, dtype, device), config.zero_stage, config.zero_offload)
-    frozen = [ref_policy]
-
-    def scorer(ref: str | None):
-        if ref is None:
-            return None
-        path = ctx.resolve_model(ref)
-        score_fmt = ChatFormat.load(path)
-        model = distributed.frozen_model(load_frozen(path, "score", score_fmt, dtype, device), config.zero_stage,
-                                         config.zero_offload)
-        frozen.append(model)
-        return ScoreModelScorer(model, score_fmt, fmt, config.max_length)
-
+    start = start_safe_rl(config, ctx, "GRPO")
     # A score model saved without a head gets a fresh one: drawn from the job's seed.
     torch.manual_seed(config.seed)
-    reward_fn = reward_fn or scorer(config.reward_model)
-    specs = config.constraints()
+    reward_fn = reward_fn or start.score_model(config, ctx, config.reward_model)
     if cost_fn is None:  # every constraint's cost model (grpo scores them for telemetry; none given: 0)
-        cost_fn = [scorer(c.model) for c in specs]
-    if config.offload_frozen and device.type == "cuda":
-        for model in frozen:
-            if model is not None:
-                model.to("cpu")
+        cost_fn = [start.score_model(config, ctx, c.model) for c in config.constraints()]
+    start.offload(config)
 
-    events = []  # the step events, for the curves' plot
-
-    def report(event: dict) -> None:
-        if "step" in event:
-            events.append(event)
-        ctx.report(event)
-
-    with open_vllm(engine, ctx, policy_path, fmt, dtype, config.max_length, device) if engine.engine == "vllm" \
-            else contextlib.nullcontext() as generator:
-        metrics = train(config, policy, ref_policy, fmt, prompts, reward_fn, cost_fn, generator=generator,
-                        ptx_records=ptx_records, frozen=frozen, output_dir=ctx.output_dir,
-                        resume_from=ctx.resume_from, report=report, should_stop=ctx.should_stop,
-                        stop_requested=ctx.stop_requested)
-
-    out = save_artifact(policy, fmt, Path(ctx.output_dir) / "policy", dtype)
-    trainer = "grpo_lag" if config.objective == "lagrangian" else "grpo"
-    thresholds = {"threshold": config.threshold} if len(specs) == 1 else {
-        "thresholds": {c.name: c.threshold for c in specs}}  # d, or d_k by name (as ppo_lag)
-    artifacts = [Artifact(kind="policy", path=str(out), metadata={
-        "trainer": trainer, **thresholds, "constraint": config.constraint, "group_size": config.group_size,
-        **metrics, **fmt.info()})]
-    if distributed.current().main and events:
-        curves = plot_curves(events, specs, config.constraint, Path(ctx.output_dir) / "training.png",
-                             trainer="GRPO-Lag" if trainer == "grpo_lag" else "GRPO")
-        artifacts.append(Artifact(kind="report", path=str(curves), name="training curves"))
-    return JobResult(metrics=metrics, artifacts=artifacts)
+    metrics, events = train_recorded(start, config, ctx, train, reward_fn, cost_fn)
+    lagrangian = config.objective == "lagrangian"
+    return policy_result(start, config, ctx, metrics, events, "grpo_lag" if lagrangian else "grpo",
+                         "GRPO-Lag" if lagrangian else "GRPO", group_size=config.group_size)

@@ -148,7 +148,8 @@ class SafeRLConfig(TrainingConfig, RolloutParams):
     """Keep the frozen models (reference, reward, cost) in CPU memory while the policy trains (GPU only)."""
 
     def constraints(self) -> list[Constraint]:
-        """The job's constraints: `cost_models`, or the one-constraint form (`cost_model`, `threshold`), named `cost`."""
+        """The job's constraints: `cost_models`, or the one-constraint form (`cost_model`, `threshold`), named
+        `cost`."""
         if self.cost_models:
             return [Constraint(c.name, c.model, c.threshold) for c in self.cost_models]
         return [Constraint("cost", self.cost_model, self.threshold)]
@@ -703,21 +704,101 @@ def split_records(records: Sequence[dict]) -> tuple[list, list[dict]]:
     return prompts, sft
 
 
-def _run(config: PPOLagConfig, ctx: JobContext, reward_fn: Scorer | None, cost_fn: Scorer | None) -> JobResult:
+@dataclass
+class SafeRLStart:
+    """What every Safe RLHF job has loaded before its trainer starts (``start_safe_rl``)."""
+
+    engine: object  # the rollout engine choice (``choose_engine``)
+    prompts: list
+    ptx_records: list[dict]
+    fmt: ChatFormat
+    policy: object
+    ref_policy: object  # None under LoRA: the policy with its adapters off
+    device: torch.device
+    dtype: torch.dtype
+    policy_path: str
+    frozen: list = field(default_factory=list)  # models ``offload_frozen`` moves out while the policy trains
+
+    def score_model(self, config: SafeRLConfig, ctx: JobContext, ref: str | None) -> ScoreModelScorer | None:
+        """A frozen reward or cost model, replicated on every rank (sharded under ZeRO-3 inference), read in
+        its own format; None for no model."""
+        if ref is None:
+            return None
+        path = ctx.resolve_model(ref)
+        score_fmt = ChatFormat.load(path)
+        model = distributed.frozen_model(load_frozen(path, "score", score_fmt, self.dtype, self.device),
+                                         config.zero_stage, config.zero_offload)
+        self.frozen.append(model)
+        return ScoreModelScorer(model, score_fmt, self.fmt, config.max_length)
+
+    def offload(self, config: SafeRLConfig) -> None:
+        """The frozen models to CPU memory until their phase (``offload_frozen``, GPU only)."""
+        if config.offload_frozen and self.device.type == "cuda":
+            for model in self.frozen:
+                if model is not None:
+                    model.to("cpu")
+
+
+def start_safe_rl(config: SafeRLConfig, ctx: JobContext, trainer: str) -> SafeRLStart:
+    """The start every Safe RLHF job shares: the engine choice (before anything loads, so the job's first
+    event says which), the prompts and PTX records of its datasets, the policy and its frozen reference."""
     torch.manual_seed(config.seed)
-    engine = choose_engine(config, ctx, trains=True)  # before anything loads: the job's first event says which
+    engine = choose_engine(config, ctx, trains=True)
     datasets = [(d, ctx.load_dataset(d)) for d in ctx.datasets]
     prompts, ptx_records = split_records([r for _, part in datasets for r in part])
     if not prompts:
-        raise ValueError("PPO needs at least one prompt (a prompt or preference dataset)")
-    checkpoint = ctx.resume_from
-
+        raise ValueError(f"{trainer} needs at least one prompt (a prompt or preference dataset)")
     fmt, policy, device, dtype, policy_path = start_policy(config, ctx, "policy", padding_side="left")
     check_conversations(fmt, datasets, prompts=True)
     # Under LoRA the reference is the policy's own base (adapters off): no second copy.
     # Frozen models are replicated on every rank, or sharded under ZeRO-3 inference at stage 3.
     ref_policy = None if config.lora else distributed.frozen_model(
         load_frozen(policy_path, "causal", fmt, dtype, device), config.zero_stage, config.zero_offload)
+    return SafeRLStart(engine, prompts, ptx_records, fmt, policy, ref_policy, device, dtype, policy_path,
+                       [ref_policy])
+
+
+def train_recorded(start: SafeRLStart, config: SafeRLConfig, ctx: JobContext, train_fn: Callable[..., dict],
+                   *args, **kwargs) -> tuple[dict, list[dict]]:
+    """``train_fn`` on the job's rollout engine (a vLLM engine it owns, or None: the trainer's own
+    ``Sampler``), its events reported to the job and kept (the step events) for the curves' plot."""
+    events = []
+
+    def report(event: dict) -> None:
+        if "step" in event:
+            events.append(event)
+        ctx.report(event)
+
+    with open_vllm(start.engine, ctx, start.policy_path, start.fmt, start.dtype, config.max_length, start.device) \
+            if start.engine.engine == "vllm" else contextlib.nullcontext() as generator:
+        metrics = train_fn(config, start.policy, start.ref_policy, start.fmt, start.prompts, *args,
+                           generator=generator, ptx_records=start.ptx_records, frozen=start.frozen,
+                           output_dir=ctx.output_dir, resume_from=ctx.resume_from, report=report,
+                           should_stop=ctx.should_stop, stop_requested=ctx.stop_requested, **kwargs)
+    return metrics, events
+
+
+def policy_result(start: SafeRLStart, config: SafeRLConfig, ctx: JobContext, metrics: dict, events: list[dict],
+                  trainer: str, title: str, **metadata) -> JobResult:
+    """The trained policy (its metadata: the trainer, d or d_k by name, the constraint, the final metrics)
+    and, on the main rank, the curves' plot."""
+    constraints = config.constraints()
+    out = save_artifact(start.policy, start.fmt, Path(ctx.output_dir) / "policy", start.dtype)
+    thresholds = {"threshold": config.threshold} if len(constraints) == 1 else {
+        "thresholds": {c.name: c.threshold for c in constraints}}
+    artifacts = [Artifact(kind="policy", path=str(out), metadata={
+        "trainer": trainer, **thresholds, "constraint": config.constraint, **metadata, **metrics,
+        **start.fmt.info()})]
+    if distributed.current().main and events:
+        curves = plot_curves(events, constraints, config.constraint, Path(ctx.output_dir) / "training.png",
+                             trainer=title)
+        artifacts.append(Artifact(kind="report", path=str(curves), name="training curves"))
+    return JobResult(metrics=metrics, artifacts=artifacts)
+
+
+def _run(config: PPOLagConfig, ctx: JobContext, reward_fn: Scorer | None, cost_fn: Scorer | None) -> JobResult:
+    start = start_safe_rl(config, ctx, "PPO")
+    fmt, device, checkpoint = start.fmt, start.device, ctx.resume_from
 
     def critic(name: str, ref: str | None):
         # The critic reads the policy's tokens, so it shares the policy's format.
@@ -734,20 +815,14 @@ def _run(config: PPOLagConfig, ctx: JobContext, reward_fn: Scorer | None, cost_f
     cost_critics = [critic(name, config.cost_critic or c.model) if config.objective == "lagrangian" else (None, None)
                     for name, c in zip(cost_critic_names([c.name for c in constraints]), constraints)]
 
-    frozen = [ref_policy]
-
     def scorer(ref: str | None, critic_model, critic_base):
-        if ref is None:
-            return None
-        path = ctx.resolve_model(ref)
-        score_fmt = ChatFormat.load(path)
-        if config.lora and critic_model is not None and str(critic_base) == str(path) and score_fmt.same_as(fmt):
-            # A LoRA critic initialised from this score model computes it with its adapters off.
-            return ScoreModelScorer(critic_model, score_fmt, fmt, config.max_length, adapters_off=True)
-        model = distributed.frozen_model(load_frozen(path, "score", score_fmt, dtype, device), config.zero_stage,
-                                         config.zero_offload)
-        frozen.append(model)
-        return ScoreModelScorer(model, score_fmt, fmt, config.max_length)
+        if ref is not None and config.lora and critic_model is not None:
+            path = ctx.resolve_model(ref)
+            score_fmt = ChatFormat.load(path)
+            if str(critic_base) == str(path) and score_fmt.same_as(fmt):
+                # A LoRA critic initialised from this score model computes it with its adapters off.
+                return ScoreModelScorer(critic_model, score_fmt, fmt, config.max_length, adapters_off=True)
+        return start.score_model(config, ctx, ref)
 
     # A score model saved without a head gets a fresh one; draw it from the same seed on a fresh
     # and on a resumed run (whose critics load from the checkpoint and draw nothing before this).
@@ -755,38 +830,12 @@ def _run(config: PPOLagConfig, ctx: JobContext, reward_fn: Scorer | None, cost_f
     reward_fn = reward_fn or scorer(config.reward_model, reward_critic, reward_critic_base)
     if cost_fn is None:  # every constraint's cost model (the reward objective scores them for telemetry)
         cost_fn = [scorer(c.model, *critic_and_base) for c, critic_and_base in zip(constraints, cost_critics)]
-    if config.offload_frozen and device.type == "cuda":
-        for model in frozen:
-            if model is not None:
-                model.to("cpu")
+    start.offload(config)
 
-    events = []  # the step events, for the curves' plot
-
-    def report(event: dict) -> None:
-        if "step" in event:
-            events.append(event)
-        ctx.report(event)
-
-    with open_vllm(engine, ctx, policy_path, fmt, dtype, config.max_length, device) if engine.engine == "vllm" \
-            else contextlib.nullcontext() as generator:  # None: train samples with its own Sampler (hf)
-        metrics = train(config, policy, ref_policy, fmt, prompts, reward_fn, cost_fn, reward_critic,
-                        [c for c, _ in cost_critics],
-                        generator=generator, ptx_records=ptx_records, frozen=frozen, output_dir=ctx.output_dir,
-                        resume_from=checkpoint, report=report, should_stop=ctx.should_stop,
-                        stop_requested=ctx.stop_requested)
-
-    out = save_artifact(policy, fmt, Path(ctx.output_dir) / "policy", dtype)
-    # d, or d_k by name with several constraints
-    thresholds = {"threshold": config.threshold} if len(constraints) == 1 else {
-        "thresholds": {c.name: c.threshold for c in constraints}}
-    artifacts = [Artifact(
-        kind="policy", path=str(out),
-        metadata={"trainer": {"lagrangian": "ppo_lag", "reward": "ppo", "shaping": "ppo_shaping"}[config.objective],
-                  **thresholds, "constraint": config.constraint, **metrics, **fmt.info()})]
-    if distributed.current().main and events:
-        curves = plot_curves(events, constraints, config.constraint, Path(ctx.output_dir) / "training.png")
-        artifacts.append(Artifact(kind="report", path=str(curves), name="training curves"))
-    return JobResult(metrics=metrics, artifacts=artifacts)
+    metrics, events = train_recorded(start, config, ctx, train, reward_fn, cost_fn, reward_critic,
+                                     [c for c, _ in cost_critics])
+    trainer = {"lagrangian": "ppo_lag", "reward": "ppo", "shaping": "ppo_shaping"}[config.objective]
+    return policy_result(start, config, ctx, metrics, events, trainer, "PPO")
 
 
 def plot_curves(events: Sequence[dict], constraints: Sequence[Constraint], mode: str, path: Path,
