@@ -451,6 +451,21 @@ def _when(seconds: int | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(seconds)) if seconds else ""
 
 
+def _print_dataset(dataset: dict, kind: str, json_: bool) -> None:
+    """A stored dataset: its object (--json), or its id on stdout and a line about it on stderr."""
+    if json_:
+        return _print_json(dataset)
+    typer.echo(f"{dataset['name']}: {dataset.get('num_records')} {kind} records", err=True)
+    typer.echo(dataset["id"])
+
+
+def _column_map(column: list[str]) -> dict[str, str] | None:
+    column_map = dict(item.split("=", 1) for item in column if "=" in item)
+    if len(column_map) != len(column):
+        raise typer.BadParameter("give FILE_COLUMN=FIELD", param_hint="--column")
+    return column_map or None
+
+
 @datasets_cli.command("upload")
 @remote
 def datasets_upload(file: Path = typer.Argument(..., exists=True, dir_okay=False, help="JSONL (one record a line), "
@@ -462,10 +477,7 @@ def datasets_upload(file: Path = typer.Argument(..., exists=True, dir_okay=False
                     json_: bool = JSON_OPTION) -> None:
     """Upload a dataset; prints its id (validated whole: a bad record is an error naming its line)."""
     dataset = _client().upload_dataset(file, kind, name, _column_map(column))
-    if json_:
-        return _print_json(dataset)
-    typer.echo(f"{dataset['name']}: {dataset.get('num_records')} {kind} records", err=True)
-    typer.echo(dataset["id"])
+    _print_dataset(dataset, kind, json_)
 
 
 @datasets_cli.command("list")
@@ -478,13 +490,6 @@ def datasets_list(limit: int = typer.Option(100, min=1, help="At most this many,
         return _print_json(data)
     _table([[d["id"], d["kind"], d.get("num_records"), d["name"], _when(d.get("created_at"))] for d in data],
            ["ID", "KIND", "RECORDS", "NAME", "CREATED"])
-
-
-def _column_map(column: list[str]) -> dict[str, str] | None:
-    column_map = dict(item.split("=", 1) for item in column if "=" in item)
-    if len(column_map) != len(column):
-        raise typer.BadParameter("give FILE_COLUMN=FIELD", param_hint="--column")
-    return column_map or None
 
 
 @datasets_cli.command("import")
@@ -508,10 +513,7 @@ def datasets_import(hub_id: str = typer.Argument(..., help="A Hugging Face datas
     except HubImportError as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
-    if json_:
-        return _print_json(dataset)
-    typer.echo(f"{dataset['name']}: {dataset.get('num_records')} {kind} records", err=True)
-    typer.echo(dataset["id"])
+    _print_dataset(dataset, kind, json_)
 
 
 @datasets_cli.command("export")
