@@ -292,7 +292,8 @@ def demo(url: Optional[str] = typer.Option(None, help="A running Beaver to drive
     import shutil
 
     from api.demo import (Client, DemoConfig, EmbeddedPlatform, markdown_table, plot_seeds, plot_successors,
-                          run_demo, successors_markdown, successors_summary, summarize, summary_markdown)
+                          plot_survivors, run_demo, successors_markdown, successors_summary, summarize, summary_markdown,
+                          survivors_markdown)
     from api.settings import get_settings
 
     try:
@@ -343,6 +344,10 @@ def demo(url: Optional[str] = typer.Option(None, help="A running Beaver to drive
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         (out_dir / "summary.md").write_text(summary_markdown(summary) + "\n")
         plot_seeds(summary, out_dir / "seeds.png")
+        # What the last round still answers harmfully, and what λ and the constraint did (the diagnosis).
+        traces = [json.loads((out_dir / f"seed-{run['seed']}" / "ppo_traces.json").read_text()) for run in runs]
+        plot_survivors(runs, traces, out_dir / "survivors.png")
+        (out_dir / "survivors.md").write_text(survivors_markdown(runs) + "\n")
         if len(runs) > 1:
             typer.echo("\n" + summary_markdown(summary))
         if successors:

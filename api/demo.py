@@ -219,6 +219,7 @@ def run_demo(client: Client, config: DemoConfig, out_dir: Path) -> dict:
     harmful_seen = _harmful_red_team(client, policy, config, rng, upload)  # red-team prompts it fails
     lam = 1.0
     ppo_traces = []
+    shown_to_ppo: list[dict] = []  # every round's PPO prompt set (the diagnosis's exposure)
     round_models = {}
     for k in range(1, config.rounds + 1):
         # Fresh prompts plus red-team prompts the previous round failed on.
@@ -244,8 +245,9 @@ def run_demo(client: Client, config: DemoConfig, out_dir: Path) -> dict:
         cost = client.run_job("cost", {"model": policy, **score_params}, preference_sets, f"round {k}: cost",
                               "reward and cost models")
         threshold = _threshold(client, cost, pairs, samples, config)
-        ppo_set = upload(f"demo-r{k}-ppo-prompts", "prompt",
-                         world.sample_prompts(rng, 2048, red_team_fraction=config.ppo_red_team_fraction))
+        ppo_prompts = world.sample_prompts(rng, 2048, red_team_fraction=config.ppo_red_team_fraction)
+        shown_to_ppo += ppo_prompts  # each PPO step draws its prompts uniformly from these
+        ppo_set = upload(f"demo-r{k}-ppo-prompts", "prompt", ppo_prompts)
         ppo_params = _ppo_params(config, policy, reward["result_models"][0], cost["result_models"][0]) | {
             "threshold": threshold, "lambda_init": lam}
         ppo = client.run_job("ppo_lag", ppo_params, [ppo_set], f"round {k}: PPO-Lag", "ppo")
@@ -305,6 +307,9 @@ def run_demo(client: Client, config: DemoConfig, out_dir: Path) -> dict:
     for row in rounds + baselines + successors:
         mine = [s for s in samples if s["policy"] == row["model"]]
         row.update(judged(mine, report["models"][row["model"]], dict(config.harm_families)))
+    # What the last round still answers harmfully, and why (issue 22's diagnosis).
+    last = rounds[-1]["model"]
+    diagnosis = survivors([s for s in samples if s["policy"] == last], shown_to_ppo) | {"model": last}
     stages.update()
     stages.close()
 
@@ -318,7 +323,7 @@ def run_demo(client: Client, config: DemoConfig, out_dir: Path) -> dict:
                               "reward_model": report["config"]["reward_model"],
                               "cost_model": report["config"]["cost_model"]},
                "prompt_splits": prompt_splits, "thresholds": [t["threshold"] for t in ppo_traces],
-               "rounds": rounds, "baselines": baselines, "successors": successors}
+               "rounds": rounds, "baselines": baselines, "successors": successors, "survivors": diagnosis}
     results["targets"] = targets(results)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     (out_dir / "ppo_traces.json").write_text(json.dumps(ppo_traces))
@@ -409,6 +414,46 @@ def judged(samples: list[dict], model_report: dict, families: dict | None = None
             "cost_model_agreement": sum((s["cost"] > 0) == h for s, h in zip(samples, harmful)) / len(samples),
             "mean_reward_benign": model_report["benign"]["reward"]["mean"],
             **({"harmful_ratio_by_family": oracle["harmful_ratio_by_family"]} if families else {})}
+
+
+def survivors(samples: list[dict], ppo_prompts: list[dict]) -> dict:
+    """What one model's harmful answers to red-team evaluation prompts are (issue 22's diagnosis).
+
+    Per object, red-team frame and template: harmful answers / red-team answers. Per harmful answer:
+    whether the reference cost model flagged it (cost > 0), what kind of harm it is (``recipe``: a step of
+    the object asked for, after "sure ."; ``refusal then steps``: the refusal sentence and a step anyway;
+    ``other object``: only steps of an object not asked for), and how often the PPO prompts showed its
+    object in its frame (``exposure``: those prompts per (object, frame), against the mean over every
+    red-team (object, frame) the PPO prompts showed)."""
+    world_ = world.load_world()
+    refusal_opening = world_.refusal.split("OBJ")[0].strip()
+    red = [s for s in samples if s.get("red_team")]
+    shown = collections.Counter((p["object"], world.prompt_parts(p["prompt"])["frame"]) for p in ppo_prompts
+                                if p.get("red_team"))
+    mean_shown = sum(shown.values()) / max(1, len(shown))
+    counts = {key: collections.defaultdict(lambda: [0, 0]) for key in ("object", "frame", "template")}
+    answers = []
+    for s in red:
+        parts = world.prompt_parts(s["prompt"])
+        harmful = world.is_harmful(s["response"])
+        for key in counts:
+            name = parts[key] if key == "object" else (world_.frames if key == "frame" else world_.templates)[parts[key]]
+            counts[key][name][0] += harmful
+            counts[key][name][1] += 1
+        if harmful:
+            own = world.steps_in_order(s["object"], s["response"]) > 0
+            kind = ("refusal then steps" if s["response"].strip().startswith(refusal_opening) else
+                    "recipe" if own else "other object")
+            answers.append({"prompt": s["prompt"], "object": s["object"], "frame": world_.frames[parts["frame"]],
+                            "template": world_.templates[parts["template"]], "response": s["response"],
+                            "cost": s.get("cost"), "flagged_by_cost_model": s.get("cost", 0) > 0, "kind": kind,
+                            "exposure": shown[(s["object"], parts["frame"])] / mean_shown if mean_shown else None})
+    return {"red_team_answers": len(red), "harmful": len(answers),
+            "flagged_by_cost_model": sum(a["flagged_by_cost_model"] for a in answers),
+            "kinds": dict(collections.Counter(a["kind"] for a in answers)),
+            **{f"by_{key}": {name: {"harmful": h, "answers": n} for name, (h, n) in sorted(c.items())}
+               for key, c in counts.items()},
+            "answers": answers}
 
 
 def targets(results: dict) -> list[dict]:
@@ -757,6 +802,81 @@ def plot_results(results: dict, traces: list[dict], out_dir: Path) -> list[Path]
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
     return paths
+
+
+def survivors_markdown(runs: list[dict]) -> str:
+    """Per seed: the last round's harmful answers to red-team prompts, how many the reference cost model
+    flagged, their kinds, the objects and frames they came from, and how often the PPO prompts showed
+    those (object, frame) pairs (1.0: as often as the average red-team pair)."""
+    lines = ["| seed | model | harmful answers | flagged by the cost model | kinds | objects (answers) | frames (answers) "
+             "| PPO exposure, median [min – max] |", "|---|---|---|---|---|---|---|---|"]
+    for run in runs:
+        d = run["survivors"]
+        top = lambda key: ", ".join(f"{name} ({v['harmful']})" for name, v in sorted(  # noqa: E731
+            d[key].items(), key=lambda kv: -kv[1]["harmful"]) if v["harmful"]) or "—"
+        exposure = sorted(a["exposure"] for a in d["answers"] if a["exposure"] is not None)
+        span = (f"{statistics.median(exposure):.2f} [{exposure[0]:.2f} – {exposure[-1]:.2f}]" if exposure else "—")
+        kinds = ", ".join(f"{k} {n}" for k, n in sorted(d["kinds"].items(), key=lambda kv: -kv[1])) or "—"
+        lines.append(f"| {run['seed']} | {d['model']} | {d['harmful']} of {d['red_team_answers']} | "
+                     f"{d['flagged_by_cost_model']} | {kinds} | {top('by_object')} | {top('by_frame')} | {span} |")
+    return "\n".join(lines)
+
+
+def plot_survivors(runs: list[dict], traces: list[list[dict]], path: Path) -> Path:
+    """The diagnosis in one figure: the harmful ratio round by round on each seed; where the last round's
+    harmful answers are (by object, flagged or missed by the reference cost model); and λ with J̄_C − d
+    through every PPO step, the rounds concatenated."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    ax = axes[0]
+    for run in runs:
+        names = [r["name"].replace("beaver-", "") for r in run["rounds"]]
+        ax.plot(names, [100 * r["harmful_ratio"] for r in run["rounds"]], "o-", label=f"seed {run['seed']}")
+    ax.set_yscale("log")
+    ax.axhline(1.0, color="gray", linestyle=":", linewidth=1)
+    ax.set_ylabel("harmful answers to red-team prompts (%, log)")
+    ax.set_title("harm round by round (dotted: 1 %)", fontsize=10)
+    ax.legend(fontsize=8)
+
+    ax = axes[1]
+    objects = [o.name for o in world.load_world().harmful]
+    flagged = collections.Counter(a["object"] for run in runs for a in run["survivors"]["answers"]
+                                  if a["flagged_by_cost_model"])
+    missed = collections.Counter(a["object"] for run in runs for a in run["survivors"]["answers"]
+                                 if not a["flagged_by_cost_model"])
+    ax.barh(objects, [flagged[o] for o in objects], color="tab:red", label="flagged by the cost model")
+    ax.barh(objects, [missed[o] for o in objects], left=[flagged[o] for o in objects], color="tab:gray",
+            label="missed (cost ≤ 0)")
+    ax.tick_params(axis="y", labelsize=7)
+    ax.set_xlabel(f"harmful answers of the last round, seeds {', '.join(str(r['seed']) for r in runs)} together")
+    ax.set_title("what survives, by object", fontsize=10)
+    ax.legend(fontsize=8)
+
+    ax = axes[2]
+    ax2 = ax.twinx()
+    for i, (run, seed_traces) in enumerate(zip(runs, traces)):
+        color, offset = f"C{i}", 0
+        for t in seed_traces:
+            steps = [offset + j for j in range(len(t["events"]))]
+            ax.plot(steps, [e["lagrange/lambda"] for e in t["events"]], color=color)
+            ax2.plot(steps, [e.get("train/episode_cost", float("nan")) - t["threshold"] for e in t["events"]],
+                     color=color, linestyle=":", alpha=0.7)
+            offset += len(t["events"])
+            ax.axvline(offset - 0.5, color="lightgray", linewidth=0.8)
+    ax2.axhline(0, color="black", linewidth=0.8)
+    ax.set_xlabel("PPO step (rounds 1, 2, 3 concatenated)")
+    ax.set_ylabel("λ (solid)")
+    ax2.set_ylabel("J̄_C − d (dotted; > 0: the constraint binds)")
+    ax.set_title("λ and the constraint, per seed", fontsize=10)
+    fig.suptitle(f"What the last round still answers harmfully ({runs[0]['evaluation']['split']} prompts)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def plot_seeds(summary: dict, path: Path) -> Path:

@@ -23,6 +23,7 @@ from models.world.core import (
     load_world,
     parse_prompt,
     partial_compliance,
+    prompt_parts,
     refusal,
     sample_prompts,
     sft_corpus,
@@ -36,6 +37,6 @@ from models.world.core import (
 __all__ = [
     "PROMPT_TEMPLATE_WORDS", "SPLITS", "WORLD_PATH", "World", "WorldObject", "all_prompts", "annotate",
     "compliance", "evaluate_responses", "format_compliance", "harm_categories_of", "harmful_steps", "helpfulness", "is_harmful",
-    "is_refusal", "load_world", "parse_prompt", "partial_compliance", "refusal", "sample_prompts",
+    "is_refusal", "load_world", "parse_prompt", "partial_compliance", "prompt_parts", "refusal", "sample_prompts",
     "sft_corpus", "shuffled_compliance", "split_of", "steps_in_order", "tokenizer_corpus", "wrong_compliance",
 ]

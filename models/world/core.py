@@ -199,6 +199,21 @@ def _prompt_index() -> dict[str, dict]:
     return {r["prompt"]: {"record": r, "split": split} for split in SPLITS for r in all_prompts(split)}
 
 
+@lru_cache(maxsize=1)
+def _prompt_parts_index() -> dict[str, tuple[str, int, int | None]]:
+    world = load_world()
+    return {_prompt_record(world, i, t, f)["prompt"]: (world.objects[i].name, t, f)
+            for i in range(len(world.objects)) for t in range(len(world.templates))
+            for f in [*range(len(world.frames)), None]}
+
+
+def prompt_parts(prompt: str) -> dict:
+    """What a world prompt is made of: ``{object, template, frame}``, the template's and the red-team
+    frame's indices in ``world.json`` (frame None for an unframed request); KeyError for free text."""
+    obj, t, f = _prompt_parts_index()[prompt]
+    return {"object": obj, "template": t, "frame": f}
+
+
 def parse_prompt(text: str) -> dict:
     """The prompt record of a prompt string: exact for the world's prompts; for free text (an
     arena prompt) the object named in it, red-team when a harmful request sits in a frame."""
