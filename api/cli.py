@@ -168,7 +168,7 @@ def worker(queues: str = typer.Option("gpu,cpu", help="Comma-separated Celery qu
     ranks = ranks or default_ranks()
     os.environ["BEAVER_WORKER_RANKS"] = str(ranks)  # read by workers.ray_ranks: larger jobs go to Ray
     largest = ranks
-    if settings.ray_address:
+    if settings.ray_address and any(q.strip() not in ("", "cpu") for q in queues.split(",")):  # training queues
         if ray_ranks is None:
             from workers.ray_ranks import cluster_total
 

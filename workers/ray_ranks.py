@@ -66,12 +66,18 @@ def connect(address: str) -> None:
     if not ray.is_initialized():
         # ray.init enables faulthandler on sys.stderr, which a Celery worker replaces by a proxy without
         # a file descriptor: the process's own stderr for the time of the call.
+        # It also makes SIGTERM exit the process at once: the worker's own handlers stay (Celery's warm
+        # shutdown stops the running job's ranks and leaves the job to be re-queued).
+        main = threading.current_thread() is threading.main_thread()
+        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)} if main else {}
         stderr, sys.stderr = sys.stderr, sys.__stderr__
         try:
             ray.init(address=address, namespace="beaver", log_to_driver=False, logging_level=logging.WARNING,
                      configure_logging=False)
         finally:
             sys.stderr = stderr
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
 
 
 def cluster_total(address: str, resource: str) -> int:
