@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -174,7 +175,9 @@ class RayRanks:
 
         self.world_size, self.resource = world_size, resource
         self.bundles = bundles(world_size, resource, rollout_gpus)
-        self.pg = placement_group(self.bundles, strategy="PACK", name=f"beaver-{job_id}")
+        # Named for people (`ray list placement-groups`); unique, since two workers may hold a message of
+        # the same job at once (a re-sent one): only the claim decides which of them runs it.
+        self.pg = placement_group(self.bundles, strategy="PACK", name=f"beaver-{job_id}-{secrets.token_hex(3)}")
         self._ready = self.pg.ready()
         self.actors: list = []
         self.where: list[dict] = []
