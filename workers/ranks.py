@@ -95,8 +95,9 @@ class JobRun:
 def run_job_process(run: JobRun, world_size: int, stop_reason: Callable[[], str | None], grace: float,
                     torch_threads: int = 0, on_kill: Callable[[str], None] | None = None, cluster=None) -> JobResult:
     """Run the job's entry point in its own process (``world_size`` 1), on ``world_size`` ranks here, or
-    on the bundles of ``cluster`` (a placed ``workers.ray_ranks.RayRanks``), and wait. ``stop_reason`` names why the job must stop ("cancel", …) or None; once it names one, STOP
-    is written and, ``grace`` seconds later, the processes are killed (``on_kill(reason)`` first).
+    on the bundles of ``cluster`` (a placed ``workers.ray_ranks.RayRanks``), and wait. ``stop_reason``
+    names why the job must stop ("cancel", …) or None; once it names one, STOP is written and,
+    ``grace`` seconds later, the processes are killed (``on_kill(reason)`` first).
     Returns the job's result; raises ``JobCancelled`` when it stopped on request, ``RankFailed`` when
     it failed."""
     output_dir = Path(run.output_dir)

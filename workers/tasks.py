@@ -183,21 +183,25 @@ def _reserve(job_id: str, world_size: int, rollout_gpus: int, settings) -> ray_r
     queued job: since when it is queued) is kept fresh, so no reaper re-sends its message meanwhile."""
     cluster = ray_ranks.RayRanks(settings.ray_address, job_id, world_size, settings.ray_rank_resource, rollout_gpus)
     said = None
-    while not cluster.ready(timeout=1.0):
-        with Session(get_engine()) as session:
-            still = session.execute(update(Job).where(Job.id == job_id, Job.status == "queued")
-                                    .values(heartbeat_at=time.time())).rowcount == 1
-            session.commit()
-            if not still or ranks.stopping.is_set():
-                cluster.release()
-                return None
-            wait = cluster.waiting_for()
-            if (wait["available"], wait["total"]) != said:
-                said = (wait["available"], wait["total"])
-                add_event(session, job_id, f"waiting for {world_size} bundles ({wait['needed']:g} {wait['resource']} "
-                          f"in all) on the Ray cluster ({wait['available']:g} of {wait['total']:g} "
-                          f"{wait['resource']} available): queued until they can all be placed at once",
-                          {"status": "queued", "waiting_for": wait})
+    try:
+        while not cluster.ready(timeout=1.0):
+            with Session(get_engine()) as session:
+                still = session.execute(update(Job).where(Job.id == job_id, Job.status == "queued")
+                                        .values(heartbeat_at=time.time())).rowcount == 1
+                session.commit()
+                if not still or ranks.stopping.is_set():
+                    cluster.release()
+                    return None
+                wait = cluster.waiting_for()
+                if (wait["available"], wait["total"]) != said:
+                    said = (wait["available"], wait["total"])
+                    add_event(session, job_id, f"waiting for {world_size} bundles ({wait['needed']:g} "
+                              f"{wait['resource']} in all) on the Ray cluster ({wait['available']:g} of "
+                              f"{wait['total']:g} {wait['resource']} available): queued until they can all be "
+                              "placed at once", {"status": "queued", "waiting_for": wait})
+    except BaseException:
+        cluster.release()
+        raise
     return cluster
 
 
