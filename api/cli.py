@@ -106,6 +106,9 @@ def worker_command(queues: str = "gpu,cpu", name: str = "beaver@%h", pool: str |
 
 RANKS_HELP = ("The largest job (world_size) this worker runs, one process per rank: default the GPUs it sees, "
               "or 1 on a CPU host (CPU ranks: set it to run multi-rank jobs on CPU).")
+RAY_RANKS_HELP = ("With BEAVER_RAY_ADDRESS: the largest job this worker runs on the Ray cluster, jobs larger than "
+                  "--ranks there (one rank per bundle); default the cluster's BEAVER_RAY_RANK_RESOURCE count at start. "
+                  "Larger than the cluster: such jobs wait, queued, for hosts to join.")
 
 
 @cli.command()
@@ -150,11 +153,35 @@ def worker(queues: str = typer.Option("gpu,cpu", help="Comma-separated Celery qu
                                     "host, pid and a random suffix, so two workers may share a name."),
            pool: Optional[str] = typer.Option(None, help="Celery pool (default BEAVER_WORKER_POOL)."),
            concurrency: int = typer.Option(1, help="Jobs at once (with a prefork pool)."),
-           ranks: Optional[int] = typer.Option(None, min=1, help=RANKS_HELP)) -> None:
+           ranks: Optional[int] = typer.Option(None, min=1, help=RANKS_HELP),
+           ray_ranks: Optional[int] = typer.Option(None, "--ray-ranks", min=1, help=RAY_RANKS_HELP)) -> None:
     """Run a Celery worker for training and analysis jobs."""
+    from api.queue import default_ranks
+    from api.settings import get_settings
+
+    settings = get_settings()
+    if ray_ranks is not None and not settings.ray_address:
+        typer.echo("error: --ray-ranks needs BEAVER_RAY_ADDRESS (the Ray cluster's head, host:port)", err=True)
+        raise typer.Exit(2)
     _prepare_database()
     _check_broker()
-    os.execv(sys.executable, worker_command(queues, name, pool, concurrency, ranks))
+    ranks = ranks or default_ranks()
+    os.environ["BEAVER_WORKER_RANKS"] = str(ranks)  # read by workers.ray_ranks: larger jobs go to Ray
+    largest = ranks
+    if settings.ray_address and any(q.strip() not in ("", "cpu") for q in queues.split(",")):  # training queues
+        if ray_ranks is None:
+            from workers.ray_ranks import cluster_total
+
+            try:
+                ray_ranks = cluster_total(settings.ray_address, settings.ray_rank_resource)
+            except Exception as e:  # noqa: BLE001 — ray's connection errors have many types
+                typer.echo(f"error: cannot reach the Ray cluster at {settings.ray_address}: {e}", err=True)
+                raise typer.Exit(1) from None
+        largest = max(ranks, ray_ranks)
+        if largest > ranks:
+                typer.echo(f"jobs of up to {ranks} ranks run here, of {ranks + 1} to {largest} on the Ray cluster at "
+                       f"{settings.ray_address}", err=True)
+    os.execv(sys.executable, worker_command(queues, name, pool, concurrency, largest))
 
 
 @db_cli.command("upgrade")

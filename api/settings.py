@@ -59,6 +59,11 @@ class Settings(BaseSettings):
     port: int = Field(8000, description="API port.")
     worker_pool: str = Field("solo", description="Celery pool for `beaver worker` (solo: one job at a time).")
     torch_threads: int = Field(0, description="CPU threads per worker for torch (0: torch's default).")
+    ray_address: str = Field("", description="The team's Ray cluster (host:port of its head, or ray://host:10001 "
+                             "through Ray Client): a worker runs a job larger than its own ranks there, one rank per "
+                             "bundle of a placement group. Empty: every job runs on one host (Ray is not imported).")
+    ray_rank_resource: str = Field("GPU", description="The Ray resource one rank's bundle asks for: GPU on GPU hosts; "
+                                   "a custom resource (e.g. rank, given to `ray start --resources`) for CPU ranks.")
     heartbeat_seconds: float = Field(5.0, description="How often a running job refreshes its heartbeat.")
     cancel_grace_seconds: float = Field(5.0, gt=0, description="After a cancel (or its attempt superseded, or its "
                                         "worker shutting down), how long a job's processes get to stop at a check "

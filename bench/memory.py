@@ -358,6 +358,33 @@ def parameter_counts(m: dict, r: int = 16) -> dict:
     return {"causal": causal, "score": backbone + h, "adapters": adapters, "head": h}
 
 
+# Larger than one host (README, "Scaling out"): not in the one-GPU table above.
+LARGE_MODELS = {
+    "Llama-3-70B": {"hidden": 8192, "intermediate": 28672, "layers": 80, "heads": 64, "kv_heads": 8,
+                    "vocab": 128256, "tied": False, "qkv_bias": False},
+}
+
+
+def ppo_lag_parts(n: dict) -> dict[str, dict[str, int]]:
+    """Bytes of each of PPO-Lag's six networks, full fine-tuning and LoRA r=16 (``arithmetic``'s rule)."""
+    full = {"policy": 16 * n["causal"], "reference": 2 * n["causal"], "reward": 2 * n["score"],
+            "cost": 2 * n["score"], "reward critic": 16 * n["score"], "cost critic": 16 * n["score"]}
+    lora = {"policy": 2 * n["causal"] + 16 * n["adapters"], "reference": 0, "reward": 0, "cost": 0,
+            "reward critic": 2 * n["score"] + 16 * (n["adapters"] + n["head"]),
+            "cost critic": 2 * n["score"] + 16 * (n["adapters"] + n["head"])}
+    return {"full fine-tuning": full, "LoRA r=16": lora}
+
+
+def over_gpus(model: str, mode: str, gpus: int) -> dict:
+    """PPO-Lag's weights and optimizer state per GPU for a job of ``gpus`` ranks under ZeRO-3, which
+    shards every one of them evenly over the ranks (trained models in the engine, frozen ones under
+    ZeRO-3 inference; under LoRA the frozen base weights are the engine's too)."""
+    m = {**REAL_MODELS, **LARGE_MODELS}[model]
+    parts = ppo_lag_parts(parameter_counts(m))[mode]
+    total = sum(parts.values())
+    return {"model": model, "mode": mode, "gpus": gpus, "total_gb": total / 1e9, "per_gpu_gb": total / gpus / 1e9}
+
+
 def arithmetic(gpu_gb: float = 80.0) -> list[dict]:
     """Bytes of weights and optimizer state: trainable 16/param (fp32 weight, grad, Adam m and v),
     frozen bf16 2/param, LoRA-wrapped 2/param of the base + 16/adapter param (a critic's head is
@@ -367,12 +394,7 @@ def arithmetic(gpu_gb: float = 80.0) -> list[dict]:
     rows = []
     for name, m in REAL_MODELS.items():
         n = parameter_counts(m)
-        full = {"policy": 16 * n["causal"], "reference": 2 * n["causal"], "reward": 2 * n["score"],
-                "cost": 2 * n["score"], "reward critic": 16 * n["score"], "cost critic": 16 * n["score"]}
-        lora = {"policy": 2 * n["causal"] + 16 * n["adapters"], "reference": 0, "reward": 0, "cost": 0,
-                "reward critic": 2 * n["score"] + 16 * (n["adapters"] + n["head"]),
-                "cost critic": 2 * n["score"] + 16 * (n["adapters"] + n["head"])}
-        for mode, parts in (("full fine-tuning", full), ("LoRA r=16", lora)):
+        for mode, parts in ppo_lag_parts(n).items():
             total = sum(parts.values())
             # GRPO-Lag's four networks: the same policy and reference; no critics, so under LoRA the reward
             # and cost models have no critic to be the base of and stay frozen bf16 copies of their own.

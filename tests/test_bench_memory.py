@@ -51,3 +51,12 @@ def test_grpo_lag_arithmetic_is_four_networks_without_critics(memory):
     readme = (ROOT / "README.md").read_text()
     for row in memory.arithmetic():  # the README's memory table quotes every total
         assert f"{row['grpo_lag_total_gb']:.1f} GB" in readme and f"{row['total_gb']:.1f} GB" in readme, row["model"]
+
+
+def test_the_readme_quotes_the_memory_per_gpu_of_a_70b_lora_and_an_8b_full_round_over_16_gpus(memory):
+    section = (ROOT / "README.md").read_text().split("\n## Scaling out\n")[1].split("\n## ")[0]
+    seventy, eight = memory.over_gpus("Llama-3-70B", "LoRA r=16", 16), memory.over_gpus("Llama-3-8B", "full fine-tuning", 16)
+    assert seventy["per_gpu_gb"] == pytest.approx(seventy["total_gb"] / 16)
+    assert 20 < seventy["per_gpu_gb"] < 80 and 20 < eight["per_gpu_gb"] < 80  # both fit an 80 GB GPU
+    for row in (seventy, eight):
+        assert f"{row['total_gb']:.1f} GB" in section and f"{row['per_gpu_gb']:.1f} GB" in section, row

@@ -235,3 +235,21 @@ def test_the_readme_beaver_commands_exist():
         assert out.exit_code == 0, out.output
         for option in (w for w in words if w.startswith("--")):
             assert option in out.output, f"`beaver {line}`: no option {option}"
+
+
+def test_the_ray_profile_runs_a_ray_head_that_gpu_hosts_join_and_the_gpu_worker_reaches(compose, deployment):
+    assert "ray-head" not in services(compose, deployment, *ALL)  # only with the ray profile
+    with open(deployment / "docker" / ".env", "a") as f:  # the example's line, uncommented
+        f.write(re.search(r"^#(BEAVER_RAY_ADDRESS=.*)$", ENV_EXAMPLE.read_text(), flags=re.M).group(1) + "\n")
+    svc = services(compose, deployment, *ALL, "--profile", "ray")
+    head = svc["ray-head"]
+    assert head["network_mode"] == "host" and head["restart"] == "unless-stopped" and head["healthcheck"]["test"]
+    assert head["command"][:4] == ["ray", "start", "--head", "--block"] and "--port=6380" in head["command"]
+    assert head["image"] == svc["worker-gpu"]["image"] and head["build"] == svc["worker-gpu"]["build"]
+    assert "ray" in head["build"]["args"]["EXTRAS"].split(",")  # the GPU image has Ray, for the head and the hosts
+    assert svc["worker-gpu"]["environment"]["BEAVER_RAY_ADDRESS"].startswith("ray://")
+    assert svc["worker-gpu"]["environment"]["BEAVER_HOME"] == "/data"
+    # the command a GPU host runs to join, in the README and the env file, names the head's port
+    readme = (REPO / "README.md").read_text()
+    join = "ray start --address=10.0.0.1:6380 --num-gpus=8 --block"
+    assert join in readme and "ray start --address=THIS_HOST:6380" in ENV_EXAMPLE.read_text()

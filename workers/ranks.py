@@ -12,6 +12,9 @@ its own, each in a process group of its own, that the worker can kill:
 - **N ranks**: ``torchrun`` starts N rank processes (``python -m workers.ranks JOB …``); each joins
   the job's process group (NCCL on GPUs, gloo on CPU ranks); ``models/distributed.py`` says how
   trainers split the work.
+- **N ranks on a Ray cluster** (N larger than the worker's own ranks, ``BEAVER_RAY_ADDRESS`` set):
+  ``workers.ray_ranks`` starts the same rank processes, one per bundle of a placement group, with the
+  environment torchrun gives them; the rest of this page holds for them as it is.
 
 Each process builds the job's context from the database and writes its progress events through
 the attempt's fence (rank 0 alone, on several ranks). Between the worker and the job's processes
@@ -90,16 +93,22 @@ class JobRun:
 
 
 def run_job_process(run: JobRun, world_size: int, stop_reason: Callable[[], str | None], grace: float,
-                    torch_threads: int = 0, on_kill: Callable[[str], None] | None = None) -> JobResult:
-    """Run the job's entry point in its own process (``world_size`` 1) or on ``world_size`` ranks, and
-    wait. ``stop_reason`` names why the job must stop ("cancel", …) or None; once it names one, STOP
-    is written and, ``grace`` seconds later, the processes are killed (``on_kill(reason)`` first).
+                    torch_threads: int = 0, on_kill: Callable[[str], None] | None = None, cluster=None) -> JobResult:
+    """Run the job's entry point in its own process (``world_size`` 1), on ``world_size`` ranks here, or
+    on the bundles of ``cluster`` (a placed ``workers.ray_ranks.RayRanks``), and wait. ``stop_reason``
+    names why the job must stop ("cancel", …) or None; once it names one, STOP is written and,
+    ``grace`` seconds later, the processes are killed (``on_kill(reason)`` first).
     Returns the job's result; raises ``JobCancelled`` when it stopped on request, ``RankFailed`` when
     it failed."""
     output_dir = Path(run.output_dir)
     for stale in [output_dir / STOP, output_dir / RESULT, *output_dir.glob("rank-*.error.json")]:
         stale.unlink(missing_ok=True)
-    proc = _hand_over(run, torch_threads) if world_size == 1 else _start_ranks(run, world_size, torch_threads)
+    if cluster is not None:
+        proc = cluster.start(_rank_args(run), output_dir / LOG, torch_threads, os.getcwd())
+    elif world_size == 1:
+        proc = _hand_over(run, torch_threads)
+    else:
+        proc = _start_ranks(run, world_size, torch_threads)
     stop_sent, killed = None, False
     try:
         while proc.poll() is None:
@@ -116,7 +125,13 @@ def run_job_process(run: JobRun, world_size: int, stop_reason: Callable[[], str 
     finally:
         if proc.poll() is None:  # the worker is going away (an exception here): take the job along
             _kill(proc)
-    return _outcome(proc.returncode, output_dir, world_size, stopped=stop_sent is not None)
+    return _outcome(proc.returncode, output_dir, world_size, stopped=stop_sent is not None,
+                    root=getattr(proc, "root_cause", None))
+
+
+def _rank_args(run: JobRun) -> list[str]:
+    """A rank's command line after ``python -m workers.ranks`` (``main``)."""
+    return [run.job_id, str(run.attempt), run.worker, run.output_dir, run.resume_from or ""]
 
 
 def _start_ranks(run: JobRun, world_size: int, torch_threads: int) -> subprocess.Popen:
@@ -126,8 +141,7 @@ def _start_ranks(run: JobRun, world_size: int, torch_threads: int) -> subprocess
     if torch_threads > 0 or not torch.cuda.is_available():  # CPU ranks share the host's cores
         env["OMP_NUM_THREADS"] = str(torch_threads or max(1, (os.cpu_count() or 1) // world_size))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}",
-               "--max-restarts=0", "-m", "workers.ranks", run.job_id, str(run.attempt), run.worker, run.output_dir,
-               run.resume_from or ""]
+               "--max-restarts=0", "-m", "workers.ranks", *_rank_args(run)]
     with open(Path(run.output_dir) / LOG, "ab") as log:
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
@@ -185,9 +199,12 @@ def _hand_over(run: JobRun, torch_threads: int) -> subprocess.Popen:
     raise RuntimeError("could not start the job's process (see the worker's log)")
 
 
-def _kill(proc: subprocess.Popen) -> None:
+def _kill(proc) -> None:
     """SIGTERM the process's group (torchrun and every rank, or the one job process), SIGKILL what is
-    left ``KILL_AFTER_TERM_SECONDS`` later."""
+    left ``KILL_AFTER_TERM_SECONDS`` later; ranks on a Ray cluster, each its own group on its host."""
+    if not isinstance(proc, subprocess.Popen):
+        proc.kill()
+        return
     for sig, wait in ((signal.SIGTERM, KILL_AFTER_TERM_SECONDS), (signal.SIGKILL, 30)):
         try:
             os.killpg(proc.pid, sig)
@@ -200,9 +217,11 @@ def _kill(proc: subprocess.Popen) -> None:
             continue
 
 
-def _outcome(returncode: int, output_dir: Path, world_size: int, stopped: bool) -> JobResult:
+def _outcome(returncode: int, output_dir: Path, world_size: int, stopped: bool,
+             root: tuple[int, int | None, str | None] | None = None) -> JobResult:
     """The job's result from its files. Once asked to stop, a job that left no result was cancelled,
-    whatever its processes reported while they were stopped or killed."""
+    whatever its processes reported while they were stopped or killed. ``root``: the first rank to fail
+    (rank, exit code, how), where the launcher knows it; else torchrun's report in ``ranks.log``."""
     result = output_dir / RESULT
     if result.exists():
         data = json.loads(result.read_text())
@@ -220,13 +239,16 @@ def _outcome(returncode: int, output_dir: Path, world_size: int, stopped: bool) 
         how = f"was killed by {_signal_name(-returncode)}" if returncode < 0 else f"exited with code {returncode}"
         raise RankFailed(job_error("rank_failed", f"the job's process {how} without an error of its own "
                                                   f"(its output: {LOG} in the attempt's artifacts folder)"))
-    root = _root_cause(output_dir / LOG)  # torchrun's "first observed failure": (rank, exit code)
-    if root is not None and root[1] < 0 and root[0] not in errors:
-        # Killed outright (SIGKILL, the OOM killer): the others' errors ("connection closed by
-        # peer") are its consequence, not the cause.
-        rank, code = root
-        raise RankFailed(job_error("rank_failed", f"rank {rank} was killed by {_signal_name(-code)} (every rank's "
-                                                  f"output: {LOG} in the attempt's artifacts folder)"))
+    if root is None:
+        found = _root_cause(output_dir / LOG)  # torchrun's "first observed failure": (rank, exit code)
+        root = (*found, None) if found else None
+    if root is not None and (root[1] is None or root[1] < 0) and root[0] not in errors:
+        # Killed outright (SIGKILL, the OOM killer; on Ray, its node lost): the others' errors
+        # ("connection closed by peer") are its consequence, not the cause.
+        rank, code, how = root
+        how = how or f"was killed by {_signal_name(-code)}"
+        raise RankFailed(job_error("rank_failed", f"rank {rank} {how} (every rank's output: {LOG} in the "
+                                                  "attempt's artifacts folder)"))
     if errors:
         first = min(errors.values(), key=lambda e: e["time"])
         raise RankFailed({**first["error"], "message": f"rank {first['rank']}: {first['error']['message']}"},

@@ -4,6 +4,11 @@ A thin task in Celery's sense: it claims the row, hands the job to its process (
 one process, or one per rank, that the worker can kill), keeps the heartbeat and picks up cancel
 requests while it runs, and records the outcome.
 
+A job larger than the worker's own ranks, with ``BEAVER_RAY_ADDRESS`` set, first waits for its
+bundles on the Ray cluster (``workers.ray_ranks``) while it is still ``queued``: claimed only once
+they are placed, so a job the cluster cannot hold yet stays queued, says what it waits for, and can
+be cancelled as any queued job.
+
 Exactly once: the claim is an atomic ``queued → running`` that bumps ``attempts``; the attempt
 number with this worker's identity is the runner's fence (``workers.attempt``), and every write it
 makes (events, metrics, heartbeats, models, datasets, the outcome) is conditional on still holding it.
@@ -26,10 +31,10 @@ from api.db import get_engine
 from api.queue import RUN_JOB_TASK
 from api.registry import add_event, create_dataset_rows, register_model
 from api.settings import get_settings
-from api.tables import Job, now
+from api.tables import Job, job_error, now
 from models.jobs import JOB_TYPES, JobCancelled
 from models.records import check_records, jsonl_lines
-from workers import ranks
+from workers import ranks, ray_ranks
 from workers.attempt import Fence, FenceLost, error_object, jsonable
 from workers.celery_app import app, worker_identity
 
@@ -129,18 +134,78 @@ def execute(job_id: str, worker: str) -> str:
     """Run one job to a terminal state as ``worker`` (its identity); returns that state, "skipped"
     if the job was not claimable, or "lost" if this attempt was superseded while it ran."""
     settings = get_settings()
+    cluster = None
+    if settings.ray_address:
+        with Session(get_engine()) as session:
+            job = session.get(Job, job_id)
+            size = job.world_size if job is not None and job.status == "queued" else 0
+            rollout_gpus = int(job.params.get("rollout_gpus", 0) or 0) if size else 0
+        if size and ray_ranks.wanted(size, settings):
+            try:
+                cluster = _reserve(job_id, size, rollout_gpus, settings)
+            except Exception as e:  # noqa: BLE001 — the cluster is unreachable: the job fails, saying so
+                return _fail_unplaced(job_id, worker, e)
+            if cluster is None:
+                log.info("job %s left the queue (or this worker stops) while it waited for the Ray cluster", job_id)
+                return "skipped"
+    try:
+        fence = claim(job_id, worker)
+        if fence is None:
+            log.info("job %s is not queued (cancelled, or run elsewhere); skipping", job_id)
+            return "skipped"
+        try:
+            return _run(fence, settings, cluster)
+        except FenceLost as e:
+            log.warning("%s; this runner stopped without writing", e)
+            return "lost"
+    finally:
+        if cluster is not None:
+            cluster.release()
+
+
+def _fail_unplaced(job_id: str, worker: str, e: Exception) -> str:
+    """Fail a job whose ranks could not be asked of the Ray cluster (claimed only to record it)."""
+    log.exception("job %s: the Ray cluster could not place its ranks", job_id)
     fence = claim(job_id, worker)
     if fence is None:
-        log.info("job %s is not queued (cancelled, or run elsewhere); skipping", job_id)
         return "skipped"
+    with Session(get_engine()) as session:
+        job_type = session.get(Job, job_id).type
+    error = job_error("internal_error", f"the Ray cluster at {get_settings().ray_address} could not place the "
+                                        f"job's ranks: {str(e).strip() or type(e).__name__}")
+    return _finish(fence, job_type, "failed", error, {}, [])
+
+
+def _reserve(job_id: str, world_size: int, rollout_gpus: int, settings) -> ray_ranks.RayRanks | None:
+    """The job's placement group, once the cluster placed every bundle; None if the job left the queue
+    (cancelled) or this worker stops meanwhile. While it waits the job stays queued: an event says what
+    it waits for (again when the cluster's free count changes), and the job's ``heartbeat_at`` (for a
+    queued job: since when it is queued) is kept fresh, so no reaper re-sends its message meanwhile."""
+    cluster = ray_ranks.RayRanks(settings.ray_address, job_id, world_size, settings.ray_rank_resource, rollout_gpus)
+    said = None
     try:
-        return _run(fence, settings)
-    except FenceLost as e:
-        log.warning("%s; this runner stopped without writing", e)
-        return "lost"
+        while not cluster.ready(timeout=1.0):
+            with Session(get_engine()) as session:
+                still = session.execute(update(Job).where(Job.id == job_id, Job.status == "queued")
+                                        .values(heartbeat_at=time.time())).rowcount == 1
+                session.commit()
+                if not still or ranks.stopping.is_set():
+                    cluster.release()
+                    return None
+                wait = cluster.waiting_for()
+                if (wait["available"], wait["total"]) != said:
+                    said = (wait["available"], wait["total"])
+                    add_event(session, job_id, f"waiting for {world_size} bundles ({wait['needed']:g} "
+                              f"{wait['resource']} in all) on the Ray cluster ({wait['available']:g} of "
+                              f"{wait['total']:g} {wait['resource']} available): queued until they can all be "
+                              "placed at once", {"status": "queued", "waiting_for": wait})
+    except BaseException:
+        cluster.release()
+        raise
+    return cluster
 
 
-def _run(fence: Fence, settings) -> str:
+def _run(fence: Fence, settings, cluster: ray_ranks.RayRanks | None = None) -> str:
     job_id, engine = fence.job_id, get_engine()
     with Session(engine) as session:
         job = session.get(Job, job_id)
@@ -157,11 +222,19 @@ def _run(fence: Fence, settings) -> str:
 
     status, error, metrics, artifacts = "succeeded", None, {}, []
     try:
+        if cluster is not None:
+            placed = cluster.placement()
+            with Session(engine) as session:
+                fence.hold(session)
+                add_event(session, job_id, "ranks on the Ray cluster: " + ", ".join(
+                    f"rank {p['rank']} on node {p['node'][:12]} ({p['ip']})" for p in placed),
+                    {"ray": {"nodes": [p["node"] for p in placed], "ips": [p["ip"] for p in placed]}})
         run = ranks.JobRun(job_id, fence.attempt, fence.worker, str(output_dir), resume_from,
                            dataclasses.asdict(JOB_TYPES[job_type]), params, dataset_ids)
         result = ranks.run_job_process(run, world_size, heartbeat.stop_reason, settings.cancel_grace_seconds,
                                        _torch_threads(settings, world_size),
-                                       on_kill=lambda reason: _killed_event(fence, reason, settings))
+                                       on_kill=lambda reason: _killed_event(fence, reason, settings),
+                                       cluster=cluster)
         metrics, artifacts = result.metrics, _read_artifacts(result.artifacts)
     except JobCancelled:
         status = "cancelled"

@@ -164,7 +164,8 @@ def _no_taker(session: Session, queue: str, world_size: int) -> str:
         return ""
     if world_size > 1:
         return (f"; no live worker takes {world_size}-rank jobs: it waits for one started with "
-                f"`beaver worker --ranks {world_size}` (or more)")
+                f"`beaver worker --ranks {world_size}` (or more), or a worker on a Ray cluster with "
+                f"`beaver worker --ray-ranks {world_size}`")
     return f"; no live worker consumes {queue} yet: it waits for one"
 
 
