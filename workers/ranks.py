@@ -361,18 +361,6 @@ def _preload() -> None:
             importlib.import_module(name.split(":")[0])
     import workers.attempt  # noqa: F401
 
-    # What a job would otherwise import on its own clock, on its first save_pretrained or plot: accelerate
-    # unwraps the model with DeepSpeed's engine class when DeepSpeed is installed, and DeepSpeed imports
-    # MLflow (with pandas and scipy) when that is — 3,000 modules, 2–4 s a job on 2 cores.
-    import matplotlib
-
-    matplotlib.use("Agg")
-    for name in ("deepspeed", "peft", "matplotlib.pyplot", "torch.distributed.tensor"):
-        try:
-            importlib.import_module(name)
-        except Exception:  # noqa: BLE001 — an optional package that cannot import: the job meets it, or not
-            pass
-
 
 def spare_main() -> int:
     """A spare: import what jobs need, wait on stdin for one job, run it, exit. An empty stdin (the
